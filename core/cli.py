@@ -1,0 +1,227 @@
+"""The ``dq`` command.
+
+Heavy imports (torch, the model) happen inside the commands that need them, so ``dq --help``
+and the service commands start fast. Every error a user can cause ends in one line on stderr
+and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import click
+
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "diffusion" / "default_model"
+
+
+class UsageError(click.ClickException):
+    exit_code = 2
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"dq: error: {self.format_message()}", err=True)
+
+
+def _fail(message: str) -> UsageError:
+    return UsageError(message.rstrip("."))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="diffusion-queue")
+def cli() -> None:
+    """diffusion-queue: text-to-image generation with our own latent diffusion model."""
+
+
+# --- generate --------------------------------------------------------------------------------
+
+
+def resolve_checkpoint(checkpoint: str | None) -> Path:
+    if checkpoint is not None:
+        return Path(checkpoint)
+    if (DEFAULT_CHECKPOINT / "model.json").is_file():
+        return DEFAULT_CHECKPOINT
+    raise _fail(
+        "no default model is installed; pass --checkpoint DIR "
+        "(train one with `dq train autoencoder` then `dq train denoiser`)"
+    )
+
+
+@cli.command()
+@click.argument("prompt")
+@click.option("--negative-prompt", default="", help="What the image should not show.")
+@click.option("--checkpoint", type=click.Path(), default=None, help="Model directory (default: the shipped model).")
+@click.option("--steps", type=int, default=None, help="Denoising steps (default: the model's).")
+@click.option("--sampler", default=None, help="ddpm, ddim or dpmpp-2m (default: the model's).")
+@click.option("--guidance", type=float, default=None, help="Classifier-free guidance scale; 1 turns it off.")
+@click.option("--seed", type=int, default=None, help="Seed of the first image; the rest use seed+1, seed+2, …")
+@click.option("-n", "--num-images", type=click.IntRange(1, 64), default=1, help="How many images.")
+@click.option("--size", type=int, default=None, help="Image side in pixels (default: the model's).")
+@click.option("-o", "--output", type=click.Path(), default="out.png", help="PNG file; with -n > 1, OUT-<i>.png.")
+@click.option("--device", default=None, help="cpu or cuda (default: cuda when present).")
+def generate(
+    prompt: str,
+    negative_prompt: str,
+    checkpoint: str | None,
+    steps: int | None,
+    sampler: str | None,
+    guidance: float | None,
+    seed: int | None,
+    num_images: int,
+    size: int | None,
+    output: str,
+    device: str | None,
+) -> None:
+    """Generate images for PROMPT and write them as PNG."""
+    from PIL import PngImagePlugin
+
+    from core.diffusion.pipeline import LatentDiffusion, PromptTruncatedWarning, random_seed
+
+    out = Path(output)
+    if out.suffix.lower() != ".png":
+        raise _fail(f"output must be a .png file, not {out.name!r}")
+    if not out.parent.is_dir():
+        raise _fail(f"output directory {out.parent} does not exist")
+    try:
+        model = LatentDiffusion.load(resolve_checkpoint(checkpoint), device=device)
+    except RuntimeError as e:  # e.g. an unknown or absent device
+        raise _fail(f"cannot use device {device!r}: {e}") from None
+    first = random_seed() if seed is None else seed
+    seeds = [first + i for i in range(num_images)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", PromptTruncatedWarning)
+        images = model.generate(
+            [prompt] * num_images,
+            [negative_prompt] * num_images,
+            steps=steps,
+            guidance=guidance,
+            sampler=sampler,
+            seeds=seeds,
+            size=size,
+        )
+    for w in caught:
+        if issubclass(w.category, PromptTruncatedWarning):
+            click.echo(f"dq: note: {w.message}", err=True)
+            break
+    paths = [out] if num_images == 1 else [out.with_name(f"{out.stem}-{i}.png") for i in range(num_images)]
+    for img, path, s in zip(images, paths, seeds, strict=True):
+        info = PngImagePlugin.PngInfo()
+        info.add_text("prompt", prompt)
+        info.add_text("seed", str(s))
+        img.save(path, pnginfo=info)
+        click.echo(f"{path}  seed={s}")
+
+
+# --- train -----------------------------------------------------------------------------------
+
+
+@cli.group()
+def train() -> None:
+    """Train the autoencoder, then the denoiser (text encoder + UNet)."""
+
+
+def _train_options(f: Any) -> Any:
+    options = [
+        click.option("--config", "config_path", type=click.Path(), default=None, help="TOML config file."),
+        click.option("--out", required=True, type=click.Path(), help="Output directory (checkpoints, metrics)."),
+        click.option("--steps", type=int, default=None, help="Override train.steps."),
+        click.option("--batch-size", type=int, default=None, help="Override train.batch_size."),
+        click.option("--lr", type=float, default=None, help="Override train.lr."),
+        click.option("--seed", type=int, default=None, help="Override train.seed."),
+        click.option("--checkpoint-every", type=int, default=None, help="Override train.checkpoint_every."),
+        click.option("--data", "data_path", type=click.Path(), default=None, help="Train on this image folder."),
+        click.option("--no-resume", is_flag=True, help="Start over even if OUT holds a training state."),
+        click.option("--quiet", is_flag=True, help="No progress bar."),
+        click.option("--device", default=None, help="cpu or cuda (default: cuda when present)."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _overrides(kw: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    train_keys = ("steps", "batch_size", "lr", "seed", "checkpoint_every")
+    o: dict[str, dict[str, Any]] = {"train": {k: kw[k] for k in train_keys}}
+    if kw["data_path"]:
+        o["data"] = {"kind": "imagefolder", "path": kw["data_path"]}
+    return o
+
+
+def _device(name: str | None) -> Any:
+    import torch
+
+    from core.diffusion.pipeline import pick_device
+
+    if name is None:
+        return pick_device()
+    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
+        raise _fail(f"device must be cpu or cuda, not {name!r}")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise _fail("device cuda was asked for, but no CUDA device is available")
+    return torch.device(name)
+
+
+@train.command("autoencoder")
+@_train_options
+def train_autoencoder_cmd(**kw: Any) -> None:
+    """Train the autoencoder on images alone."""
+    from core.diffusion.training.autoencoder import train_autoencoder
+    from core.diffusion.training.config import AutoencoderTrainConfig, load_config
+
+    cfg = load_config(AutoencoderTrainConfig, kw["config_path"], _overrides(kw))
+    _, summary = train_autoencoder(
+        cfg, kw["out"], resume=not kw["no_resume"], progress=not kw["quiet"], device=_device(kw["device"])
+    )
+    click.echo(
+        f"autoencoder saved to {kw['out']}: {summary['steps']} steps, "
+        f"held-out PSNR {summary['heldout_psnr_db']:.2f} dB, "
+        f"latent scale factor {summary['latent_scale_factor']:.4f}"
+    )
+
+
+@train.command("denoiser")
+@_train_options
+@click.option("--autoencoder", required=True, type=click.Path(), help="A trained autoencoder checkpoint.")
+def train_denoiser_cmd(**kw: Any) -> None:
+    """Train the text encoder and UNet on the autoencoder's latents."""
+    from core.diffusion.training.config import DenoiserTrainConfig, load_config
+    from core.diffusion.training.denoiser import train_denoiser
+
+    cfg = load_config(DenoiserTrainConfig, kw["config_path"], _overrides(kw))
+    _, summary = train_denoiser(
+        cfg,
+        kw["autoencoder"],
+        kw["out"],
+        resume=not kw["no_resume"],
+        progress=not kw["quiet"],
+        device=_device(kw["device"]),
+    )
+    click.echo(f"model saved to {kw['out']}: {summary['steps']} steps; samples in {kw['out']}/samples.png")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: user errors become one line and exit status 2."""
+    try:
+        cli.main(args=argv, prog_name="dq", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("dq: aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        if isinstance(e, UsageError):
+            e.show()
+        else:
+            click.echo(f"dq: error: {e.format_message()}", err=True)
+        sys.exit(2)
+    except (ValueError, FileNotFoundError) as e:
+        # ValueError is how core reports bad input (CheckpointError is one); the message is
+        # written for users.
+        click.echo(f"dq: error: {e}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        click.echo("dq: interrupted; a training run resumes from its last checkpoint", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

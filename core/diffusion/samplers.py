@@ -1,0 +1,227 @@
+"""Samplers as pure functions over a noise schedule, in the manner of k-diffusion.
+
+Every sampler has the same signature::
+
+    sample(denoise, x, schedule, timesteps, noise, callback=None, should_stop=None) -> x
+
+- ``denoise(x, t) -> (x0, eps)`` wraps the network, the text conditioning, classifier-free
+  guidance and the parameterisation; a sampler never knows about any of them.
+- ``timesteps`` is the descending list of timesteps to visit; after the last one the sampler
+  lands on the clean end of the chain (ᾱ = 1).
+- ``noise(like)`` returns fresh N(0, I) noise shaped like its argument. The pipeline draws it
+  from one generator per image, so an image does not depend on what else is in the batch.
+- ``callback`` receives ``{"x", "i", "t", "denoised", "total"}`` after every step; ``denoised``
+  is the current estimate of x0, which is what a live preview shows.
+- ``should_stop()`` is polled between steps; when it returns True, :class:`SamplingCanceled`
+  is raised.
+
+Each step is also exposed on its own (``ddpm_step``, ``ddim_step``, ``dpmpp_2m_step``) so the
+tests can hold it against diffusers' schedulers for identical model outputs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import torch
+
+from core.diffusion.schedule import NoiseSchedule
+
+
+class SamplingCanceled(Exception):
+    """Raised between steps when ``should_stop()`` asks for it."""
+
+
+class Denoise(Protocol):
+    def __call__(self, x: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+NoiseFn = Callable[[torch.Tensor], torch.Tensor]
+Callback = Callable[[dict[str, Any]], None]
+StopFn = Callable[[], bool]
+
+
+def ddpm_step(
+    schedule: NoiseSchedule,
+    x: torch.Tensor,
+    x0: torch.Tensor,
+    t: int,
+    t_prev: int,
+    noise: torch.Tensor,
+) -> torch.Tensor:
+    """One ancestral step x_t → x_{t_prev} from the posterior q(x_{t_prev} | x_t, x0).
+
+    With a skip from t to t_prev the effective β is 1 − ᾱ_t/ᾱ_{t_prev} (as in diffusers'
+    DDPMScheduler with fewer inference steps); with t_prev = t − 1 this is DDPM exactly.
+    """
+    a_t, a_prev = schedule.alpha_bar(t), schedule.alpha_bar(t_prev)
+    beta = 1 - a_t / a_prev
+    # DDPM eq. 7: μ̃ = √ᾱ_{t−1}·β_t/(1−ᾱ_t)·x0 + √α_t·(1−ᾱ_{t−1})/(1−ᾱ_t)·x_t
+    mean = (math.sqrt(a_prev) * beta / (1 - a_t)) * x0 + (
+        math.sqrt(1 - beta) * (1 - a_prev) / (1 - a_t)
+    ) * x
+    if t_prev < 0:
+        return mean
+    # DDPM eq. 7: β̃_t = (1−ᾱ_{t−1})/(1−ᾱ_t)·β_t, the "fixed small" variance of §3.2.
+    variance = max((1 - a_prev) / (1 - a_t) * beta, 1e-20)
+    return mean + math.sqrt(variance) * noise
+
+
+def ddim_step(
+    schedule: NoiseSchedule,
+    x0: torch.Tensor,
+    eps: torch.Tensor,
+    t: int,
+    t_prev: int,
+    eta: float = 0.0,
+    noise: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One DDIM step (Song et al. 2021, eq. 12); η = 0 is deterministic, η = 1 is DDPM-like."""
+    a_t, a_prev = schedule.alpha_bar(t), schedule.alpha_bar(t_prev)
+    # DDIM eq. 16: σ_t(η) = η·√((1−ᾱ_{t−1})/(1−ᾱ_t))·√(1−ᾱ_t/ᾱ_{t−1})
+    sigma = eta * math.sqrt((1 - a_prev) / (1 - a_t)) * math.sqrt(1 - a_t / a_prev)
+    # DDIM eq. 12: x_{t−1} = √ᾱ_{t−1}·x0 + √(1−ᾱ_{t−1}−σ²)·ε + σ·z
+    x_prev = math.sqrt(a_prev) * x0 + math.sqrt(max(1 - a_prev - sigma**2, 0.0)) * eps
+    if sigma > 0:
+        if noise is None:
+            raise ValueError("ddim_step with eta > 0 needs noise")
+        x_prev = x_prev + sigma * noise
+    return x_prev
+
+
+def _alpha_sigma_lambda(schedule: NoiseSchedule, t: int) -> tuple[float, float, float]:
+    """α_t = √ᾱ_t, σ_t = √(1−ᾱ_t) and the half log-SNR λ_t = log(α_t/σ_t) of DPM-Solver."""
+    a = schedule.alpha_bar(t)
+    alpha, sigma = math.sqrt(a), math.sqrt(1 - a)
+    lam = math.inf if sigma == 0 else math.log(alpha) - math.log(sigma)
+    return alpha, sigma, lam
+
+
+def dpmpp_2m_step(
+    schedule: NoiseSchedule,
+    x: torch.Tensor,
+    x0: torch.Tensor,
+    x0_prev: torch.Tensor | None,
+    t: int,
+    t_prev: int,
+    t_last: int | None,
+) -> torch.Tensor:
+    """One DPM-Solver++(2M) step from t to t_prev (Lu et al. 2022, Algorithm 2).
+
+    ``x0_prev`` and ``t_last`` are the data prediction and timestep of the step before; without
+    them (the first step) or when landing on ᾱ = 1 (the last step) the update is first order,
+    as in diffusers' ``lower_order_final`` with a zero final sigma.
+    """
+    alpha_t, sigma_t, lam_t = _alpha_sigma_lambda(schedule, t)
+    alpha_p, sigma_p, lam_p = _alpha_sigma_lambda(schedule, t_prev)
+    if sigma_p == 0:
+        return x0  # λ = ∞: the first-order update below reduces to the data prediction itself
+    h = lam_p - lam_t
+    # Algorithm 2, first order: x̃ = (σ_{t_i}/σ_{t_{i−1}})·x − α_{t_i}·(e^{−h} − 1)·D
+    d = x0
+    if x0_prev is not None and t_last is not None:
+        _, _, lam_last = _alpha_sigma_lambda(schedule, t_last)
+        r = (lam_t - lam_last) / h
+        # Algorithm 2, second order: D = (1 + 1/(2r))·x0_i − (1/(2r))·x0_{i−1}
+        d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * x0_prev
+    return (sigma_p / sigma_t) * x - alpha_p * math.expm1(-h) * d
+
+
+def _steps(
+    timesteps: list[int],
+) -> list[tuple[int, int, int]]:
+    """(i, t, t_prev) for each step; the step after the last timestep lands on t = −1 (ᾱ = 1)."""
+    return [(i, t, timesteps[i + 1] if i + 1 < len(timesteps) else -1) for i, t in enumerate(timesteps)]
+
+
+def _report(
+    callback: Callback | None,
+    should_stop: StopFn | None,
+    x: torch.Tensor,
+    i: int,
+    t: int,
+    x0: torch.Tensor,
+    total: int,
+) -> None:
+    if callback is not None:
+        callback({"x": x, "i": i, "t": t, "denoised": x0, "total": total})
+    if should_stop is not None and i + 1 < total and should_stop():
+        raise SamplingCanceled(f"canceled after step {i + 1} of {total}")
+
+
+def sample_ddpm(
+    denoise: Denoise,
+    x: torch.Tensor,
+    schedule: NoiseSchedule,
+    timesteps: list[int],
+    noise: NoiseFn,
+    callback: Callback | None = None,
+    should_stop: StopFn | None = None,
+) -> torch.Tensor:
+    """DDPM ancestral sampling (Ho et al. 2020, Algorithm 2)."""
+    for i, t, t_prev in _steps(timesteps):
+        x0, _ = denoise(x, t)
+        z = noise(x) if t_prev >= 0 else torch.zeros_like(x)
+        x = ddpm_step(schedule, x, x0, t, t_prev, z)
+        _report(callback, should_stop, x, i, t, x0, len(timesteps))
+    return x
+
+
+def sample_ddim(
+    denoise: Denoise,
+    x: torch.Tensor,
+    schedule: NoiseSchedule,
+    timesteps: list[int],
+    noise: NoiseFn,
+    callback: Callback | None = None,
+    should_stop: StopFn | None = None,
+    eta: float = 0.0,
+) -> torch.Tensor:
+    """DDIM (Song et al. 2021); deterministic at the default η = 0."""
+    for i, t, t_prev in _steps(timesteps):
+        x0, eps = denoise(x, t)
+        z = noise(x) if eta > 0 and t_prev >= 0 else None
+        x = ddim_step(schedule, x0, eps, t, t_prev, eta=eta if t_prev >= 0 else 0.0, noise=z)
+        _report(callback, should_stop, x, i, t, x0, len(timesteps))
+    return x
+
+
+def sample_dpmpp_2m(
+    denoise: Denoise,
+    x: torch.Tensor,
+    schedule: NoiseSchedule,
+    timesteps: list[int],
+    noise: NoiseFn,
+    callback: Callback | None = None,
+    should_stop: StopFn | None = None,
+) -> torch.Tensor:
+    """DPM-Solver++(2M), the multistep second-order solver in data prediction (Lu et al. 2022)."""
+    x0_prev: torch.Tensor | None = None
+    t_last: int | None = None
+    for i, t, t_prev in _steps(timesteps):
+        x0, _ = denoise(x, t)
+        x = dpmpp_2m_step(schedule, x, x0, x0_prev, t, t_prev, t_last)
+        x0_prev, t_last = x0, t
+        _report(callback, should_stop, x, i, t, x0, len(timesteps))
+    return x
+
+
+Sampler = Callable[..., torch.Tensor]
+
+# The names users type (CLI, API, form). The spacing each uses is part of its definition.
+SAMPLERS: dict[str, Sampler] = {
+    "ddpm": sample_ddpm,
+    "ddim": sample_ddim,
+    "dpmpp-2m": sample_dpmpp_2m,
+}
+SAMPLER_SPACING = {"ddpm": "trailing", "ddim": "trailing", "dpmpp-2m": "trailing"}
+
+
+def get_sampler(name: str) -> Sampler:
+    try:
+        return SAMPLERS[name]
+    except KeyError:
+        known = ", ".join(sorted(SAMPLERS))
+        raise ValueError(f"unknown sampler {name!r}; choose one of {known}") from None

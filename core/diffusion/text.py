@@ -1,0 +1,172 @@
+"""The text side: a word-level tokenizer and a small transformer text encoder.
+
+The encoder is trained jointly with the denoiser, as in Latent Diffusion's text-to-image model
+(Rombach et al. 2022, §4.3.2). Anything with ``encode(prompts) -> TextConditioning`` and a
+``width`` can stand in for it, so a frozen pretrained encoder can be plugged in later.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
+SPECIAL_TOKENS = (PAD, BOS, EOS, UNK)
+_WORD = re.compile(r"\w+|[^\w\s]", re.UNICODE)
+
+
+@dataclass(frozen=True)
+class Tokenized:
+    ids: torch.Tensor  # (B, L) int64, padded with the <pad> id
+    mask: torch.Tensor  # (B, L) bool, True where a real token (including <bos>/<eos>) sits
+    truncated: list[bool]  # per prompt: did it have more tokens than max_length allows?
+
+
+class WordTokenizer:
+    """Lower-cased, NFKC-normalised words and punctuation marks over a fixed vocabulary.
+
+    Any Unicode string is accepted: words outside the vocabulary become ``<unk>``. Prompts longer
+    than ``max_length`` tokens (counting ``<bos>`` and ``<eos>``) are cut, and
+    :attr:`Tokenized.truncated` says which were.
+    """
+
+    def __init__(self, vocab: Sequence[str], max_length: int = 32) -> None:
+        if max_length < 3:
+            raise ValueError("max_length must leave room for <bos>, one word and <eos>")
+        words = [w for w in vocab if w not in SPECIAL_TOKENS]
+        self.vocab: list[str] = [*SPECIAL_TOKENS, *dict.fromkeys(words)]
+        self.index = {w: i for i, w in enumerate(self.vocab)}
+        self.max_length = max_length
+
+    @classmethod
+    def from_corpus(cls, texts: Iterable[str], max_length: int = 32) -> WordTokenizer:
+        words = sorted({w for text in texts for w in cls.split(text)})
+        return cls(words, max_length=max_length)
+
+    @staticmethod
+    def split(text: str) -> list[str]:
+        return _WORD.findall(unicodedata.normalize("NFKC", text).lower())
+
+    @property
+    def pad_id(self) -> int:
+        return 0
+
+    def __len__(self) -> int:
+        return len(self.vocab)
+
+    def encode(self, prompts: Sequence[str]) -> Tokenized:
+        unk = self.index[UNK]
+        rows, truncated = [], []
+        for prompt in prompts:
+            ids = [self.index.get(w, unk) for w in self.split(prompt)]
+            room = self.max_length - 2
+            truncated.append(len(ids) > room)
+            rows.append([self.index[BOS], *ids[:room], self.index[EOS]])
+        # Always pad to max_length: equal shapes keep a prompt's encoding bit-identical whatever
+        # else shares its batch (a ragged width changes reduction lengths, and so the rounding).
+        width = self.max_length
+        ids_t = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids_t[i, : len(r)] = torch.tensor(r)
+        return Tokenized(ids=ids_t, mask=ids_t != self.pad_id, truncated=truncated)
+
+    def to_dict(self) -> dict[str, object]:
+        return {"vocab": self.vocab, "max_length": self.max_length}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, object]) -> WordTokenizer:
+        vocab = d["vocab"]
+        max_length = d["max_length"]
+        if not isinstance(vocab, list) or not isinstance(max_length, int):
+            raise ValueError("tokenizer config needs a 'vocab' list and an integer 'max_length'")
+        return cls([str(w) for w in vocab], max_length=max_length)
+
+
+@dataclass(frozen=True)
+class TextConditioning:
+    states: torch.Tensor  # (B, L, D) per-token states
+    mask: torch.Tensor  # (B, L) bool, True for real tokens
+    truncated: list[bool] = field(default_factory=list)
+
+
+class TextEncoderLike(Protocol):
+    """What the denoiser needs of a text encoder; a frozen pretrained one would fit too."""
+
+    width: int
+
+    def encode(self, prompts: Sequence[str]) -> TextConditioning: ...
+
+
+@dataclass(frozen=True)
+class TextEncoderConfig:
+    width: int = 128
+    layers: int = 2
+    heads: int = 4
+    max_length: int = 32
+    dropout: float = 0.0
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+class _Block(nn.Module):
+    """Pre-LayerNorm transformer block (bidirectional; padding keys are masked out)."""
+
+    def __init__(self, width: int, heads: int, dropout: float) -> None:
+        super().__init__()
+        self.heads = heads
+        self.ln1 = nn.LayerNorm(width)
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+        self.ln2 = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(
+            nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width), nn.Dropout(dropout)
+        )
+
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        q, k, v = self.qkv(self.ln1(x)).split(c, dim=2)
+        q, k, v = (z.view(b, n, self.heads, c // self.heads).transpose(1, 2) for z in (q, k, v))
+        # (B, nh, L, hs); key_mask (B, 1, 1, L) keeps padding out of every token's attention
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask[:, None, None, :])
+        x = x + self.proj(y.transpose(1, 2).reshape(b, n, c))
+        return x + self.mlp(self.ln2(x))
+
+
+class TextEncoder(nn.Module):
+    """Token and position embeddings, a few transformer blocks, a final LayerNorm."""
+
+    def __init__(self, config: TextEncoderConfig, tokenizer: WordTokenizer) -> None:
+        super().__init__()
+        if config.width % config.heads:
+            raise ValueError("text encoder width must be divisible by heads")
+        self.config = config
+        self.tokenizer = tokenizer
+        self.width = config.width
+        self.token_embedding = nn.Embedding(len(tokenizer), config.width)
+        self.position_embedding = nn.Parameter(torch.zeros(config.max_length, config.width))
+        nn.init.normal_(self.position_embedding, std=0.02)
+        self.blocks = nn.ModuleList(
+            _Block(config.width, config.heads, config.dropout) for _ in range(config.layers)
+        )
+        self.ln_final = nn.LayerNorm(config.width)
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        n = ids.shape[1]
+        x = self.token_embedding(ids) + self.position_embedding[:n]  # (B, L, D)
+        for block in self.blocks:
+            x = block(x, mask)
+        return self.ln_final(x)
+
+    def encode(self, prompts: Sequence[str]) -> TextConditioning:
+        tok = self.tokenizer.encode(prompts)
+        device = self.position_embedding.device
+        ids, mask = tok.ids.to(device), tok.mask.to(device)
+        return TextConditioning(states=self(ids, mask), mask=mask, truncated=tok.truncated)

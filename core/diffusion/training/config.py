@@ -1,0 +1,142 @@
+"""Training configuration: dataclasses read from a TOML file and command-line overrides.
+
+A file has up to four tables: ``[train]`` (the loop and optimiser), ``[data]`` (what to train
+on), and the model tables (``[model]`` for the autoencoder; ``[text]``, ``[unet]`` and
+``[schedule]`` for the denoiser). An unknown table or key is an error that names it, so a typo
+never silently trains the wrong model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from core.diffusion.autoencoder import AutoencoderConfig
+from core.diffusion.data.shapes import DEFAULT_HELD_OUT
+from core.diffusion.schedule import ScheduleConfig
+from core.diffusion.text import TextEncoderConfig
+from core.diffusion.unet import UNetConfig
+
+
+@dataclass
+class LoopConfig:
+    steps: int = 1000
+    batch_size: int = 32
+    lr: float = 5e-4
+    min_lr_ratio: float = 0.1  # cosine decay ends at lr·min_lr_ratio
+    warmup_steps: int = 100
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    checkpoint_every: int = 250
+    seed: int = 0
+    caption_dropout: float = 0.1  # denoiser only: share of captions replaced by "" for CFG
+    min_snr_gamma: float = 0.0  # denoiser only: 0 turns min-SNR-γ weighting off
+    threads: int = 0  # torch CPU threads; 0 keeps torch's default
+
+    def validate(self) -> None:
+        if self.steps < 1:
+            raise ValueError("train.steps must be at least 1")
+        if self.batch_size < 1:
+            raise ValueError("train.batch_size must be at least 1")
+        if not self.lr > 0:
+            raise ValueError("train.lr must be positive")
+        if self.warmup_steps < 0 or self.checkpoint_every < 1:
+            raise ValueError("train.warmup_steps must be ≥ 0 and train.checkpoint_every ≥ 1")
+        if not 0 <= self.caption_dropout < 1:
+            raise ValueError("train.caption_dropout must be in [0, 1)")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError("train.ema_decay must be in [0, 1)")
+        if self.min_snr_gamma < 0:
+            raise ValueError("train.min_snr_gamma must be ≥ 0")
+
+
+@dataclass
+class DataConfig:
+    kind: str = "shapes"  # "shapes" or "imagefolder"
+    path: str = ""  # the image folder, for kind = "imagefolder"
+    seed: int = 0
+    image_size: int = 64
+    held_out: list[list[str]] = field(default_factory=lambda: [list(p) for p in DEFAULT_HELD_OUT])
+    max_objects: int = 2
+
+    def validate(self) -> None:
+        if self.kind not in ("shapes", "imagefolder"):
+            raise ValueError(f"data.kind must be 'shapes' or 'imagefolder', not {self.kind!r}")
+        if self.kind == "imagefolder" and not self.path:
+            raise ValueError("data.path is required when data.kind is 'imagefolder'")
+        if self.image_size < 16:
+            raise ValueError("data.image_size must be at least 16")
+
+
+@dataclass
+class AutoencoderTrainConfig:
+    train: LoopConfig = field(default_factory=lambda: LoopConfig(lr=1e-3, weight_decay=0.0))
+    data: DataConfig = field(default_factory=DataConfig)
+    model: AutoencoderConfig = field(default_factory=AutoencoderConfig)
+
+
+@dataclass
+class DenoiserTrainConfig:
+    train: LoopConfig = field(default_factory=LoopConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+
+
+def _build(cls: type, table: dict[str, Any], where: str) -> Any:
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(table) - set(names))
+    if unknown:
+        raise ValueError(f"unknown key {where}.{unknown[0]}; known keys: {', '.join(sorted(names))}")
+    values = {}
+    for k, v in table.items():
+        # TOML arrays arrive as lists; the frozen model configs want tuples.
+        if isinstance(v, list) and "tuple" in str(names[k].type):
+            v = tuple(v)
+        values[k] = v
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"bad [{where}] table: {e}") from None
+
+
+def load_config(
+    cls: type[AutoencoderTrainConfig] | type[DenoiserTrainConfig],
+    path: str | Path | None = None,
+    overrides: dict[str, dict[str, Any]] | None = None,
+) -> Any:
+    """Reads ``path`` (TOML), applies ``overrides`` ({table: {key: value}}), validates."""
+    tables: dict[str, dict[str, Any]] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ValueError(f"config file {p} does not exist")
+        try:
+            tables = tomllib.loads(p.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ValueError(f"config file {p} is not valid TOML: {e}") from None
+    for table, values in (overrides or {}).items():
+        tables.setdefault(table, {}).update({k: v for k, v in values.items() if v is not None})
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(tables) - set(known))
+    if unknown:
+        raise ValueError(f"unknown table [{unknown[0]}]; known tables: {', '.join(sorted(known))}")
+    defaults = cls()
+    parts = {}
+    for name in known:
+        default_part = getattr(defaults, name)
+        merged = {**dataclasses.asdict(default_part), **tables.get(name, {})}
+        parts[name] = _build(type(default_part), merged, name)
+    config = cls(**parts)
+    config.train.validate()
+    config.data.validate()
+    return config
+
+
+def config_to_dict(config: AutoencoderTrainConfig | DenoiserTrainConfig) -> dict[str, Any]:
+    return dataclasses.asdict(config)
