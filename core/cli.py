@@ -51,14 +51,29 @@ def resolve_checkpoint(checkpoint: str | None) -> Path:
 @cli.command()
 @click.argument("prompt")
 @click.option("--negative-prompt", default="", help="What the image should not show.")
-@click.option("--checkpoint", type=click.Path(), default=None, help="Model directory (default: the shipped model).")
+@click.option(
+    "--checkpoint",
+    type=click.Path(),
+    default=None,
+    help="Model directory (default: the shipped model).",
+)
 @click.option("--steps", type=int, default=None, help="Denoising steps (default: the model's).")
 @click.option("--sampler", default=None, help="ddpm, ddim or dpmpp-2m (default: the model's).")
-@click.option("--guidance", type=float, default=None, help="Classifier-free guidance scale; 1 turns it off.")
-@click.option("--seed", type=int, default=None, help="Seed of the first image; the rest use seed+1, seed+2, …")
+@click.option(
+    "--guidance", type=float, default=None, help="Classifier-free guidance scale; 1 turns it off."
+)
+@click.option(
+    "--seed", type=int, default=None, help="Seed of the first image; the rest use seed+1, seed+2, …"
+)
 @click.option("-n", "--num-images", type=click.IntRange(1, 64), default=1, help="How many images.")
 @click.option("--size", type=int, default=None, help="Image side in pixels (default: the model's).")
-@click.option("-o", "--output", type=click.Path(), default="out.png", help="PNG file; with -n > 1, OUT-<i>.png.")
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(),
+    default="out.png",
+    help="PNG file; with -n > 1, OUT-<i>.png.",
+)
 @click.option("--device", default=None, help="cpu or cuda (default: cuda when present).")
 def generate(
     prompt: str,
@@ -104,7 +119,11 @@ def generate(
         if issubclass(w.category, PromptTruncatedWarning):
             click.echo(f"dq: note: {w.message}", err=True)
             break
-    paths = [out] if num_images == 1 else [out.with_name(f"{out.stem}-{i}.png") for i in range(num_images)]
+    paths = (
+        [out]
+        if num_images == 1
+        else [out.with_name(f"{out.stem}-{i}.png") for i in range(num_images)]
+    )
     for img, path, s in zip(images, paths, seeds, strict=True):
         info = PngImagePlugin.PngInfo()
         info.add_text("prompt", prompt)
@@ -123,15 +142,32 @@ def train() -> None:
 
 def _train_options(f: Any) -> Any:
     options = [
-        click.option("--config", "config_path", type=click.Path(), default=None, help="TOML config file."),
-        click.option("--out", required=True, type=click.Path(), help="Output directory (checkpoints, metrics)."),
+        click.option(
+            "--config", "config_path", type=click.Path(), default=None, help="TOML config file."
+        ),
+        click.option(
+            "--out",
+            required=True,
+            type=click.Path(),
+            help="Output directory (checkpoints, metrics).",
+        ),
         click.option("--steps", type=int, default=None, help="Override train.steps."),
         click.option("--batch-size", type=int, default=None, help="Override train.batch_size."),
         click.option("--lr", type=float, default=None, help="Override train.lr."),
         click.option("--seed", type=int, default=None, help="Override train.seed."),
-        click.option("--checkpoint-every", type=int, default=None, help="Override train.checkpoint_every."),
-        click.option("--data", "data_path", type=click.Path(), default=None, help="Train on this image folder."),
-        click.option("--no-resume", is_flag=True, help="Start over even if OUT holds a training state."),
+        click.option(
+            "--checkpoint-every", type=int, default=None, help="Override train.checkpoint_every."
+        ),
+        click.option(
+            "--data",
+            "data_path",
+            type=click.Path(),
+            default=None,
+            help="Train on this image folder.",
+        ),
+        click.option(
+            "--no-resume", is_flag=True, help="Start over even if OUT holds a training state."
+        ),
         click.option("--quiet", is_flag=True, help="No progress bar."),
         click.option("--device", default=None, help="cpu or cuda (default: cuda when present)."),
     ]
@@ -171,7 +207,11 @@ def train_autoencoder_cmd(**kw: Any) -> None:
 
     cfg = load_config(AutoencoderTrainConfig, kw["config_path"], _overrides(kw))
     _, summary = train_autoencoder(
-        cfg, kw["out"], resume=not kw["no_resume"], progress=not kw["quiet"], device=_device(kw["device"])
+        cfg,
+        kw["out"],
+        resume=not kw["no_resume"],
+        progress=not kw["quiet"],
+        device=_device(kw["device"]),
     )
     click.echo(
         f"autoencoder saved to {kw['out']}: {summary['steps']} steps, "
@@ -182,7 +222,9 @@ def train_autoencoder_cmd(**kw: Any) -> None:
 
 @train.command("denoiser")
 @_train_options
-@click.option("--autoencoder", required=True, type=click.Path(), help="A trained autoencoder checkpoint.")
+@click.option(
+    "--autoencoder", required=True, type=click.Path(), help="A trained autoencoder checkpoint."
+)
 def train_denoiser_cmd(**kw: Any) -> None:
     """Train the text encoder and UNet on the autoencoder's latents."""
     from core.diffusion.training.config import DenoiserTrainConfig, load_config
@@ -197,7 +239,9 @@ def train_denoiser_cmd(**kw: Any) -> None:
         progress=not kw["quiet"],
         device=_device(kw["device"]),
     )
-    click.echo(f"model saved to {kw['out']}: {summary['steps']} steps; samples in {kw['out']}/samples.png")
+    click.echo(
+        f"model saved to {kw['out']}: {summary['steps']} steps; samples in {kw['out']}/samples.png"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

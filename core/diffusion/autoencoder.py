@@ -63,8 +63,11 @@ class LatentDistribution:
     logvar: torch.Tensor  # (B, C, h, w), clamped to a sane range
 
     def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
-        eps = torch.randn(self.mean.shape, generator=generator, device=self.mean.device)
-        return self.mean + (0.5 * self.logvar).exp() * eps
+        # Drawn where the generator lives (the training loop's is on the CPU), then moved, so a
+        # run's randomness is one reproducible stream whatever the device.
+        gen_device = generator.device if generator is not None else self.mean.device
+        eps = torch.randn(self.mean.shape, generator=generator, device=gen_device)
+        return self.mean + (0.5 * self.logvar).exp() * eps.to(self.mean.device)
 
     def kl(self) -> torch.Tensor:
         """KL(q(z|x) ‖ N(0, I)) per element, averaged: ½(μ² + σ² − 1 − log σ²)."""
@@ -111,15 +114,17 @@ class Autoencoder(nn.Module):
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         return self.decoder(z)
 
-    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> tuple[
-        torch.Tensor, LatentDistribution
-    ]:
+    def forward(
+        self, x: torch.Tensor, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, LatentDistribution]:
         posterior = self.encode(x)
         return self.decode(posterior.sample(generator)), posterior
 
-    def loss(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(
+        self, x: torch.Tensor, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, dict[str, float]]:
         """L1 + MSE reconstruction plus a light KL term (LDM's KL-regularised autoencoder)."""
-        recon, posterior = self(x)
+        recon, posterior = self(x, generator)
         l1 = (recon - x).abs().mean()
         mse = (recon - x).pow(2).mean()
         kl = posterior.kl()
@@ -130,7 +135,7 @@ class Autoencoder(nn.Module):
 @torch.no_grad()
 def compute_latent_scale(autoencoder: Autoencoder, images: torch.Tensor) -> float:
     """1/std of sampled latents over ``images``: LDM's scale factor, measured on our data."""
-    z = autoencoder.encode(images).sample(torch.Generator(images.device).manual_seed(0))
+    z = autoencoder.encode(images).sample(torch.Generator().manual_seed(0))
     return float(1.0 / z.float().std())
 
 

@@ -28,7 +28,9 @@ class CheckpointError(ValueError):
     """A checkpoint is missing, malformed, of the wrong kind, or not in safetensors format."""
 
 
-def save_checkpoint(directory: str | Path, tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> Path:
+def save_checkpoint(
+    directory: str | Path, tensors: dict[str, torch.Tensor], config: dict[str, Any]
+) -> Path:
     """Writes both files through temporary names, so a crash never leaves a half checkpoint."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)

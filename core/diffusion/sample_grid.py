@@ -20,7 +20,9 @@ def make_grid(
     cw, ch = w * scale, h * scale
     cols = max(len(r) for r in rows)
     label_w = LABEL_WIDTH if row_labels else 0
-    grid = Image.new("RGB", (label_w + cols * (cw + PAD) + PAD, len(rows) * (ch + PAD) + PAD), "white")
+    grid = Image.new(
+        "RGB", (label_w + cols * (cw + PAD) + PAD, len(rows) * (ch + PAD) + PAD), "white"
+    )
     draw = ImageDraw.Draw(grid)
     font = ImageFont.load_default()
     for r, row in enumerate(rows):

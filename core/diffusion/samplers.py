@@ -114,7 +114,7 @@ def dpmpp_2m_step(
     them (the first step) or when landing on ᾱ = 1 (the last step) the update is first order,
     as in diffusers' ``lower_order_final`` with a zero final sigma.
     """
-    alpha_t, sigma_t, lam_t = _alpha_sigma_lambda(schedule, t)
+    _alpha_t, sigma_t, lam_t = _alpha_sigma_lambda(schedule, t)
     alpha_p, sigma_p, lam_p = _alpha_sigma_lambda(schedule, t_prev)
     if sigma_p == 0:
         return x0  # λ = ∞: the first-order update below reduces to the data prediction itself
@@ -133,7 +133,9 @@ def _steps(
     timesteps: list[int],
 ) -> list[tuple[int, int, int]]:
     """(i, t, t_prev) for each step; the step after the last timestep lands on t = −1 (ᾱ = 1)."""
-    return [(i, t, timesteps[i + 1] if i + 1 < len(timesteps) else -1) for i, t in enumerate(timesteps)]
+    return [
+        (i, t, timesteps[i + 1] if i + 1 < len(timesteps) else -1) for i, t in enumerate(timesteps)
+    ]
 
 
 def _report(

@@ -59,7 +59,9 @@ class NoiseSchedule:
         else:
             raise ValueError(f"unknown schedule kind {c.kind!r}; use 'linear' or 'cosine'")
         if c.prediction not in ("epsilon", "v_prediction"):
-            raise ValueError(f"unknown prediction {c.prediction!r}; use 'epsilon' or 'v_prediction'")
+            raise ValueError(
+                f"unknown prediction {c.prediction!r}; use 'epsilon' or 'v_prediction'"
+            )
         self.betas = betas  # (T,)
         self.alphas = 1.0 - betas
         self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)  # ᾱ_t, (T,)
@@ -126,7 +128,7 @@ def inference_timesteps(num_train: int, num_steps: int, spacing: Spacing = "trai
         ts = [i * ratio for i in range(num_steps)][::-1]
     elif spacing == "linspace":
         grid = torch.linspace(0, num_train - 1, num_steps + 1, dtype=torch.float64)
-        ts = [int(round(float(v))) for v in grid.flip(0)[:-1]]
+        ts = [round(float(v)) for v in grid.flip(0)[:-1]]
     else:
         raise ValueError(f"unknown spacing {spacing!r}")
     return ts

@@ -46,11 +46,28 @@ class UNetConfig:
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    """Sinusoidal embedding of (possibly fractional) timesteps, [cos | sin] (Vaswani et al. 2017)."""
+    """Sinusoidal embedding of timesteps, [cos | sin] (Vaswani et al. 2017, §3.5)."""
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device) / half)
     args = t.float()[:, None] * freqs[None]  # (B, half)
     return torch.cat([torch.cos(args), torch.sin(args)], dim=1)
+
+
+@dataclass(frozen=True)
+class TimeEmbedding:
+    """The embedding of each distinct timestep in the batch, and which one each row uses.
+
+    Layers act on the distinct rows only and are then gathered per row. When sampling, every
+    row shares one timestep, so these small matmuls always see one row, whatever the batch
+    size: a GEMM's rounding can depend on its row count, and this keeps an image bit-identical
+    alone and inside a batch.
+    """
+
+    unique: torch.Tensor  # (U, D)
+    index: torch.Tensor  # (B,) row → its timestep's row in ``unique``
+
+    def project(self, layer: nn.Module) -> torch.Tensor:
+        return layer(F.silu(self.unique))[self.index]  # (B, C)
 
 
 class ResBlock(nn.Module):
@@ -64,9 +81,9 @@ class ResBlock(nn.Module):
         self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
         self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
 
-    def forward(self, x: torch.Tensor, t_emb: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t_emb: TimeEmbedding) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
-        h = h + self.t_proj(F.silu(t_emb))[:, :, None, None]  # (B, C, 1, 1) broadcast
+        h = h + t_emb.project(self.t_proj)[:, :, None, None]  # (B, C, 1, 1) broadcast
         h = self.conv2(self.dropout(F.silu(self.norm2(h))))
         return self.skip(x) + h
 
@@ -145,7 +162,7 @@ class _Stage(nn.Module):
         self.attn = attn
 
     def forward(
-        self, x: torch.Tensor, t_emb: torch.Tensor, ctx: torch.Tensor, ctx_mask: torch.Tensor
+        self, x: torch.Tensor, t_emb: TimeEmbedding, ctx: torch.Tensor, ctx_mask: torch.Tensor
     ) -> torch.Tensor:
         x = self.res(x, t_emb)
         return x if self.attn is None else self.attn(x, ctx, ctx_mask)
@@ -187,7 +204,9 @@ class UNet(nn.Module):
         self.upsample = nn.ModuleList()
         for level in reversed(range(len(ch))):
             for _ in range(c.blocks_per_level + 1):
-                self.up.append(stage(c_prev + skip_channels.pop(), ch[level], c.attention_levels[level]))
+                self.up.append(
+                    stage(c_prev + skip_channels.pop(), ch[level], c.attention_levels[level])
+                )
                 c_prev = ch[level]
             if level > 0:
                 self.upsample.append(nn.Conv2d(c_prev, c_prev, 3, padding=1))
@@ -195,7 +214,7 @@ class UNet(nn.Module):
         self.norm_out = nn.GroupNorm(c.groups, c_prev)
         self.conv_out = nn.Conv2d(c_prev, c.in_channels, 3, padding=1)
         nn.init.zeros_(self.conv_out.weight)  # start as the zero predictor: a stable first step
-        nn.init.zeros_(self.conv_out.bias)
+        nn.init.zeros_(self.conv_out.bias)  # type: ignore[arg-type]
 
     def forward(
         self,
@@ -206,7 +225,10 @@ class UNet(nn.Module):
     ) -> torch.Tensor:
         """x (B, C, h, w) noisy latents, t (B,) timesteps, context (B, L, D) with mask (B, L)."""
         c = self.config
-        t_emb = self.time_mlp(timestep_embedding(t, c.channels[0]).to(x.dtype))  # (B, 4·ch0)
+        t_unique, t_index = torch.unique(t, return_inverse=True)
+        t_emb = TimeEmbedding(
+            self.time_mlp(timestep_embedding(t_unique, c.channels[0]).to(x.dtype)), t_index
+        )  # (U, 4·ch0) for the U distinct timesteps
         h = self.conv_in(x)
         skips = [h]
         stages = iter(self.down)

@@ -38,7 +38,9 @@ def test_closed_form_forward_process_matches_iterated_one_step_process() -> None
     checkpoints = {0, 9, 99, 499, 999}
     for t in range(1000):
         beta = float(sched.betas[t])
-        x = math.sqrt(1 - beta) * x + math.sqrt(beta) * torch.randn(n, generator=g, dtype=torch.float64)
+        x = math.sqrt(1 - beta) * x + math.sqrt(beta) * torch.randn(
+            n, generator=g, dtype=torch.float64
+        )
         if t in checkpoints:
             a = sched.alpha_bar(t)
             mean, var = 0.8 * math.sqrt(a), 1 - a
@@ -82,7 +84,9 @@ def test_inference_timesteps_match_diffusers_spacing(spacing: str, steps: int) -
 def test_ddpm_posterior_step_matches_diffusers(prediction: str, steps: int) -> None:
     sched = NoiseSchedule(ScheduleConfig(prediction=prediction))  # type: ignore[arg-type]
     ref = DDPMScheduler(
-        num_train_timesteps=1000, prediction_type=prediction, clip_sample=False,
+        num_train_timesteps=1000,
+        prediction_type=prediction,
+        clip_sample=False,
         timestep_spacing="trailing",
     )
     ref.set_timesteps(steps)
@@ -94,7 +98,7 @@ def test_ddpm_posterior_step_matches_diffusers(prediction: str, steps: int) -> N
     ts = inference_timesteps(1000, steps, "trailing")
     assert ts == ref.timesteps.tolist()
     x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    for i, t in enumerate(ts[:: max(1, len(ts) // 12)] + [ts[-1]]):
+    for i, t in enumerate([*ts[:: max(1, len(ts) // 12)], ts[-1]]):
         out = fake_model(x, t)
         noise = torch.randn(
             x.shape, generator=torch.Generator().manual_seed(100 + i), dtype=torch.float64
@@ -112,8 +116,11 @@ def test_ddpm_posterior_step_matches_diffusers(prediction: str, steps: int) -> N
 def test_ddim_trajectory_matches_diffusers(eta: float, prediction: str) -> None:
     sched = NoiseSchedule(ScheduleConfig(prediction=prediction))  # type: ignore[arg-type]
     ref = DDIMScheduler(
-        num_train_timesteps=1000, prediction_type=prediction, clip_sample=False,
-        set_alpha_to_one=True, timestep_spacing="trailing",
+        num_train_timesteps=1000,
+        prediction_type=prediction,
+        clip_sample=False,
+        set_alpha_to_one=True,
+        timestep_spacing="trailing",
     )
     ref.set_timesteps(25)
     # float64 on both sides over the same ᾱ table, so the comparison measures the formula
@@ -192,7 +199,10 @@ def test_every_sampler_lands_on_the_data_when_the_model_is_perfect(name: str) ->
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 1, 8, 8, generator=g)
     out = get_sampler(name)(
-        _identity_denoiser(sched, target), x, sched, inference_timesteps(1000, 20),
+        _identity_denoiser(sched, target),
+        x,
+        sched,
+        inference_timesteps(1000, 20),
         lambda like: torch.randn(like.shape, generator=g),
     )
     assert torch.allclose(out, target.expand_as(out), atol=1e-4)
@@ -208,11 +218,17 @@ def test_callback_gets_every_step_with_the_x0_estimate_and_stop_cancels() -> Non
         seen.append((info["i"], info["total"]))  # type: ignore[arg-type]
 
     ts = inference_timesteps(1000, 10)
-    sample_ddim(_identity_denoiser(sched, target), torch.randn(1, 1, 4, 4), sched, ts, torch.randn_like, cb)
+    sample_ddim(
+        _identity_denoiser(sched, target), torch.randn(1, 1, 4, 4), sched, ts, torch.randn_like, cb
+    )
     assert seen == [(i, 10) for i in range(10)]
     with pytest.raises(SamplingCanceled):
         sample_ddpm(
-            _identity_denoiser(sched, target), torch.randn(1, 1, 4, 4), sched, ts, torch.randn_like,
+            _identity_denoiser(sched, target),
+            torch.randn(1, 1, 4, 4),
+            sched,
+            ts,
+            torch.randn_like,
             should_stop=lambda: True,
         )
 

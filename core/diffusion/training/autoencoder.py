@@ -34,7 +34,10 @@ def reconstruction_psnr(ae: Autoencoder, images: torch.Tensor, batch: int = 64) 
     """PSNR of decode(mean of encode(x)) against x, over all images together."""
     device = next(ae.parameters()).device
     recon = torch.cat(
-        [ae.decode(ae.encode(images[i : i + batch].to(device)).mean).cpu() for i in range(0, len(images), batch)]
+        [
+            ae.decode(ae.encode(images[i : i + batch].to(device)).mean).cpu()
+            for i in range(0, len(images), batch)
+        ]
     )
     return psnr(recon, images)
 
@@ -59,7 +62,7 @@ def train_autoencoder(
 
     def step_fn(step: int, gen: torch.Generator) -> tuple[torch.Tensor, dict[str, float], int]:
         images, _captions = load_batch(dataset, cfg.data.seed, step, cfg.train.batch_size)
-        loss, parts = ae.loss(images.to(device))
+        loss, parts = ae.loss(images.to(device), gen)
         return loss, parts, images.shape[0]
 
     def export(ema: nn.Module, step: int) -> None:
@@ -80,7 +83,7 @@ def train_autoencoder(
     heldout_psnr = reconstruction_psnr(final.to(device), held_out_images(cfg, EVAL_SAMPLES))
     summary = {
         "steps": loop.step,
-        "seconds": result.seconds,
+        "train_seconds": round(result.elapsed_s, 1),
         "latent_scale_factor": scale,
         "heldout_psnr_db": heldout_psnr,
         "parameters": sum(p.numel() for p in final.parameters()),

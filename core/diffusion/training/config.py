@@ -92,7 +92,9 @@ def _build(cls: type, table: dict[str, Any], where: str) -> Any:
     names = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(table) - set(names))
     if unknown:
-        raise ValueError(f"unknown key {where}.{unknown[0]}; known keys: {', '.join(sorted(names))}")
+        raise ValueError(
+            f"unknown key {where}.{unknown[0]}; known keys: {', '.join(sorted(names))}"
+        )
     values = {}
     for k, v in table.items():
         # TOML arrays arrive as lists; the frozen model configs want tuples.

@@ -6,19 +6,18 @@ data an uninterrupted one would have.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from functools import lru_cache
 
 import numpy as np
 import torch
 
-from core.diffusion.data.captioned import CaptionedImage, images_to_tensor
+from core.diffusion.data.captioned import CaptionedDataset, images_to_tensor
 from core.diffusion.data.imagefolder import ImageFolderDataset
 from core.diffusion.data.shapes import ShapesDataset
 from core.diffusion.training.config import DataConfig
 
 
-def build_dataset(cfg: DataConfig, split: str = "train") -> Sequence[CaptionedImage]:
+def build_dataset(cfg: DataConfig, split: str = "train") -> CaptionedDataset:
     if cfg.kind == "imagefolder":
         return ImageFolderDataset(cfg.path, image_size=cfg.image_size)
     held_out = tuple((str(c), str(s)) for c, s in cfg.held_out)
@@ -46,7 +45,7 @@ def batch_indices(length: int, seed: int, step: int, batch_size: int) -> list[in
 
 
 def load_batch(
-    dataset: Sequence[CaptionedImage], seed: int, step: int, batch_size: int
+    dataset: CaptionedDataset, seed: int, step: int, batch_size: int
 ) -> tuple[torch.Tensor, list[str]]:
     """Images (B, 3, H, W) in [−1, 1] and their captions."""
     samples = [dataset[i] for i in batch_indices(len(dataset), seed, step, batch_size)]

@@ -63,10 +63,7 @@ def diffusion_loss(
     eps = torch.randn(x0.shape, generator=generator).to(x0.device)
     x_t = schedule.q_sample(x0, t, eps)
     pred = unet(x_t, t, context, context_mask)
-    if schedule.config.prediction == "epsilon":
-        target = eps
-    else:
-        target = schedule.v_target(x0, t, eps)
+    target = eps if schedule.config.prediction == "epsilon" else schedule.v_target(x0, t, eps)
     per_sample = (pred.float() - target.float()).pow(2).mean(dim=(1, 2, 3))  # (B,)
     if min_snr_gamma > 0:
         # Hang et al. 2023, eq. 10: w_t = min(SNR_t, γ)/SNR_t for ε, /(SNR_t + 1) for v.
@@ -115,7 +112,7 @@ def train_denoiser(
     def step_fn(step: int, gen: torch.Generator) -> tuple[torch.Tensor, dict[str, float], int]:
         images, captions = load_batch(dataset, cfg.data.seed, step, cfg.train.batch_size)
         with torch.no_grad():
-            x0 = ae.encode(images.to(device)).sample(gen if device.type == "cpu" else None) * scale
+            x0 = ae.encode(images.to(device)).sample(gen) * scale
         drop = torch.rand(len(captions), generator=gen) < cfg.train.caption_dropout
         captions = ["" if d else c for c, d in zip(captions, drop.tolist(), strict=True)]
         cond = model.text_encoder.encode(captions)
@@ -126,13 +123,17 @@ def train_denoiser(
 
     def pipeline(ema: nn.Module) -> LatentDiffusion:
         assert isinstance(ema, TextToLatent)
-        return LatentDiffusion(ae, ema.text_encoder, ema.unet, schedule, image_size=cfg.data.image_size)
+        return LatentDiffusion(
+            ae, ema.text_encoder, ema.unet, schedule, image_size=cfg.data.image_size
+        )
 
     def export(ema: nn.Module, step: int) -> None:
         pipeline(ema).save(out, {"training": {"step": step, "config": config_to_dict(cfg)}})
 
     fingerprint = {"kind": "denoiser", "config": config_to_dict(cfg), "vocab": tokenizer.vocab}
-    loop = TrainLoop(model, cfg.train, out, step_fn, export, fingerprint, on_metrics, progress, device)
+    loop = TrainLoop(
+        model, cfg.train, out, step_fn, export, fingerprint, on_metrics, progress, device
+    )
     result = loop.run(resume=resume)
 
     final = pipeline(loop.ema.module).eval()
@@ -140,7 +141,7 @@ def train_denoiser(
     save_grid([[img] for img in images], out / "samples.png", row_labels=list(PREVIEW_PROMPTS))
     summary = {
         "steps": loop.step,
-        "seconds": result.seconds,
+        "train_seconds": round(result.elapsed_s, 1),
         "parameters": {
             "text_encoder": sum(p.numel() for p in model.text_encoder.parameters()),
             "unet": sum(p.numel() for p in model.unet.parameters()),

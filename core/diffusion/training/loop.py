@@ -65,11 +65,14 @@ class EMA:
 class LoopResult:
     steps_done: int
     resumed_from: int
-    seconds: float
+    seconds: float  # this run
+    elapsed_s: float  # all runs of this training, resumes included
     last_metrics: dict[str, float]
 
 
-def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def _optimizer_tensors(
+    opt: torch.optim.Optimizer,
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     sd = opt.state_dict()
     tensors = {
         f"optim.{idx}.{key}": (val if torch.is_tensor(val) else torch.tensor(val))
@@ -88,6 +91,17 @@ def _restore_optimizer(
             _, idx, key = name.split(".", 2)
             state.setdefault(int(idx), {})[key] = val
     opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def _keep_metrics_up_to(path: Path, step: int) -> None:
+    """Drops metric lines past ``step``: after a resume they are recorded again."""
+    if not path.exists():
+        return
+    if step == 0:
+        path.unlink()
+        return
+    kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in kept))
 
 
 class TrainLoop:
@@ -129,6 +143,7 @@ class TrainLoop:
         self.ema = EMA(model, cfg.ema_decay)
         self.generator = torch.Generator("cpu").manual_seed(cfg.seed)
         self.step = 0
+        self.elapsed_s = 0.0  # wall-clock seconds of training, summed over resumed runs
 
     # --- resumable state ---------------------------------------------------------------------
 
@@ -148,6 +163,7 @@ class TrainLoop:
             "kind": "train-state",
             "step": self.step,
             "ema_updates": self.ema.updates,
+            "elapsed_s": self.elapsed_s,
             "fingerprint": self.fingerprint,
             "optimizer": opt_meta,
         }
@@ -163,11 +179,14 @@ class TrainLoop:
                 "use a new --out directory or pass --no-resume to start over"
             )
         self.model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-        self.ema.module.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
+        self.ema.module.load_state_dict(
+            {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}
+        )
         _restore_optimizer(self.opt, tensors, meta["optimizer"])
         self.generator.set_state(tensors["rng"])
         self.step = int(meta["step"])
         self.ema.updates = int(meta["ema_updates"])
+        self.elapsed_s = float(meta.get("elapsed_s", 0.0))
         return True
 
     # --- the loop ----------------------------------------------------------------------------
@@ -177,13 +196,19 @@ class TrainLoop:
         resumed = self.try_resume() if resume else False
         start = self.step
         metrics_path = self.out / "metrics.jsonl"
-        if not resumed and metrics_path.exists():
-            metrics_path.unlink()
+        _keep_metrics_up_to(metrics_path, start if resumed else 0)
         cfg = self.cfg
         autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
         t0 = time.perf_counter()
+        self._counted = 0.0  # seconds of this run already added to elapsed_s
         last: dict[str, float] = {}
-        bar = tqdm(total=cfg.steps, initial=start, disable=not self.progress, unit="step", dynamic_ncols=True)
+        bar = tqdm(
+            total=cfg.steps,
+            initial=start,
+            disable=not self.progress,
+            unit="step",
+            dynamic_ncols=True,
+        )
         window_t, window_n = time.perf_counter(), 0
         with metrics_path.open("a") as mlog:
             while self.step < cfg.steps:
@@ -217,10 +242,15 @@ class TrainLoop:
                 if self.on_metrics is not None:
                     self.on_metrics(last)
                 bar.update(1)
-                bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{lr:.2e}", sps=f"{last['samples_per_s']:.1f}")
+                bar.set_postfix(
+                    loss=f"{last['loss']:.4f}", lr=f"{lr:.2e}", sps=f"{last['samples_per_s']:.1f}"
+                )
                 if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
                     mlog.flush()
+                    run_s = time.perf_counter() - t0
+                    self.elapsed_s += run_s - self._counted
+                    self._counted = run_s
                     self.export(self.ema.module, self.step)
                     self.save_state()
         bar.close()
-        return LoopResult(self.step - start, start, time.perf_counter() - t0, last)
+        return LoopResult(self.step - start, start, time.perf_counter() - t0, self.elapsed_s, last)
