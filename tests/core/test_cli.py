@@ -41,7 +41,7 @@ def test_generate_writes_a_png_that_the_seed_reproduces(
         "1",
     ]
     r1 = dq(*args, "-o", str(tmp_path / "a.png"))
-    r2 = dq(*args, "-o", str(tmp_path / "b.png"))
+    dq(*args, "-o", str(tmp_path / "b.png"))
     assert r1.returncode == 0, r1.stderr
     assert "seed=1" in r1.stdout
     a, b = Image.open(tmp_path / "a.png"), Image.open(tmp_path / "b.png")
