@@ -15,6 +15,7 @@ import platform
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -30,16 +31,13 @@ from core.diffusion.unet import UNet, UNetConfig
 
 def cpu_name() -> str:
     try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                flags = open("/proc/cpuinfo").read()
-                isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
-                bf16 = " + bf16" if "avx512_bf16" in flags else ""
-                return f"{name} ({isa}{bf16})"
+        info = Path("/proc/cpuinfo").read_text()
     except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+        return platform.processor() or "unknown CPU"
+    names = [ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")]
+    isa = "AVX-512" if "avx512f" in info else "AVX2" if "avx2" in info else "no AVX2"
+    bf16 = " + bf16" if "avx512_bf16" in info else ""
+    return f"{names[0] if names else 'unknown CPU'} ({isa}{bf16})"
 
 
 def timed(fn: Callable[[], object], repeats: int) -> list[float]:
