@@ -20,9 +20,6 @@ DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "diffusion" / "default_mo
 class UsageError(click.ClickException):
     exit_code = 2
 
-    def show(self, file: Any = None) -> None:
-        click.echo(f"dq: error: {self.format_message()}", err=True)
-
 
 def _fail(message: str) -> UsageError:
     return UsageError(message.rstrip("."))
@@ -252,10 +249,7 @@ def main(argv: list[str] | None = None) -> None:
         click.echo("dq: aborted", err=True)
         sys.exit(130)
     except click.ClickException as e:
-        if isinstance(e, UsageError):
-            e.show()
-        else:
-            click.echo(f"dq: error: {e.format_message()}", err=True)
+        click.echo(f"dq: error: {e.format_message()}", err=True)
         sys.exit(2)
     except (ValueError, FileNotFoundError) as e:
         # ValueError is how core reports bad input (CheckpointError is one); the message is

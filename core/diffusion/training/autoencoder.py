@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from core.diffusion.autoencoder import Autoencoder, AutoencoderConfig, compute_latent_scale, psnr
+from core.diffusion.autoencoder import Autoencoder, compute_latent_scale, psnr
 from core.diffusion.data.captioned import images_to_tensor
 from core.diffusion.pipeline import pick_device, save_autoencoder
 from core.diffusion.training.config import AutoencoderTrainConfig, config_to_dict
@@ -78,7 +79,7 @@ def train_autoencoder(
     assert isinstance(ema, Autoencoder)
     train_images, _ = load_batch(dataset, cfg.data.seed + 1, 0, SCALE_SAMPLES)
     scale = compute_latent_scale(ema, train_images.to(device))
-    final = Autoencoder(AutoencoderConfig(**{**cfg.model.__dict__, "latent_scale_factor": scale}))
+    final = Autoencoder(dataclasses.replace(cfg.model, latent_scale_factor=scale))
     final.load_state_dict(ema.state_dict())
     heldout_psnr = reconstruction_psnr(final.to(device), held_out_images(cfg, EVAL_SAMPLES))
     summary = {

@@ -200,7 +200,7 @@ class TrainLoop:
         cfg = self.cfg
         autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
         t0 = time.perf_counter()
-        self._counted = 0.0  # seconds of this run already added to elapsed_s
+        counted = 0.0  # seconds of this run already added to elapsed_s
         last: dict[str, float] = {}
         bar = tqdm(
             total=cfg.steps,
@@ -248,8 +248,8 @@ class TrainLoop:
                 if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
                     mlog.flush()
                     run_s = time.perf_counter() - t0
-                    self.elapsed_s += run_s - self._counted
-                    self._counted = run_s
+                    self.elapsed_s += run_s - counted
+                    counted = run_s
                     self.export(self.ema.module, self.step)
                     self.save_state()
         bar.close()
