@@ -241,6 +241,62 @@ def train_denoiser_cmd(**kw: Any) -> None:
     )
 
 
+# --- db --------------------------------------------------------------------------------------
+
+
+@cli.group()
+def db() -> None:
+    """The job database: apply migrations, show the schema revision."""
+
+
+def _settings() -> Any:
+    from core.settings import Settings
+
+    return Settings.from_env()  # SettingsError names the variable; main() prints it
+
+
+def _database_error(url: str, e: Exception) -> UsageError:
+    from core.settings import Settings
+
+    shown = Settings(database_url=url).public_dict()["DQ_DATABASE_URL"]
+    reason = str(getattr(e, "orig", None) or e).strip().splitlines()[0]
+    return _fail(f"cannot reach the database at {shown} (DQ_DATABASE_URL): {reason}")
+
+
+@db.command("upgrade")
+@click.option("--revision", default="head", show_default=True, help="Target revision.")
+def db_upgrade(revision: str) -> None:
+    """Create or migrate the schema of DQ_DATABASE_URL."""
+    from sqlalchemy.exc import OperationalError
+
+    from core.db import migrate
+
+    settings = _settings()
+    try:
+        migrate.upgrade(settings.database_url, revision)
+        current = migrate.current_revision(settings.database_url)
+    except OperationalError as e:
+        raise _database_error(settings.database_url, e) from None
+    click.echo(f"database is at revision {current}")
+
+
+@db.command("current")
+def db_current() -> None:
+    """Print the schema revision of DQ_DATABASE_URL and whether it is the newest."""
+    from sqlalchemy.exc import OperationalError
+
+    from core.db import migrate
+
+    settings = _settings()
+    try:
+        current = migrate.current_revision(settings.database_url)
+    except OperationalError as e:
+        raise _database_error(settings.database_url, e) from None
+    head = migrate.head_revision()
+    state = "up to date" if current == head else f"behind {head}; run `dq db upgrade`"
+    click.echo(f"{current or '(empty)'} ({state})")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: user errors become one line and exit status 2."""
     try:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
+from sqlalchemy.engine import Engine
 
 from core.diffusion.autoencoder import Autoencoder, AutoencoderConfig
 from core.diffusion.data.shapes import vocabulary
@@ -13,6 +16,7 @@ from core.diffusion.pipeline import LatentDiffusion
 from core.diffusion.schedule import NoiseSchedule
 from core.diffusion.text import TextEncoder, TextEncoderConfig, WordTokenizer
 from core.diffusion.unet import UNet, UNetConfig
+from tests.services import postgres_schema
 
 TINY_AE = AutoencoderConfig(channels=(8, 16), groups=4, latent_scale_factor=1.0)
 TINY_TEXT = TextEncoderConfig(width=32, layers=1, heads=2, max_length=16)
@@ -45,3 +49,48 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     d = tmp_path_factory.mktemp("tiny_model")
     make_tiny_pipeline().save(d)
     return d
+
+
+# --- services ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """An empty database: a SQLite file, then a fresh schema on the real PostgreSQL."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'dq.sqlite3'}"
+        from core.db import dispose_engines
+
+        dispose_engines()
+    else:
+        with postgres_schema() as url:
+            yield url
+
+
+@pytest.fixture
+def engine(db_url: str) -> Iterator[Engine]:
+    """The schema of core.db.models on each backend (migrations are tested on their own)."""
+    from core.db import Base, make_engine
+
+    eng = make_engine(db_url)
+    Base.metadata.create_all(eng)
+    yield eng
+    eng.dispose()
+
+
+@pytest.fixture(scope="session")
+def moto_endpoint() -> Iterator[str]:
+    """moto's S3 server on a free loopback port, over real HTTP."""
+    from moto.server import ThreadedMotoServer
+
+    for var, value in {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }.items():
+        os.environ.setdefault(var, value)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()

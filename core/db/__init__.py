@@ -1,0 +1,53 @@
+"""The database: SQLAlchemy models, engines and sessions, and the one state-transition function.
+
+Nothing here imports torch, Flask or Celery.
+"""
+
+from core.db.models import (
+    ApiToken,
+    Base,
+    Image,
+    Job,
+    JobStatus,
+    ModelKind,
+    ModelVersion,
+    OutboxMessage,
+    Role,
+    TrainingMetric,
+    TrainingRun,
+    utcnow,
+)
+from core.db.session import (
+    check_database,
+    dispose_engines,
+    get_engine,
+    make_engine,
+    session_factory,
+    session_scope,
+)
+from core.db.transitions import InvalidTransition, transition, transition_job, transition_run
+
+__all__ = [
+    "ApiToken",
+    "Base",
+    "Image",
+    "InvalidTransition",
+    "Job",
+    "JobStatus",
+    "ModelKind",
+    "ModelVersion",
+    "OutboxMessage",
+    "Role",
+    "TrainingMetric",
+    "TrainingRun",
+    "check_database",
+    "dispose_engines",
+    "get_engine",
+    "make_engine",
+    "session_factory",
+    "session_scope",
+    "transition",
+    "transition_job",
+    "transition_run",
+    "utcnow",
+]

@@ -1,0 +1,110 @@
+"""Engines and sessions: one engine per process and URL, a session per unit of work."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from sqlalchemy import create_engine, event, text
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import ArgumentError, OperationalError
+from sqlalchemy.orm import Session, sessionmaker
+
+from core.settings import Settings, SettingsError, sqlite_path
+
+_engines: dict[str, Engine] = {}
+_lock = threading.Lock()
+
+
+def make_engine(url: str) -> Engine:
+    """A new engine for ``url``. SQLite gets WAL, foreign keys and a busy timeout, so that the
+    web process and a worker process can share one file."""
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise SettingsError(f"DQ_DATABASE_URL={url!r} is not a database URL") from None
+    kwargs: dict[str, Any] = {"future": True}
+    if parsed.get_backend_name() == "sqlite":
+        path = sqlite_path(url)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        kwargs["connect_args"] = {"timeout": 30, "check_same_thread": False}
+    else:
+        # Connections die when PostgreSQL restarts; test them on checkout rather than failing
+        # the first request after.
+        kwargs["pool_pre_ping"] = True
+    try:
+        engine = create_engine(url, **kwargs)
+    except ModuleNotFoundError as e:
+        raise SettingsError(
+            f"DQ_DATABASE_URL={url!r} needs a driver that is missing: {e}"
+        ) from None
+    if engine.dialect.name == "sqlite":
+        event.listen(engine, "connect", _sqlite_pragmas)
+        event.listen(engine, "begin", _sqlite_begin_immediate)
+    return engine
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    # pysqlite's own transaction handling is turned off; we issue BEGIN ourselves (below).
+    dbapi_connection.isolation_level = None
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.close()
+
+
+def _sqlite_begin_immediate(conn: Any) -> None:
+    # BEGIN IMMEDIATE takes the write lock at the start, so two processes that read then write
+    # wait for each other instead of failing with "database is locked" at the write.
+    conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def get_engine(settings: Settings | None = None, url: str | None = None) -> Engine:
+    """The process-wide engine for the settings' database URL (or ``url``)."""
+    if url is None:
+        url = (settings or Settings.from_env()).database_url
+    with _lock:
+        engine = _engines.get(url)
+        if engine is None:
+            engine = _engines[url] = make_engine(url)
+        return engine
+
+
+def dispose_engines() -> None:
+    """Close every pooled connection, e.g. after fork or at the end of a test."""
+    with _lock:
+        for engine in _engines.values():
+            engine.dispose()
+        _engines.clear()
+
+
+def session_factory(engine: Engine) -> sessionmaker[Session]:
+    return sessionmaker(engine, expire_on_commit=False)
+
+
+@contextmanager
+def session_scope(engine: Engine) -> Iterator[Session]:
+    """A session whose transaction commits when the block ends and rolls back on error."""
+    with Session(engine, expire_on_commit=False) as session, session.begin():
+        yield session
+
+
+def check_database(engine: Engine) -> None:
+    """Raise OperationalError when the database cannot be reached (for readiness checks)."""
+    with engine.connect() as conn:
+        conn.execute(text("SELECT 1"))
+
+
+__all__ = [
+    "OperationalError",
+    "check_database",
+    "dispose_engines",
+    "get_engine",
+    "make_engine",
+    "session_factory",
+    "session_scope",
+]

@@ -1,0 +1,294 @@
+"""One typed settings object, read from ``DQ_*`` environment variables.
+
+The defaults are the embedded topology: SQLite for the database, kombu's SQLAlchemy transport on
+SQLite for the broker, a local directory for objects, all under ``./var``. Nothing needs a
+server. Production sets URLs for PostgreSQL, Redis and S3.
+
+Every field names its variable and says what it is; ``docs/DEPLOY.md`` and the deploy tests read
+that table (``Settings.describe()``). A bad value raises :class:`SettingsError` with one sentence
+naming the variable. This module imports neither torch nor any framework.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+
+class SettingsError(ValueError):
+    """A setting has a value that cannot work; the message names the variable."""
+
+
+def _setting(default: Any, help: str, parse: Callable[[str], Any] | None = None) -> Any:
+    return field(default=default, metadata={"help": help, "parse": parse})
+
+
+def _positive_int(raw: str) -> int:
+    value = int(raw)
+    if value < 1:
+        raise ValueError("must be a positive integer")
+    return value
+
+
+def _positive_float(raw: str) -> float:
+    value = float(raw)
+    if not value > 0:
+        raise ValueError("must be a positive number")
+    return value
+
+
+def _bool(raw: str) -> bool:
+    lowered = raw.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError("must be true or false")
+
+
+def _optional(raw: str) -> str | None:
+    return raw or None
+
+
+DATABASE_SCHEMES = ("sqlite", "postgresql", "postgresql+psycopg")
+BROKER_SCHEMES = ("redis", "rediss", "sqla+sqlite", "sqla+postgresql", "sqla+postgresql+psycopg")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Configuration shared by the web app, the workers and the ``dq`` command."""
+
+    database_url: str = _setting(
+        "sqlite:///var/dq.sqlite3",
+        "SQLAlchemy URL of the job database: sqlite:///PATH or postgresql+psycopg://USER@HOST/DB.",
+    )
+    broker_url: str = _setting(
+        "sqla+sqlite:///var/broker.sqlite3",
+        "Celery broker: redis://HOST:6379/0 in production; the default needs no server.",
+    )
+    storage_url: str = _setting(
+        "file://var/objects",
+        "Where images and checkpoints go: file://DIR or s3://BUCKET/PREFIX.",
+    )
+    s3_endpoint_url: str | None = _setting(
+        None, "Endpoint of an S3-compatible store such as MinIO; empty for AWS.", _optional
+    )
+    s3_region: str | None = _setting(None, "S3 region; empty for the SDK's default.", _optional)
+    secret_key: str = _setting(
+        "",
+        "Signs web sessions, CSRF tokens and local-file URLs. Set it in production; when empty a "
+        "random key is made at start-up, so sessions end with the process.",
+    )
+    max_steps: int = _setting(200, "Largest number of denoising steps a job may ask for.")
+    max_images_per_job: int = _setting(8, "Largest number of images one job may ask for.")
+    max_prompt_chars: int = _setting(1000, "Longest prompt accepted, in characters.")
+    max_batch_size: int = _setting(
+        16, "Most images a worker denoises in one batch across compatible jobs."
+    )
+    job_max_attempts: int = _setting(
+        3, "Tries a job gets (first run plus retries after a lost worker) before it fails."
+    )
+    job_lease_seconds: float = _setting(
+        60.0,
+        "A running job whose worker has not renewed its lease for this long is re-queued.",
+        _positive_float,
+    )
+    job_time_limit_seconds: int = _setting(
+        1800, "Hard time limit of one generation task; the broker's visibility timeout is longer."
+    )
+    train_time_limit_seconds: int = _setting(
+        6 * 3600, "Hard time limit of one training task before it is redelivered and resumes."
+    )
+    data_root: str = _setting(
+        "var/datasets", "Training runs may read local image folders only under this directory."
+    )
+    model_cache_dir: str = _setting(
+        "var/models", "Where workers keep model versions fetched from object storage."
+    )
+    device: str | None = _setting(
+        None, "cpu or cuda for the workers; empty picks CUDA when present.", _optional
+    )
+    rate_limit: str = _setting(
+        "60/minute", "Job submissions allowed per caller, in Flask-Limiter's notation."
+    )
+    rate_limit_storage_url: str = _setting(
+        "memory://", "Where the rate limiter counts: redis://… in production."
+    )
+    debug: bool = _setting(False, "Verbose logs and Flask's debug pages; never in production.")
+
+    # --- construction ---------------------------------------------------------------------
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Read every ``DQ_*`` variable; keyword arguments win over the environment."""
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            var = env_var(f.name)
+            if f.name in overrides:
+                values[f.name] = overrides.pop(f.name)
+                continue
+            raw = env.get(var)
+            if raw is None:
+                continue
+            parse = f.metadata["parse"] or _parser_for(f.default)
+            try:
+                values[f.name] = parse(raw.strip())
+            except ValueError as e:
+                reason = str(e) if "must" in str(e) else f"must be {_kind(f.default)}"
+                raise SettingsError(f"{var}={raw!r} is not valid: {reason}") from None
+        if overrides:
+            raise TypeError(f"unknown settings: {', '.join(sorted(overrides))}")
+        settings = cls(**values)
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        """Check the URLs and limits; raise SettingsError naming the first bad variable."""
+        scheme = self.database_url.split("://", 1)[0] if "://" in self.database_url else ""
+        if scheme not in DATABASE_SCHEMES:
+            raise SettingsError(
+                f"DQ_DATABASE_URL={self.database_url!r} is not valid: use sqlite:///PATH or "
+                "postgresql+psycopg://USER@HOST/DB"
+            )
+        scheme = self.broker_url.split("://", 1)[0] if "://" in self.broker_url else ""
+        if scheme not in BROKER_SCHEMES:
+            raise SettingsError(
+                f"DQ_BROKER_URL={self.broker_url!r} is not valid: use redis://HOST:PORT/DB "
+                "or sqla+sqlite:///PATH"
+            )
+        storage_location(self.storage_url)  # raises SettingsError
+        if self.s3_endpoint_url is not None and urlsplit(self.s3_endpoint_url).scheme not in (
+            "http",
+            "https",
+        ):
+            raise SettingsError(
+                f"DQ_S3_ENDPOINT_URL={self.s3_endpoint_url!r} is not valid: use http(s)://HOST:PORT"
+            )
+        if self.device is not None and not (
+            self.device == "cpu" or self.device == "cuda" or self.device.startswith("cuda:")
+        ):
+            raise SettingsError(f"DQ_DEVICE={self.device!r} is not valid: use cpu or cuda")
+        for name in ("max_steps", "max_images_per_job", "max_prompt_chars", "max_batch_size"):
+            if getattr(self, name) < 1:
+                raise SettingsError(f"{env_var(name)} must be a positive integer")
+        for name in ("job_max_attempts", "job_time_limit_seconds", "train_time_limit_seconds"):
+            if getattr(self, name) < 1:
+                raise SettingsError(f"{env_var(name)} must be a positive integer")
+
+    # --- derived values -------------------------------------------------------------------
+
+    @property
+    def effective_secret_key(self) -> str:
+        return self.secret_key or _PROCESS_SECRET
+
+    @property
+    def broker_visibility_timeout(self) -> int:
+        """Longer than any task's hard time limit, so Redis never redelivers a running task."""
+        return max(self.job_time_limit_seconds, self.train_time_limit_seconds) + 600
+
+    def local_paths(self) -> list[Path]:
+        """Directories the embedded defaults write into, to create at start-up."""
+        paths = []
+        for url in (self.database_url, self.broker_url):
+            path = sqlite_path(url)
+            if path is not None:
+                paths.append(path.parent)
+        kind, location = storage_location(self.storage_url)
+        if kind == "file":
+            paths.append(Path(location))
+        return paths
+
+    def public_dict(self) -> dict[str, Any]:
+        """The settings with credentials and the secret key masked, for logs and pages."""
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "secret_key":
+                value = "(set)" if value else "(random per process)"
+            elif isinstance(value, str) and "://" in value:
+                value = _mask_password(value)
+            out[env_var(f.name)] = value
+        return out
+
+    @classmethod
+    def describe(cls) -> list[tuple[str, str, str]]:
+        """(variable, default, help) for every setting, in declaration order."""
+        return [
+            (env_var(f.name), "" if f.default is None else str(f.default), f.metadata["help"])
+            for f in fields(cls)
+        ]
+
+
+_PROCESS_SECRET = secrets.token_hex(32)
+
+
+def env_var(field_name: str) -> str:
+    return "DQ_" + field_name.upper()
+
+
+def setting_names() -> set[str]:
+    """Every ``DQ_*`` variable that the settings object reads."""
+    return {env_var(f.name) for f in fields(Settings)}
+
+
+def _parser_for(default: Any) -> Callable[[str], Any]:
+    if isinstance(default, bool):
+        return _bool
+    if isinstance(default, int):
+        return _positive_int
+    if isinstance(default, float):
+        return _positive_float
+    return str
+
+
+def _kind(default: Any) -> str:
+    if isinstance(default, bool):
+        return "true or false"
+    if isinstance(default, int):
+        return "a positive integer"
+    if isinstance(default, float):
+        return "a positive number"
+    return "a string"
+
+
+def _mask_password(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password:
+        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+        return parts._replace(netloc=netloc).geturl()
+    return url
+
+
+def sqlite_path(url: str) -> Path | None:
+    """The file behind a ``sqlite:///`` or ``sqla+sqlite:///`` URL, or None for other URLs."""
+    for prefix in ("sqlite:///", "sqla+sqlite:///"):
+        if url.startswith(prefix):
+            rest = url[len(prefix) :].split("?", 1)[0]
+            if rest in ("", ":memory:"):
+                return None
+            return Path(rest)
+    return None
+
+
+def storage_location(url: str) -> tuple[str, str]:
+    """Split DQ_STORAGE_URL into ("file", directory) or ("s3", "bucket/prefix")."""
+    if url.startswith("file://"):
+        path = url[len("file://") :]
+        if not path:
+            raise SettingsError(f"DQ_STORAGE_URL={url!r} is not valid: name a directory")
+        return "file", path
+    if url.startswith("s3://"):
+        rest = url[len("s3://") :].strip("/")
+        bucket = rest.split("/", 1)[0]
+        if not bucket:
+            raise SettingsError(f"DQ_STORAGE_URL={url!r} is not valid: name a bucket")
+        return "s3", rest
+    raise SettingsError(
+        f"DQ_STORAGE_URL={url!r} is not valid: use file://DIR or s3://BUCKET/PREFIX"
+    )
