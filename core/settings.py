@@ -81,8 +81,8 @@ class Settings:
     s3_region: str | None = _setting(None, "S3 region; empty for the SDK's default.", _optional)
     secret_key: str = _setting(
         "",
-        "Signs web sessions, CSRF tokens and local-file URLs. Set it in production; when empty a "
-        "random key is made at start-up, so sessions end with the process.",
+        "Signs web sessions, CSRF tokens and local-file URLs. Set it in production; when empty, "
+        "a random key is made once and kept in var/secret_key.",
     )
     max_steps: int = _setting(200, "Largest number of denoising steps a job may ask for.")
     max_images_per_job: int = _setting(8, "Largest number of images one job may ask for.")
@@ -185,7 +185,28 @@ class Settings:
 
     @property
     def effective_secret_key(self) -> str:
-        return self.secret_key or _PROCESS_SECRET
+        """DQ_SECRET_KEY, or a random key kept in ``var/secret_key`` so that every process of
+        the embedded topology (gunicorn workers, restarts) signs with the same one."""
+        if self.secret_key:
+            return self.secret_key
+        path = Path("var/secret_key")
+        try:
+            return path.read_text().strip()
+        except FileNotFoundError:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            # Write a temp file, then hard-link it into place: the key appears whole or not at
+            # all, and when two processes race, both end up reading the winner's key.
+            tmp = path.with_name(f".secret_key.{os.getpid()}.{secrets.token_hex(4)}")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_hex(32))
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                pass
+            finally:
+                tmp.unlink()
+            return path.read_text().strip()
 
     @property
     def broker_visibility_timeout(self) -> int:
@@ -210,7 +231,7 @@ class Settings:
         for f in fields(self):
             value = getattr(self, f.name)
             if f.name == "secret_key":
-                value = "(set)" if value else "(random per process)"
+                value = "(set)" if value else "(kept in var/secret_key)"
             elif isinstance(value, str) and "://" in value:
                 value = _mask_password(value)
             out[env_var(f.name)] = value
@@ -223,9 +244,6 @@ class Settings:
             (env_var(f.name), "" if f.default is None else str(f.default), f.metadata["help"])
             for f in fields(cls)
         ]
-
-
-_PROCESS_SECRET = secrets.token_hex(32)
 
 
 def env_var(field_name: str) -> str:

@@ -131,3 +131,30 @@ def test_the_data_plane_imports_no_torch() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def test_without_a_secret_key_every_process_shares_one_kept_under_var(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert Settings.from_env({"DQ_SECRET_KEY": "given"}).effective_secret_key == "given"
+    assert not (tmp_path / "var").exists()
+    first = Settings.from_env({}).effective_secret_key
+    assert len(first) == 64
+    assert (tmp_path / "var" / "secret_key").stat().st_mode & 0o777 == 0o600
+    code = "from core.settings import Settings; print(Settings.from_env({}).effective_secret_key)"
+    other = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert other.stdout.strip() == first
+    assert [p.name for p in (tmp_path / "var").iterdir()] == ["secret_key"]
+
+
+def test_the_readme_documents_every_setting() -> None:
+    readme = (ROOT / "README.md").read_text()
+    assert all(f"`{name}`" in readme for name in setting_names())
