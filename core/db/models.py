@@ -1,8 +1,10 @@
 """The schema: generation jobs and their images, training runs and their metrics, model
-versions, API tokens, and the outbox of task messages still to publish.
+versions and API tokens.
 
 The database is the source of truth for every job and run, not Celery's result backend. Status
-columns change only through :mod:`core.db.transitions`.
+columns change only through :mod:`core.db.transitions`. A queued job or run whose
+``published_at`` is NULL is the outbox: its task message is still to be sent
+(:mod:`core.dispatch`).
 """
 
 from __future__ import annotations
@@ -288,22 +290,3 @@ class ApiToken(Base):
     label: Mapped[str] = mapped_column(String(200), default="")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
-
-
-class OutboxMessage(Base):
-    """A task message committed with the row it concerns, published to the broker afterwards.
-
-    Submitting a job writes the job and this row in one transaction; a relay publishes the row
-    and stamps it. If the broker is down, the row waits, and the job is not lost.
-    """
-
-    __tablename__ = "outbox"
-
-    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
-    task_name: Mapped[str] = mapped_column(String(128))
-    queue: Mapped[str] = mapped_column(String(64))
-    kwargs: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
-    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
-    published_at: Mapped[datetime | None] = mapped_column(UTCDateTime, index=True)
-    attempts: Mapped[int] = mapped_column(Integer, default=0)
-    last_error: Mapped[str | None] = mapped_column(Text)

@@ -1,4 +1,4 @@
-"""jobs, images, training runs, metrics, model versions, api tokens, outbox
+"""jobs, images, training runs, metrics, model versions, api tokens
 
 Revision ID: 0001
 Revises:
@@ -72,26 +72,6 @@ def upgrade() -> None:
             sqlite_where=sa.text("is_active"),
             postgresql_where=sa.text("is_active"),
         )
-
-    op.create_table(
-        "outbox",
-        sa.Column(
-            "id",
-            sa.BigInteger().with_variant(sa.Integer(), "sqlite"),
-            autoincrement=True,
-            nullable=False,
-        ),
-        sa.Column("task_name", sa.String(length=128), nullable=False),
-        sa.Column("queue", sa.String(length=64), nullable=False),
-        sa.Column("kwargs", sa.JSON(), nullable=False),
-        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
-        sa.Column("published_at", sa.DateTime(timezone=True), nullable=True),
-        sa.Column("attempts", sa.Integer(), nullable=False),
-        sa.Column("last_error", sa.Text(), nullable=True),
-        sa.PrimaryKeyConstraint("id", name=op.f("pk_outbox")),
-    )
-    with op.batch_alter_table("outbox", schema=None) as batch_op:
-        batch_op.create_index(batch_op.f("ix_outbox_published_at"), ["published_at"], unique=False)
 
     op.create_table(
         "jobs",
@@ -286,10 +266,6 @@ def downgrade() -> None:
         batch_op.drop_index(batch_op.f("ix_jobs_created_at"))
 
     op.drop_table("jobs")
-    with op.batch_alter_table("outbox", schema=None) as batch_op:
-        batch_op.drop_index(batch_op.f("ix_outbox_published_at"))
-
-    op.drop_table("outbox")
     with op.batch_alter_table("model_versions", schema=None) as batch_op:
         batch_op.drop_index(
             "uq_model_versions_active_kind",

@@ -18,7 +18,6 @@ TABLES = {
     "images",
     "jobs",
     "model_versions",
-    "outbox",
     "training_metrics",
     "training_runs",
 }

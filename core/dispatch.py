@@ -1,0 +1,255 @@
+"""Getting task messages to the broker, and getting lost work back into the queue.
+
+The database is the outbox. A queued job or training run whose ``published_at`` is NULL has a
+message still to send: :func:`publish_job` sends it right after the submitting transaction
+commits, and :func:`relay_once` sends whatever is left (the broker was down, the web process died
+between commit and send). The relay also
+
+- re-queues running jobs and runs whose lease expired (their worker died), or fails them once
+  they have used up their attempts;
+- re-publishes queued work whose message seems lost (the broker restarted empty). A duplicate
+  message is harmless: the worker's claim is a conditional UPDATE, so a second delivery finds the
+  job no longer queued and does nothing.
+
+The broker is reached through a :class:`Publisher`, so this module imports no Celery; the worker
+and the web app each pass one (``worker/publisher.py``, ``web/queue.py``).
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any, Protocol
+
+from sqlalchemy import select, update
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session
+
+from core.db.models import Job, JobStatus, TrainingRun, utcnow
+from core.db.session import session_scope
+from core.db.transitions import transition
+from core.settings import Settings
+
+log = logging.getLogger(__name__)
+
+TASK_GENERATE = "dq.generate"
+TASK_TRAIN = "dq.train"
+QUEUE_GENERATE = "generate"
+QUEUE_TRAIN = "train"
+
+# A queued item whose message went out this long ago, while the broker's queue is empty, is
+# published again: its message was lost. With messages waiting, only after the long delay.
+REPUBLISH_WHEN_QUEUE_EMPTY = timedelta(seconds=10)
+REPUBLISH_ALWAYS = timedelta(minutes=10)
+
+
+class Publisher(Protocol):
+    """Sends task messages by name; wraps a Celery app's ``send_task``."""
+
+    def publish(
+        self, task: str, queue: str, kwargs: dict[str, Any], countdown: float | None = None
+    ) -> None: ...
+
+    def queue_depth(self, queue: str) -> int | None:
+        """Messages waiting in ``queue``, or None when the broker cannot tell."""
+        ...
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    """Celery's configuration, shared by the workers and the web app's sender."""
+    return {
+        "broker_url": settings.broker_url,
+        "broker_connection_retry_on_startup": True,
+        # JSON only: a pickled message is refused, never deserialised.
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        "result_serializer": "json",
+        "result_accept_content": ["json"],
+        # The database, not a result backend, holds every outcome.
+        "task_ignore_result": True,
+        "result_backend": None,
+        # A message is acknowledged only after its task ran; a lost worker's message comes back.
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "broker_transport_options": {
+            # Longer than any task's hard time limit, so Redis never hands a message that is
+            # still being worked on to a second worker.
+            "visibility_timeout": settings.broker_visibility_timeout,
+            # kombu's SQLAlchemy transport polls; a short interval keeps latency low.
+            "polling_interval": 0.1,
+        },
+        "task_routes": {
+            TASK_GENERATE: {"queue": QUEUE_GENERATE},
+            TASK_TRAIN: {"queue": QUEUE_TRAIN},
+        },
+        "task_default_queue": QUEUE_GENERATE,
+        "task_create_missing_queues": True,
+        "worker_hijack_root_logger": False,
+        "worker_send_task_events": False,
+        "task_send_sent_event": False,
+        "worker_cancel_long_running_tasks_on_connection_loss": False,
+    }
+
+
+def _publish(
+    engine: Engine,
+    publisher: Publisher,
+    model: type[Job] | type[TrainingRun],
+    row_id: uuid.UUID,
+    *,
+    force: bool,
+    countdown: float | None = None,
+) -> bool:
+    """Stamp ``published_at`` and send the message in one transaction.
+
+    The stamp is a conditional UPDATE, so of two relays only one sends; if the send fails the
+    transaction rolls back and the row stays unpublished for the next try.
+    """
+    task, queue, key = (
+        (TASK_GENERATE, QUEUE_GENERATE, "job_id")
+        if model is Job
+        else (TASK_TRAIN, QUEUE_TRAIN, "run_id")
+    )
+    with session_scope(engine) as session:
+        where = [model.id == row_id, model.status == JobStatus.QUEUED]
+        if not force:
+            where.append(model.published_at.is_(None))
+        stamped = session.execute(
+            update(model)
+            .where(*where)
+            .values(published_at=utcnow())
+            .execution_options(synchronize_session=False)
+        )
+        if stamped.rowcount != 1:  # type: ignore[attr-defined]
+            return False
+        publisher.publish(task, queue, {key: str(row_id)}, countdown=countdown)
+    return True
+
+
+def publish_job(
+    engine: Engine,
+    publisher: Publisher,
+    job_id: uuid.UUID,
+    *,
+    force: bool = False,
+    countdown: float | None = None,
+) -> bool:
+    """Send the task message of a committed, queued job. Returns False when there was nothing
+    to send (already published, or no longer queued). Broker errors propagate; the job stays
+    queued and unpublished, and the relay sends it later."""
+    return _publish(engine, publisher, Job, job_id, force=force, countdown=countdown)
+
+
+def publish_run(
+    engine: Engine, publisher: Publisher, run_id: uuid.UUID, *, force: bool = False
+) -> bool:
+    return _publish(engine, publisher, TrainingRun, run_id, force=force)
+
+
+@dataclass
+class RelayReport:
+    published: list[uuid.UUID] = field(default_factory=list)
+    republished: list[uuid.UUID] = field(default_factory=list)
+    requeued: list[uuid.UUID] = field(default_factory=list)
+    failed: list[uuid.UUID] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.published or self.republished or self.requeued or self.failed)
+
+
+def reap_expired(
+    session: Session,
+    model: type[Job] | type[TrainingRun],
+    settings: Settings,
+    now: datetime,
+    report: RelayReport,
+) -> None:
+    """Running rows whose lease ran out: back to the queue, or failed after the last attempt."""
+    expired = session.execute(
+        select(model.id, model.attempts, model.worker_host).where(
+            model.status == JobStatus.RUNNING, model.lease_expires_at < now
+        )
+    ).all()
+    for row_id, attempts, host in expired:
+        if attempts >= settings.job_max_attempts:
+            noun = "job" if model is Job else "training run"
+            moved = transition(
+                session,
+                model,
+                row_id,
+                JobStatus.FAILED,
+                expected=JobStatus.RUNNING,
+                finished_at=now,
+                lease_expires_at=None,
+                error=(
+                    f"the worker running this {noun} stopped responding ({attempts} of "
+                    f"{settings.job_max_attempts} attempts used); giving up"
+                ),
+            )
+            if moved:
+                report.failed.append(row_id)
+        else:
+            moved = transition(
+                session,
+                model,
+                row_id,
+                JobStatus.QUEUED,
+                expected=JobStatus.RUNNING,
+                worker_host=None,
+                lease_expires_at=None,
+                published_at=None,
+            )
+            if moved:
+                log.warning(
+                    "re-queued %s %s: lease of %s expired", model.__tablename__, row_id, host
+                )
+                report.requeued.append(row_id)
+
+
+def relay_once(
+    engine: Engine, publisher: Publisher, settings: Settings, now: datetime | None = None
+) -> RelayReport:
+    """One pass of the reaper and outbox relay; safe to run from several processes at once."""
+    now = now or utcnow()
+    report = RelayReport()
+    with session_scope(engine) as session:
+        reap_expired(session, Job, settings, now, report)
+        reap_expired(session, TrainingRun, settings, now, report)
+    for model, queue in ((Job, QUEUE_GENERATE), (TrainingRun, QUEUE_TRAIN)):
+        with session_scope(engine) as session:
+            unpublished = session.scalars(
+                select(model.id)
+                .where(model.status == JobStatus.QUEUED, model.published_at.is_(None))
+                .order_by(model.created_at)
+            ).all()
+        for row_id in unpublished:
+            try:
+                if _publish(engine, publisher, model, row_id, force=False):
+                    report.published.append(row_id)
+            except Exception as e:  # the broker is down: try again next pass
+                report.errors.append(f"publishing {row_id}: {e}")
+                break
+        try:
+            depth = publisher.queue_depth(queue)
+        except Exception as e:
+            report.errors.append(f"queue depth of {queue}: {e}")
+            continue
+        cutoff = now - (REPUBLISH_WHEN_QUEUE_EMPTY if depth == 0 else REPUBLISH_ALWAYS)
+        with session_scope(engine) as session:
+            stale = session.scalars(
+                select(model.id)
+                .where(model.status == JobStatus.QUEUED, model.published_at < cutoff)
+                .order_by(model.created_at)
+            ).all()
+        for row_id in stale:
+            try:
+                if _publish(engine, publisher, model, row_id, force=True):
+                    report.republished.append(row_id)
+            except Exception as e:
+                report.errors.append(f"re-publishing {row_id}: {e}")
+                break
+    return report

@@ -1,0 +1,273 @@
+"""Generation jobs as the web app and the tests see them: submit, look up, list, cancel.
+
+``submit_job`` is the one way a job comes into being: it validates the request against the
+settings' limits and the serving model, fills in the model's defaults and a random seed, applies
+the caller's idempotency key, and adds the row. The caller commits, then publishes the task
+message (:func:`core.dispatch.publish_job`); a job whose message never left is published later
+by the relay, because a queued job with ``published_at IS NULL`` *is* the outbox entry.
+
+No torch, no Flask, no Celery here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import secrets
+import uuid
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from core.db.models import Job, JobStatus, utcnow
+from core.db.transitions import transition_job
+from core.model_versions import ServingModel, serving_model
+from core.settings import Settings
+
+# The samplers of core.diffusion.samplers.SAMPLERS (a test keeps the two in step).
+SAMPLER_NAMES = ("ddpm", "ddim", "dpmpp-2m")
+MAX_SEED = 2**63 - 1
+MAX_GUIDANCE = 30.0
+
+
+class JobRequestError(ValueError):
+    """A request that cannot become a job; ``field`` names the offending parameter."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+class IdempotencyConflict(ValueError):
+    """The idempotency key was used before with a different request."""
+
+
+class JobNotFound(LookupError):
+    pass
+
+
+@dataclass(frozen=True)
+class JobRequest:
+    """What a caller asks for; None means "the serving model's default" (random for the seed)."""
+
+    prompt: str
+    negative_prompt: str = ""
+    steps: int | None = None
+    guidance: float | None = None
+    sampler: str | None = None
+    seed: int | None = None
+    num_images: int = 1
+    size: int | None = None
+
+    def fingerprint(self) -> str:
+        """SHA-256 of the request as given, to recognise a replay under one idempotency key."""
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()
+
+
+def _int(value: object, field: str, lo: int, hi: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise JobRequestError(field, "must be an integer")
+    if not lo <= value <= hi:
+        raise JobRequestError(field, f"must be from {lo} to {hi}")
+    return value
+
+
+def validate_request(request: JobRequest, settings: Settings, model: ServingModel) -> JobRequest:
+    """The request with every default filled in; JobRequestError names the first bad field."""
+    for field in ("prompt", "negative_prompt"):
+        text = getattr(request, field)
+        if not isinstance(text, str):
+            raise JobRequestError(field, "must be a string")
+        if len(text) > settings.max_prompt_chars:
+            raise JobRequestError(
+                field, f"is {len(text)} characters; the limit is {settings.max_prompt_chars}"
+            )
+        if "\x00" in text:
+            raise JobRequestError(field, "must not contain NUL characters")
+    if not request.prompt.strip():
+        raise JobRequestError("prompt", "must not be empty")
+    steps = _int(
+        model.steps if request.steps is None else request.steps, "steps", 1, settings.max_steps
+    )
+    guidance = model.guidance if request.guidance is None else request.guidance
+    if isinstance(guidance, bool) or not isinstance(guidance, (int, float)):
+        raise JobRequestError("guidance", "must be a number")
+    if not (math.isfinite(guidance) and 0 <= guidance <= MAX_GUIDANCE):
+        raise JobRequestError("guidance", f"must be from 0 to {MAX_GUIDANCE:g}")
+    sampler = model.sampler if request.sampler is None else request.sampler
+    if sampler not in SAMPLER_NAMES:
+        raise JobRequestError("sampler", f"must be one of {', '.join(SAMPLER_NAMES)}")
+    seed = secrets.randbelow(MAX_SEED + 1) if request.seed is None else request.seed
+    num_images = _int(request.num_images, "num_images", 1, settings.max_images_per_job)
+    # The seeds of a job are seed, seed+1, …; all must stay in range.
+    _int(seed, "seed", 0, MAX_SEED - num_images + 1)
+    size = model.image_size if request.size is None else request.size
+    m = model.size_multiple
+    biggest = max(2 * model.image_size // m * m, m)
+    _int(size, "size", m, biggest)
+    if size % m:
+        raise JobRequestError("size", f"must be a multiple of {m}")
+    return JobRequest(
+        prompt=request.prompt,
+        negative_prompt=request.negative_prompt,
+        steps=steps,
+        guidance=float(guidance),
+        sampler=sampler,
+        seed=seed,
+        num_images=num_images,
+        size=size,
+    )
+
+
+def submit_job(
+    session: Session,
+    request: JobRequest,
+    owner: str,
+    settings: Settings,
+    idempotency_key: str | None = None,
+) -> tuple[Job, bool]:
+    """Add a queued job for ``request``; returns (job, created).
+
+    With an idempotency key already used by this owner, the same request returns the existing
+    job (created=False) and a different one raises :class:`IdempotencyConflict`.
+    """
+    fingerprint = request.fingerprint()
+    if idempotency_key is not None:
+        if not 1 <= len(idempotency_key) <= 255:
+            raise JobRequestError("Idempotency-Key", "must be 1 to 255 characters")
+        existing = session.scalar(
+            select(Job).where(Job.owner == owner, Job.idempotency_key == idempotency_key)
+        )
+        if existing is not None:
+            if existing.request_hash != fingerprint:
+                raise IdempotencyConflict(
+                    "this Idempotency-Key was already used with a different request"
+                )
+            return existing, False
+    model = serving_model(session)
+    full = validate_request(request, settings, model)
+    assert full.steps is not None and full.seed is not None and full.size is not None
+    job = Job(
+        id=uuid.uuid4(),
+        status=JobStatus.QUEUED,
+        prompt=full.prompt,
+        negative_prompt=full.negative_prompt,
+        steps=full.steps,
+        guidance=full.guidance,
+        sampler=full.sampler,
+        seed=full.seed,
+        width=full.size,
+        height=full.size,
+        num_images=full.num_images,
+        model_version_id=model.version_id,
+        progress_total=full.steps,
+        owner=owner,
+        idempotency_key=idempotency_key,
+        request_hash=fingerprint,
+        created_at=utcnow(),
+    )
+    if idempotency_key is None:
+        session.add(job)
+        session.flush()
+        return job, True
+    try:
+        # A savepoint: when a concurrent request with the same key wins the insert, only this
+        # insert rolls back, and the winner's job is answered as a replay.
+        with session.begin_nested():
+            session.add(job)
+    except IntegrityError:
+        winner = session.scalar(
+            select(Job).where(Job.owner == owner, Job.idempotency_key == idempotency_key)
+        )
+        if winner is None:
+            raise
+        if winner.request_hash != fingerprint:
+            raise IdempotencyConflict(
+                "this Idempotency-Key was already used with a different request"
+            ) from None
+        return winner, False
+    return job, True
+
+
+def get_job(session: Session, job_id: uuid.UUID | str, owner: str | None) -> Job:
+    """The job, if ``owner`` may see it (None: an admin, who sees every job)."""
+    try:
+        key = job_id if isinstance(job_id, uuid.UUID) else uuid.UUID(str(job_id))
+    except ValueError:
+        raise JobNotFound(f"no job {job_id}") from None
+    job = session.get(Job, key)
+    if job is None or (owner is not None and job.owner != owner):
+        raise JobNotFound(f"no job {job_id}")
+    return job
+
+
+def list_jobs(
+    session: Session,
+    owner: str | None,
+    status: JobStatus | None = None,
+    limit: int = 20,
+    offset: int = 0,
+) -> tuple[list[Job], int]:
+    """A page of jobs, newest first, and the total count under the same filter."""
+    where: list[Any] = []
+    if owner is not None:
+        where.append(Job.owner == owner)
+    if status is not None:
+        where.append(Job.status == status)
+    total = session.scalar(select(func.count()).select_from(Job).where(*where)) or 0
+    rows = session.scalars(
+        select(Job)
+        .where(*where)
+        .order_by(Job.created_at.desc(), Job.id)
+        .limit(limit)
+        .offset(offset)
+    ).all()
+    return list(rows), total
+
+
+def queue_position(session: Session, job: Job) -> int | None:
+    """How many queued jobs are ahead of this one, or None once it is no longer queued."""
+    if job.status is not JobStatus.QUEUED:
+        return None
+    ahead = session.scalar(
+        select(func.count())
+        .select_from(Job)
+        .where(Job.status == JobStatus.QUEUED, Job.created_at < job.created_at)
+    )
+    return int(ahead or 0)
+
+
+def cancel_job(session: Session, job: Job) -> Job:
+    """Cancel a queued job at once; ask a running one to stop (the worker honours it between
+    denoising steps). A finished job is left as it is."""
+    if transition_job(
+        session, job.id, JobStatus.CANCELED, expected=JobStatus.QUEUED, finished_at=utcnow()
+    ):
+        session.refresh(job)
+        return job
+    if (
+        job.status is JobStatus.RUNNING
+        or session.scalar(select(Job.status).where(Job.id == job.id)) is JobStatus.RUNNING
+    ):
+        job.cancel_requested = True
+        session.flush()
+    session.refresh(job)
+    return job
+
+
+def seeds_of(job: Job) -> list[int]:
+    return [job.seed + i for i in range(job.num_images)]
+
+
+def image_key(job_id: uuid.UUID, index: int) -> str:
+    """Where image ``index`` of a job lives: deterministic, so a retry overwrites."""
+    return f"images/{job_id}/{index}.png"
+
+
+def preview_key(job_id: uuid.UUID) -> str:
+    return f"previews/{job_id}.png"

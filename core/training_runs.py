@@ -1,0 +1,228 @@
+"""Training runs as admins submit them: validated here, without torch, so that the web app can
+answer a bad hyperparameter with a 422 naming it; trained by the worker (``worker/training.py``).
+
+A run's config is the committed TOML (``configs/<kind>.toml``) with the run's overrides on top:
+``{"train": {...}, "model" | "text" | "unet" | "schedule": {...}}``. The keys allowed here mirror
+the dataclasses of ``core.diffusion.training.config`` (a test keeps the two in step).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import tomllib
+import uuid
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from core.db.models import JobStatus, ModelKind, ModelVersion, TrainingRun, utcnow
+from core.settings import Settings
+from core.storage import InvalidKey, validate_key
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+# train.<key>: (type, lowest, highest, whether the lowest is excluded)
+TRAIN_KEYS: dict[str, tuple[type, float, float, bool]] = {
+    "steps": (int, 1, 10_000_000, False),
+    "batch_size": (int, 1, 4096, False),
+    "lr": (float, 0, 1, True),
+    "min_lr_ratio": (float, 0, 1, False),
+    "warmup_steps": (int, 0, 10_000_000, False),
+    "weight_decay": (float, 0, 1, False),
+    "grad_clip": (float, 0, 1e6, True),
+    "ema_decay": (float, 0, 0.999999, False),
+    "checkpoint_every": (int, 1, 10_000_000, False),
+    "seed": (int, 0, 2**63 - 1, False),
+    "caption_dropout": (float, 0, 0.99, False),
+    "min_snr_gamma": (float, 0, 1000, False),
+    "threads": (int, 0, 1024, False),
+}
+# Architecture tables and their keys, per kind; values are checked by the worker when it builds
+# the model, and a bad one fails the run with the model's own message.
+MODEL_TABLES: dict[ModelKind, dict[str, set[str]]] = {
+    ModelKind.AUTOENCODER: {
+        "model": {"channels", "latent_channels", "groups", "kl_weight", "latent_scale_factor"},
+    },
+    ModelKind.DENOISER: {
+        "text": {"width", "layers", "heads", "max_length", "dropout"},
+        "unet": {
+            "in_channels",
+            "channels",
+            "blocks_per_level",
+            "attention_levels",
+            "heads",
+            "context_width",
+            "groups",
+            "dropout",
+        },
+        "schedule": {"kind", "num_train_timesteps", "beta_start", "beta_end", "prediction"},
+    },
+}
+SHAPES_KEYS = {"kind", "seed", "image_size", "held_out", "max_objects"}
+BUCKET = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
+
+
+class TrainingRequestError(ValueError):
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+def base_config(kind: ModelKind) -> dict[str, Any]:
+    """The committed default config of a kind, as nested dicts."""
+    with open(CONFIG_DIR / f"{kind.value}.toml", "rb") as f:
+        return tomllib.load(f)
+
+
+def _number(value: Any, field: str, spec: tuple[type, float, float, bool]) -> int | float:
+    typ, lo, hi, open_lo = spec
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TrainingRequestError(field, "must be a number")
+    if typ is int and not isinstance(value, int):
+        raise TrainingRequestError(field, "must be an integer")
+    if not math.isfinite(value) or value > hi or value < lo or (open_lo and value == lo):
+        bound = f"above {lo:g}" if open_lo else f"at least {lo:g}"
+        raise TrainingRequestError(field, f"must be {bound} and at most {hi:g}")
+    return value
+
+
+def validate_dataset(dataset: Any, settings: Settings) -> dict[str, Any]:
+    """The built-in shapes data, an ``s3://bucket/prefix``, or a path under DQ_DATA_ROOT."""
+    if not isinstance(dataset, dict) or "kind" not in dataset:
+        raise TrainingRequestError("dataset", 'must be an object with a "kind"')
+    kind = dataset["kind"]
+    if kind == "shapes":
+        unknown = set(dataset) - SHAPES_KEYS
+        if unknown:
+            raise TrainingRequestError(f"dataset.{sorted(unknown)[0]}", "is not a shapes option")
+        out: dict[str, Any] = {"kind": "shapes"}
+        if "seed" in dataset:
+            out["seed"] = _number(dataset["seed"], "dataset.seed", (int, 0, 2**31, False))
+        if "image_size" in dataset:
+            size = _number(dataset["image_size"], "dataset.image_size", (int, 16, 256, False))
+            if size % 16:
+                raise TrainingRequestError("dataset.image_size", "must be a multiple of 16")
+            out["image_size"] = size
+        if "max_objects" in dataset:
+            out["max_objects"] = _number(
+                dataset["max_objects"], "dataset.max_objects", (int, 1, 2, False)
+            )
+        if "held_out" in dataset:
+            pairs = dataset["held_out"]
+            if not isinstance(pairs, list) or not all(
+                isinstance(p, list) and len(p) == 2 and all(isinstance(w, str) for w in p)
+                for p in pairs
+            ):
+                raise TrainingRequestError(
+                    "dataset.held_out",
+                    'must be a list of [color, shape] pairs such as ["orange", "square"]',
+                )
+            out["held_out"] = pairs
+        return out
+    if kind == "s3":
+        uri = dataset.get("uri")
+        if (
+            set(dataset) != {"kind", "uri"}
+            or not isinstance(uri, str)
+            or not uri.startswith("s3://")
+        ):
+            raise TrainingRequestError("dataset.uri", "must be s3://BUCKET/PREFIX")
+        bucket, _, prefix = uri[len("s3://") :].partition("/")
+        if not BUCKET.match(bucket):
+            raise TrainingRequestError("dataset.uri", f"{bucket!r} is not a valid bucket name")
+        try:
+            validate_key(prefix, prefix=True)
+        except InvalidKey as e:
+            raise TrainingRequestError("dataset.uri", str(e)) from None
+        return {"kind": "s3", "uri": f"s3://{bucket}/{prefix}"}
+    if kind == "path":
+        path = dataset.get("path")
+        if set(dataset) != {"kind", "path"} or not isinstance(path, str) or not path:
+            raise TrainingRequestError("dataset.path", "must be a path relative to the data root")
+        pure = PurePosixPath(path)
+        if pure.is_absolute() or ".." in pure.parts or "\\" in path or "\x00" in path:
+            raise TrainingRequestError(
+                "dataset.path", f"must stay under the data root ({settings.data_root})"
+            )
+        return {"kind": "path", "path": pure.as_posix()}
+    raise TrainingRequestError("dataset.kind", "must be shapes, s3 or path")
+
+
+def validate_config(kind: ModelKind, config: Any) -> dict[str, Any]:
+    """Overrides of the committed config: {"train": {...}, and the kind's model tables}."""
+    if config is None:
+        return {}
+    if not isinstance(config, dict):
+        raise TrainingRequestError("config", "must be an object")
+    tables = MODEL_TABLES[kind]
+    out: dict[str, Any] = {}
+    for table, values in config.items():
+        if table != "train" and table not in tables:
+            allowed = ", ".join(["train", *sorted(tables)])
+            raise TrainingRequestError(
+                f"config.{table}", f"is not a table of a {kind.value} config ({allowed})"
+            )
+        if not isinstance(values, dict):
+            raise TrainingRequestError(f"config.{table}", "must be an object")
+        checked: dict[str, Any] = {}
+        for key, value in values.items():
+            field = f"config.{table}.{key}"
+            if table == "train":
+                if key not in TRAIN_KEYS:
+                    raise TrainingRequestError(field, "is not a training hyperparameter")
+                checked[key] = _number(value, field, TRAIN_KEYS[key])
+            else:
+                if key not in tables[table]:
+                    raise TrainingRequestError(field, f"is not a {table} option")
+                if not isinstance(value, (int, float, str, bool, list)):
+                    raise TrainingRequestError(field, "must be a number, string, boolean or list")
+                checked[key] = value
+        out[table] = checked
+    return out
+
+
+def submit_training_run(
+    session: Session,
+    settings: Settings,
+    *,
+    kind: ModelKind | str,
+    dataset: Any,
+    config: Any = None,
+    created_by: str,
+    autoencoder_version_id: uuid.UUID | None = None,
+    activate: bool = False,
+) -> TrainingRun:
+    """Add a queued training run; the caller commits, then publishes it
+    (:func:`core.dispatch.publish_run`)."""
+    try:
+        kind = ModelKind(kind)
+    except ValueError:
+        raise TrainingRequestError("kind", "must be autoencoder or denoiser") from None
+    data = validate_dataset(dataset, settings)
+    overrides = validate_config(kind, config)
+    if not isinstance(activate, bool):
+        raise TrainingRequestError("activate", "must be true or false")
+    if autoencoder_version_id is not None:
+        if kind is not ModelKind.DENOISER:
+            raise TrainingRequestError("autoencoder_version_id", "only a denoiser run takes one")
+        ae = session.get(ModelVersion, autoencoder_version_id)
+        if ae is None or ae.kind is not ModelKind.AUTOENCODER:
+            raise TrainingRequestError("autoencoder_version_id", "is not an autoencoder version")
+    steps = overrides.get("train", {}).get("steps", base_config(kind)["train"]["steps"])
+    run = TrainingRun(
+        id=uuid.uuid4(),
+        status=JobStatus.QUEUED,
+        kind=kind,
+        config={**overrides, "activate": activate},
+        dataset=data,
+        autoencoder_version_id=autoencoder_version_id,
+        created_by=created_by,
+        total_steps=int(steps),
+        created_at=utcnow(),
+    )
+    session.add(run)
+    session.flush()
+    return run
