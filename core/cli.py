@@ -315,6 +315,203 @@ def db_current() -> None:
     click.echo(f"{current or '(empty)'} ({state})")
 
 
+# --- token -----------------------------------------------------------------------------------
+
+
+@cli.group()
+def token() -> None:
+    """API bearer tokens: create (shown once), list, revoke."""
+
+
+def _token_engine() -> Any:
+    """The engine of DQ_DATABASE_URL, once it is known to hold the api_tokens table."""
+    from sqlalchemy import inspect
+    from sqlalchemy.exc import OperationalError
+
+    from core.db import get_engine
+
+    settings = _settings()
+    engine = get_engine(settings)
+    try:
+        migrated = inspect(engine).has_table("api_tokens")
+    except OperationalError as e:
+        raise _database_error(settings.database_url, e) from None
+    if not migrated:
+        raise _fail("the database has no api_tokens table; run `dq db upgrade` first")
+    return engine
+
+
+@token.command("create")
+@click.option(
+    "--role", required=True, type=click.Choice(["user", "admin"]), help="What the token may do."
+)
+@click.option("--label", default="", help="A note to tell tokens apart, e.g. who holds it.")
+def token_create(role: str, label: str) -> None:
+    """Make a token and print it on stdout, once: only its hash is stored."""
+    from core.db import session_scope
+    from core.tokens import create_token
+
+    with session_scope(_token_engine()) as session:
+        row, plaintext = create_token(session, role, label)
+        token_id = row.id
+    click.echo(f"dq: created {role} token {token_id}; it is shown once, below", err=True)
+    click.echo(plaintext)
+
+
+@token.command("list")
+def token_list() -> None:
+    """List tokens: id, role, created, revoked, label (never the tokens themselves)."""
+    from core.db import session_scope
+    from core.tokens import list_tokens
+
+    with session_scope(_token_engine()) as session:
+        for row in list_tokens(session):
+            created = row.created_at.isoformat(timespec="seconds")
+            revoked = row.revoked_at.isoformat(timespec="seconds") if row.revoked_at else "-"
+            click.echo(f"{row.id}\t{row.role.value}\t{created}\t{revoked}\t{row.label}")
+
+
+@token.command("revoke")
+@click.argument("token_id")
+def token_revoke(token_id: str) -> None:
+    """Revoke token TOKEN_ID (an id from `dq token list`, or the token itself)."""
+    from core.db import session_scope
+    from core.tokens import TokenNotFound, revoke_token
+
+    try:
+        with session_scope(_token_engine()) as session:
+            row_id = revoke_token(session, token_id).id
+    except TokenNotFound as e:
+        raise _fail(str(e)) from None
+    click.echo(f"token {row_id} is revoked")
+
+
+# --- web -------------------------------------------------------------------------------------
+
+
+@cli.command("web")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
+@click.option("--workers", type=click.IntRange(1, 64), default=2, show_default=True)
+@click.option(
+    "--threads", type=click.IntRange(1, 64), default=4, show_default=True, help="Per process."
+)
+def web_cmd(host: str, port: int, workers: int, threads: int) -> None:
+    """Migrate the database, then serve the web pages and API under gunicorn (replaces this
+    process)."""
+    import os
+    import shutil
+
+    from sqlalchemy.exc import OperationalError
+
+    from core.db import migrate
+
+    settings = _settings()
+    for path in settings.local_paths():
+        path.mkdir(parents=True, exist_ok=True)
+    try:
+        migrate.upgrade(settings.database_url)
+    except OperationalError as e:
+        raise _database_error(settings.database_url, e) from None
+    gunicorn = shutil.which("gunicorn", path=str(Path(sys.executable).parent)) or shutil.which(
+        "gunicorn"
+    )
+    if gunicorn is None:
+        raise _fail("the gunicorn command is missing; reinstall diffusion-queue")
+    args = [
+        gunicorn,
+        "--bind",
+        f"[{host}]:{port}" if ":" in host else f"{host}:{port}",
+        "--workers",
+        str(workers),
+        # Threads serve keep-alive connections and slow clients without blocking a process.
+        "--worker-class",
+        "gthread",
+        "--threads",
+        str(threads),
+        # The checkout root, so that `web` imports from a source tree as from an install.
+        "--pythonpath",
+        str(Path(__file__).resolve().parents[1]),
+        "--access-logfile",
+        "-",
+        "web:create_app()",
+    ]
+    sys.stdout.flush()
+    os.execv(gunicorn, args)
+
+
+# --- worker and reaper ---------------------------------------------------------------------
+
+
+@cli.command("worker")
+@click.option(
+    "--queues",
+    "-Q",
+    default="generate",
+    show_default=True,
+    help="Comma-separated queues: generate, train, or both.",
+)
+@click.option(
+    "--concurrency",
+    type=click.IntRange(1, 64),
+    default=1,
+    show_default=True,
+    help="Processes. Keep 1 per GPU: start one worker per GPU with CUDA_VISIBLE_DEVICES.",
+)
+@click.option("--name", default=None, help="Worker node name (default: QUEUES@HOST).")
+@click.option("--loglevel", default="INFO", show_default=True)
+def worker_cmd(queues: str, concurrency: int, name: str | None, loglevel: str) -> None:
+    """Run a Celery worker on the given queues (replaces this process)."""
+    import os
+    import shutil
+
+    settings = _settings()
+    wanted = [q.strip() for q in queues.split(",") if q.strip()]
+    unknown = sorted(set(wanted) - {"generate", "train"})
+    if not wanted or unknown:
+        raise _fail(
+            f"--queues must name generate and/or train, not {', '.join(unknown) or queues!r}"
+        )
+    for path in settings.local_paths():
+        path.mkdir(parents=True, exist_ok=True)
+    celery = shutil.which("celery", path=str(Path(sys.executable).parent)) or shutil.which("celery")
+    if celery is None:
+        raise _fail("the celery command is missing; reinstall diffusion-queue")
+    # One process per GPU: the solo pool runs tasks in the worker process itself, so the model
+    # stays loaded between tasks; prefork with concurrency N suits CPU-only hosts.
+    pool = ["--pool", "solo"] if concurrency == 1 else ["--pool", "prefork", "-c", str(concurrency)]
+    args = [
+        celery,
+        "-A",
+        "worker.app",
+        "worker",
+        "-Q",
+        ",".join(wanted),
+        *pool,
+        "--loglevel",
+        loglevel,
+        "-n",
+        name or f"{'+'.join(wanted)}@%h",
+        "--without-gossip",
+        "--without-mingle",
+    ]
+    sys.stdout.flush()
+    os.execv(celery, args)
+
+
+@cli.command("reaper")
+@click.option("--interval", type=float, default=2.0, show_default=True, help="Seconds per pass.")
+@click.option("--once", is_flag=True, help="One pass, then exit.")
+def reaper_cmd(interval: float, once: bool) -> None:
+    """Re-queue work of lost workers and publish messages the broker never got."""
+    import logging
+
+    from worker.reaper import run_reaper
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    run_reaper(_settings(), interval=interval, once=once)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: user errors become one line and exit status 2."""
     try:

@@ -74,13 +74,14 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,
-        "broker_transport_options": {
-            # Longer than any task's hard time limit, so Redis never hands a message that is
-            # still being worked on to a second worker.
-            "visibility_timeout": settings.broker_visibility_timeout,
-            # kombu's SQLAlchemy transport polls; a short interval keeps latency low.
-            "polling_interval": 0.1,
-        },
+        # Longer than any task's hard time limit, so Redis never hands a message that is still
+        # being worked on to a second worker. (kombu's SQLAlchemy transport passes its options
+        # to create_engine, so it gets none.)
+        "broker_transport_options": (
+            {"visibility_timeout": settings.broker_visibility_timeout}
+            if settings.broker_url.startswith(("redis://", "rediss://"))
+            else {}
+        ),
         "task_routes": {
             TASK_GENERATE: {"queue": QUEUE_GENERATE},
             TASK_TRAIN: {"queue": QUEUE_TRAIN},

@@ -107,6 +107,9 @@ class Settings:
     data_root: str = _setting(
         "var/datasets", "Training runs may read local image folders only under this directory."
     )
+    work_dir: str = _setting(
+        "var/work", "Scratch space of workers: training runs in progress, fetched datasets."
+    )
     model_cache_dir: str = _setting(
         "var/models", "Where workers keep model versions fetched from object storage."
     )

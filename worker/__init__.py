@@ -1,5 +1,6 @@
-"""The Celery app and its tasks (generate, train).
+"""The Celery app and its tasks: generation jobs (queue ``generate``) and training runs (queue
+``train``).
 
-Not built yet: it arrives with the worker issue. Tasks will be thin: claim the job, call
-``core``, record the result.
+Tasks are thin: claim the row through ``core.db.transitions``, call ``core``, record the result.
+``worker.app`` builds the Celery app from the settings; start workers with ``dq worker``.
 """

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,7 @@ def train_autoencoder(
     on_metrics: MetricsCallback | None = None,
     progress: bool = True,
     device: torch.device | None = None,
+    on_checkpoint: Callable[[int], None] | None = None,
 ) -> tuple[LoopResult, dict[str, Any]]:
     """Trains, then measures the latent scale factor and the held-out PSNR, and saves
     ``out_dir/model.{safetensors,json}`` (EMA weights). Returns the loop result and the summary."""
@@ -71,7 +73,18 @@ def train_autoencoder(
         save_autoencoder(out, ema, {"training": {"step": step, "config": config_to_dict(cfg)}})
 
     fingerprint = {"kind": "autoencoder", "config": config_to_dict(cfg)}
-    loop = TrainLoop(ae, cfg.train, out, step_fn, export, fingerprint, on_metrics, progress, device)
+    loop = TrainLoop(
+        ae,
+        cfg.train,
+        out,
+        step_fn,
+        export,
+        fingerprint,
+        on_metrics,
+        progress,
+        device,
+        on_checkpoint=on_checkpoint,
+    )
     result = loop.run(resume=resume)
 
     # The latent scale factor: 1/std of latents over training images, stored in the checkpoint.

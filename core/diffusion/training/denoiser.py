@@ -8,6 +8,7 @@ the UNet's output on ε (or on v), optionally weighted by min-SNR-γ.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +90,7 @@ def train_denoiser(
     on_metrics: MetricsCallback | None = None,
     progress: bool = True,
     device: torch.device | None = None,
+    on_checkpoint: Callable[[int], None] | None = None,
 ) -> tuple[LoopResult, dict[str, Any]]:
     device = device or pick_device()
     if cfg.train.threads:
@@ -132,7 +134,16 @@ def train_denoiser(
 
     fingerprint = {"kind": "denoiser", "config": config_to_dict(cfg), "vocab": tokenizer.vocab}
     loop = TrainLoop(
-        model, cfg.train, out, step_fn, export, fingerprint, on_metrics, progress, device
+        model,
+        cfg.train,
+        out,
+        step_fn,
+        export,
+        fingerprint,
+        on_metrics,
+        progress,
+        device,
+        on_checkpoint=on_checkpoint,
     )
     result = loop.run(resume=resume)
 

@@ -123,6 +123,7 @@ class TrainLoop:
         on_metrics: MetricsCallback | None = None,
         progress: bool = True,
         device: torch.device | None = None,
+        on_checkpoint: Callable[[int], None] | None = None,
     ) -> None:
         self.model = model
         self.cfg = cfg
@@ -131,6 +132,8 @@ class TrainLoop:
         self.export = export
         self.fingerprint = fingerprint
         self.on_metrics = on_metrics
+        # Runs after each checkpoint is on disk, e.g. to copy it to object storage.
+        self.on_checkpoint = on_checkpoint
         self.progress = progress
         self.device = device or torch.device("cpu")
         params = [p for p in model.parameters() if p.requires_grad]
@@ -252,5 +255,7 @@ class TrainLoop:
                     counted = run_s
                     self.export(self.ema.module, self.step)
                     self.save_state()
+                    if self.on_checkpoint is not None:
+                        self.on_checkpoint(self.step)
         bar.close()
         return LoopResult(self.step - start, start, time.perf_counter() - t0, self.elapsed_s, last)

@@ -1,0 +1,263 @@
+"""A whole generation stack for worker tests: database, broker, object storage, a tiny model
+registered as the active version, and real worker processes started with ``dq worker``.
+
+Two topologies:
+- ``embedded``: SQLite, kombu's SQLAlchemy transport on SQLite, a local directory;
+- ``production``: the real PostgreSQL and Redis, and moto's S3 server over HTTP.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session
+
+from core.db import Base, Job, JobStatus, ModelKind, ModelVersion, TrainingRun, make_engine
+from core.db.session import session_scope
+from core.dispatch import publish_job
+from core.jobs import JobRequest, submit_job
+from core.settings import Settings
+from core.storage import Storage, make_storage
+from tests.conftest import make_tiny_pipeline
+from tests.services import postgres_schema, require_redis
+
+ROOT = Path(__file__).resolve().parents[2]
+REDIS_TEST_URL = "redis://127.0.0.1:6379/15"
+
+
+@dataclass
+class Stack:
+    name: str
+    env: dict[str, str]
+    settings: Settings
+    engine: Engine
+    storage: Storage
+    tmp: Path
+    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    logs: dict[int, Path] = field(default_factory=dict)
+    model_version_id: uuid.UUID | None = None
+
+    # --- processes ------------------------------------------------------------------------
+
+    def _spawn(
+        self, args: list[str], name: str, extra_env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
+        log = self.tmp / f"{name}-{len(self.procs)}.log"
+        env = {**os.environ, **self.env, **(extra_env or {})}
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "core.cli", *args],
+            cwd=self.tmp,
+            env=env,
+            stdout=log.open("wb"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self.procs.append(proc)
+        self.logs[proc.pid] = log
+        return proc
+
+    def start_worker(
+        self, queues: str = "generate", extra_env: dict[str, str] | None = None, wait: bool = True
+    ) -> subprocess.Popen[bytes]:
+        n = len(self.procs)
+        proc = self._spawn(
+            ["worker", "--queues", queues, "--name", f"w{n}-{uuid.uuid4().hex[:6]}@%h"],
+            "worker",
+            extra_env,
+        )
+        if wait:
+            self.wait_for_log(proc, "ready.", timeout=90)
+        return proc
+
+    def start_reaper(self, interval: float = 0.3) -> subprocess.Popen[bytes]:
+        proc = self._spawn(["reaper", "--interval", str(interval)], "reaper")
+        self.wait_for_log(proc, "reaper started", timeout=60)
+        return proc
+
+    def log_text(self, proc: subprocess.Popen[bytes]) -> str:
+        return self.logs[proc.pid].read_text(errors="replace")
+
+    def wait_for_log(self, proc: subprocess.Popen[bytes], text: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if text in self.log_text(proc):
+                return
+            if proc.poll() is not None:
+                raise AssertionError(
+                    f"process exited {proc.returncode}:\n{self.log_text(proc)[-4000:]}"
+                )
+            time.sleep(0.1)
+        raise AssertionError(f"no {text!r} in {timeout} s:\n{self.log_text(proc)[-4000:]}")
+
+    def kill(self, proc: subprocess.Popen[bytes], sig: int = signal.SIGKILL) -> None:
+        os.killpg(proc.pid, sig)
+        proc.wait(timeout=30)
+
+    def stop_all(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                try:
+                    os.killpg(proc.pid, signal.SIGTERM)
+                    proc.wait(timeout=20)
+                except (ProcessLookupError, subprocess.TimeoutExpired):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait(timeout=10)
+
+    # --- jobs -----------------------------------------------------------------------------
+
+    def publisher(self) -> Any:
+        from worker.app import make_celery
+        from worker.publisher import CeleryPublisher
+
+        return CeleryPublisher(make_celery(self.settings))
+
+    def submit(
+        self, prompt: str = "a small red circle in the center", publish: bool = True, **kw: Any
+    ) -> uuid.UUID:
+        """Submit the way the web app does: submit_job, commit, publish_job."""
+        with session_scope(self.engine) as s:
+            job, _ = submit_job(s, JobRequest(prompt=prompt, **kw), "token:1", self.settings)
+            job_id = job.id
+        if publish:
+            assert publish_job(self.engine, self.publisher(), job_id)
+        return job_id
+
+    def job(self, job_id: uuid.UUID) -> Job:
+        with Session(self.engine, expire_on_commit=False) as s:
+            job = s.get(Job, job_id)
+            assert job is not None
+            _ = job.images  # load while the session is open
+            return job
+
+    def run(self, run_id: uuid.UUID) -> TrainingRun:
+        with Session(self.engine) as s:
+            run = s.get(TrainingRun, run_id)
+            assert run is not None
+            return run
+
+    def wait_until(self, check: Callable[[], bool], timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if check():
+                return
+            time.sleep(0.1)
+        logs = "\n".join(
+            f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in self.logs.values()
+        )
+        raise AssertionError(f"timed out after {timeout} s waiting for {what}\n{logs}")
+
+    def wait_status(self, job_id: uuid.UUID, *statuses: JobStatus, timeout: float = 90) -> Job:
+        self.wait_until(lambda: self.job(job_id).status in statuses, timeout, f"job in {statuses}")
+        return self.job(job_id)
+
+
+def register_tiny_model(engine: Engine, storage: Storage, tmp: Path) -> uuid.UUID:
+    """Upload a tiny randomly initialised pipeline and make it the active denoiser version."""
+    import json
+
+    d = tmp / "tiny_model"
+    make_tiny_pipeline().save(d)
+    for f in ("model.json", "model.safetensors"):
+        storage.put(f"models/tiny/{f}", (d / f).read_bytes())
+    version_id = uuid.uuid4()
+    with session_scope(engine) as s:
+        s.add(
+            ModelVersion(
+                id=version_id,
+                name="tiny",
+                kind=ModelKind.DENOISER,
+                checkpoint_key="models/tiny",
+                config=json.loads((d / "model.json").read_text()),
+                is_active=True,
+            )
+        )
+    return version_id
+
+
+def _flush_redis() -> None:
+    import redis
+
+    redis.Redis.from_url(REDIS_TEST_URL).flushdb()
+
+
+@pytest.fixture(params=["embedded", "production"])
+def stack(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Stack]:
+    yield from _make_stack(request, tmp_path, request.param)
+
+
+@pytest.fixture
+def production_stack(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Stack]:
+    yield from _make_stack(request, tmp_path, "production")
+
+
+@pytest.fixture
+def embedded_stack(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Stack]:
+    yield from _make_stack(request, tmp_path, "embedded")
+
+
+def _make_stack(request: pytest.FixtureRequest, tmp: Path, topology: str) -> Iterator[Stack]:
+    env = {
+        "PYTHONPATH": str(ROOT),
+        "DQ_JOB_LEASE_SECONDS": "2",
+        "DQ_MAX_STEPS": "1000",
+        "DQ_MODEL_CACHE_DIR": str(tmp / "models"),
+        "DQ_WORK_DIR": str(tmp / "work"),
+        "DQ_DATA_ROOT": str(tmp / "datasets"),
+        "DQ_SECRET_KEY": "test",
+        "DQ_DEVICE": "cpu",
+        "OMP_NUM_THREADS": "1",
+    }
+    if topology == "embedded":
+        env |= {
+            "DQ_DATABASE_URL": f"sqlite:///{tmp / 'dq.sqlite3'}",
+            "DQ_BROKER_URL": f"sqla+sqlite:///{tmp / 'broker.sqlite3'}",
+            "DQ_STORAGE_URL": f"file://{tmp / 'objects'}",
+        }
+        yield from _finish_stack(topology, env, tmp)
+        return
+    require_redis(REDIS_TEST_URL)
+    endpoint = request.getfixturevalue("moto_endpoint")
+    import boto3
+
+    bucket = f"dq-{uuid.uuid4().hex[:10]}"
+    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket=bucket)
+    with postgres_schema() as url:
+        env |= {
+            "DQ_DATABASE_URL": url,
+            "DQ_BROKER_URL": REDIS_TEST_URL,
+            "DQ_STORAGE_URL": f"s3://{bucket}/dq",
+            "DQ_S3_ENDPOINT_URL": endpoint,
+            "AWS_ACCESS_KEY_ID": os.environ.get("AWS_ACCESS_KEY_ID", "testing"),
+            "AWS_SECRET_ACCESS_KEY": os.environ.get("AWS_SECRET_ACCESS_KEY", "testing"),
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
+        _flush_redis()
+        try:
+            yield from _finish_stack(topology, env, tmp)
+        finally:
+            _flush_redis()
+
+
+def _finish_stack(topology: str, env: dict[str, str], tmp: Path) -> Iterator[Stack]:
+    settings = Settings.from_env(env)
+    engine = make_engine(settings.database_url)
+    Base.metadata.create_all(engine)
+    storage = make_storage(settings)
+    stack = Stack(topology, env, settings, engine, storage, tmp)
+    stack.model_version_id = register_tiny_model(engine, storage, tmp)
+    try:
+        yield stack
+    finally:
+        stack.stop_all()
+        engine.dispose()

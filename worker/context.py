@@ -1,0 +1,67 @@
+"""What a worker process holds for its whole life: settings, engine, storage, the model cache,
+the lease heartbeat and a publisher. Built once, on first use, in the process that runs tasks."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy.engine import Engine
+
+from core.db.session import get_engine
+from core.dispatch import Publisher
+from core.settings import Settings
+from core.storage import Storage, make_storage
+from worker.heartbeat import Heartbeat
+from worker.models import ModelCache
+
+
+@dataclass
+class WorkerContext:
+    settings: Settings
+    engine: Engine
+    storage: Storage
+    models: ModelCache
+    heartbeat: Heartbeat
+    publisher: Publisher
+    host: str
+
+
+_context: WorkerContext | None = None
+_lock = threading.Lock()
+
+
+def worker_identity() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def build_context(settings: Settings, publisher: Publisher, **overrides: Any) -> WorkerContext:
+    for path in settings.local_paths():
+        path.mkdir(parents=True, exist_ok=True)
+    engine = overrides.get("engine") or get_engine(settings)
+    storage = overrides.get("storage") or make_storage(settings)
+    host = worker_identity()
+    return WorkerContext(
+        settings=settings,
+        engine=engine,
+        storage=storage,
+        models=ModelCache(engine, storage, settings.model_cache_dir, device=settings.device),
+        heartbeat=Heartbeat(engine, settings.job_lease_seconds, host),
+        publisher=publisher,
+        host=host,
+    )
+
+
+def get_context() -> WorkerContext:
+    """The process-wide context of a Celery worker (``worker.app`` supplies the publisher)."""
+    global _context
+    with _lock:
+        if _context is None:
+            from worker.app import app
+            from worker.publisher import CeleryPublisher
+
+            _context = build_context(Settings.from_env(), CeleryPublisher(app))
+        return _context

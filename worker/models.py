@@ -1,0 +1,112 @@
+"""Model versions loaded once per worker process and kept, a few at a time.
+
+A job names the version it runs on (the one active when it was submitted; None is the default
+model shipped with the code). A version's files live in object storage under its
+``checkpoint_key``; they are fetched once into DQ_MODEL_CACHE_DIR. When an admin activates another
+version, new jobs name it and the worker loads it beside the old one: no restart.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import threading
+import uuid
+from collections import OrderedDict
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session
+
+from core.db.models import ModelVersion
+from core.model_versions import DEFAULT_MODEL_DIR
+from core.storage import Storage
+
+if TYPE_CHECKING:
+    from core.diffusion.pipeline import LatentDiffusion
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FILES = ("model.json", "model.safetensors")
+
+
+class ModelUnavailable(Exception):
+    """The job's model version cannot be loaded; the message is for the user."""
+
+
+def fetch_checkpoint(storage: Storage, prefix: str, dest: Path) -> Path:
+    """Copy ``<prefix>/model.{json,safetensors}`` from storage into ``dest`` (once)."""
+    if all((dest / f).is_file() for f in CHECKPOINT_FILES):
+        return dest
+    tmp = dest.with_name(dest.name + f".tmp-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir(parents=True, exist_ok=True)
+    try:
+        for name in CHECKPOINT_FILES:
+            (tmp / name).write_bytes(storage.get(f"{prefix.rstrip('/')}/{name}"))
+        if dest.exists():
+            shutil.rmtree(dest)
+        tmp.rename(dest)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+class ModelCache:
+    """At most ``capacity`` pipelines in memory, least recently used out first."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        storage: Storage,
+        cache_dir: str | Path,
+        device: str | None = None,
+        capacity: int = 2,
+    ):
+        self.engine = engine
+        self.storage = storage
+        self.cache_dir = Path(cache_dir)
+        self.device = device
+        self.capacity = capacity
+        self._models: OrderedDict[uuid.UUID | None, LatentDiffusion] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, version_id: uuid.UUID | None) -> LatentDiffusion:
+        with self._lock:
+            model = self._models.get(version_id)
+            if model is not None:
+                self._models.move_to_end(version_id)
+                return model
+        model = self._load(version_id)
+        with self._lock:
+            self._models[version_id] = model
+            while len(self._models) > self.capacity:
+                evicted, _ = self._models.popitem(last=False)
+                log.info("model %s evicted from the cache", evicted or "default")
+        return model
+
+    def _load(self, version_id: uuid.UUID | None) -> LatentDiffusion:
+        from core.diffusion.checkpoint import CheckpointError
+        from core.diffusion.pipeline import LatentDiffusion
+        from core.storage import ObjectNotFound
+
+        if version_id is None:
+            directory, name = DEFAULT_MODEL_DIR, "the default model"
+        else:
+            with Session(self.engine) as session:
+                version = session.get(ModelVersion, version_id)
+                if version is None:
+                    raise ModelUnavailable(f"model version {version_id} no longer exists")
+                name, prefix = f"model version {version.name!r}", version.checkpoint_key
+            try:
+                directory = fetch_checkpoint(self.storage, prefix, self.cache_dir / str(version_id))
+            except ObjectNotFound as e:
+                # Other storage errors propagate: they are transient, and the job is retried.
+                raise ModelUnavailable(f"{name} has no checkpoint in storage: {e}") from None
+        try:
+            model = LatentDiffusion.load(directory, device=self.device)
+        except (CheckpointError, FileNotFoundError, KeyError, ValueError) as e:
+            raise ModelUnavailable(f"{name} cannot be loaded: {e}") from None
+        log.info("loaded %s from %s on %s", name, directory, model.device)
+        return model

@@ -1,0 +1,373 @@
+"""Running training runs: claim, fetch data, train with checkpoints in object storage, register
+the result as a model version.
+
+A run checkpoints to ``runs/<id>/train_state/`` in object storage as it goes. When its worker
+dies, the reaper re-queues it and the next worker, on any machine, fetches that state and goes on
+from the last checkpoint, not from step 0; the batches it then sees are exactly those an
+unbroken run would have seen (core/diffusion/training/datasets.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import delete, select, update
+
+from core.db.models import JobStatus, ModelKind, ModelVersion, TrainingMetric, TrainingRun, utcnow
+from core.db.session import session_scope
+from core.db.transitions import transition_run
+from core.dispatch import publish_run
+from core.model_versions import DEFAULT_MODEL_DIR, activate_version
+from core.storage import S3Storage, Storage
+from core.training_runs import CONFIG_DIR
+from worker.context import WorkerContext
+from worker.generation import TRANSIENT
+from worker.models import CHECKPOINT_FILES, fetch_checkpoint
+
+log = logging.getLogger(__name__)
+
+STATE_FILES = ("train_state/model.json", "train_state/model.safetensors")
+METRICS = ("loss", "lr", "grad_norm", "samples_per_s")
+
+
+class TrainingCanceled(Exception):
+    pass
+
+
+@dataclass
+class RunSpec:
+    id: uuid.UUID
+    kind: ModelKind
+    config: dict[str, Any]
+    dataset: dict[str, Any]
+    autoencoder_version_id: uuid.UUID | None
+    attempts: int
+    total_steps: int
+
+    @property
+    def prefix(self) -> str:
+        return f"runs/{self.id}"
+
+
+def claim_run(ctx: WorkerContext, run_id: uuid.UUID) -> RunSpec | None:
+    with session_scope(ctx.engine) as s:
+        if not transition_run(
+            s,
+            run_id,
+            JobStatus.RUNNING,
+            expected=JobStatus.QUEUED,
+            worker_host=ctx.host,
+            attempts=TrainingRun.attempts + 1,
+            lease_expires_at=ctx.heartbeat.lease_expiry(),
+            error=None,
+        ):
+            return None
+        run = s.get(TrainingRun, run_id)
+        assert run is not None
+        if run.started_at is None:
+            run.started_at = utcnow()
+        return RunSpec(
+            id=run.id,
+            kind=run.kind,
+            config=dict(run.config),
+            dataset=dict(run.dataset),
+            autoencoder_version_id=run.autoencoder_version_id,
+            attempts=run.attempts,
+            total_steps=run.total_steps,
+        )
+
+
+# --- data -------------------------------------------------------------------------------------
+
+
+def resolve_dataset(ctx: WorkerContext, spec: RunSpec) -> dict[str, Any]:
+    """The ``[data]`` table for the run's dataset; remote image folders are fetched first."""
+    ds = spec.dataset
+    if ds["kind"] == "shapes":
+        return {k: v for k, v in ds.items()}
+    if ds["kind"] == "path":
+        root = Path(ctx.settings.data_root).resolve()
+        path = (root / ds["path"]).resolve()
+        if root not in path.parents and path != root:
+            raise ValueError(f"dataset path {ds['path']!r} leaves the data root")
+        if not (path / "metadata.jsonl").is_file():
+            raise ValueError(
+                f"dataset path {ds['path']!r} holds no metadata.jsonl under the data root"
+            )
+        return {"kind": "imagefolder", "path": str(path)}
+    if ds["kind"] == "s3":
+        bucket, _, prefix = ds["uri"][len("s3://") :].partition("/")
+        source = S3Storage(
+            bucket,
+            prefix,
+            endpoint_url=ctx.settings.s3_endpoint_url,
+            region=ctx.settings.s3_region,
+        )
+        dest = (
+            Path(ctx.settings.work_dir)
+            / "datasets"
+            / hashlib.sha256(ds["uri"].encode()).hexdigest()[:16]
+        )
+        fetch_folder(source, dest)
+        if not (dest / "metadata.jsonl").is_file():
+            raise ValueError(f"{ds['uri']} holds no metadata.jsonl")
+        return {"kind": "imagefolder", "path": str(dest)}
+    raise ValueError(f"unknown dataset kind {ds['kind']!r}")
+
+
+def fetch_folder(source: Storage, dest: Path) -> None:
+    """Copy every object of ``source`` into ``dest`` (keys are validated, so none escapes)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for key in source.list(""):
+        target = dest / key
+        if target.is_file():
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".tmp-{target.name}")
+        tmp.write_bytes(source.get(key))
+        tmp.replace(target)
+
+
+# --- the run ---------------------------------------------------------------------------------
+
+
+class RunRecorder:
+    """Metrics rows, cancel checks and checkpoint uploads of one run, from the training loop."""
+
+    def __init__(self, ctx: WorkerContext, spec: RunSpec, out: Path, every: int):
+        self.ctx = ctx
+        self.spec = spec
+        self.out = out
+        self.every = every
+        self.pending: list[TrainingMetric] = []
+
+    def on_metrics(self, last: dict[str, float]) -> None:
+        step = int(last["step"])
+        if step % self.every and step != self.spec.total_steps:
+            return
+        rows = [
+            TrainingMetric(run_id=self.spec.id, step=step, name=name, value=float(last[name]))
+            for name in METRICS
+            if name in last
+        ]
+        with session_scope(self.ctx.engine) as s:
+            s.add_all(rows)
+            s.execute(
+                update(TrainingRun)
+                .where(TrainingRun.id == self.spec.id)
+                .values(step=step)
+                .execution_options(synchronize_session=False)
+            )
+            cancel = s.scalar(
+                select(TrainingRun.cancel_requested).where(TrainingRun.id == self.spec.id)
+            )
+        if cancel:
+            raise TrainingCanceled
+
+    def on_checkpoint(self, step: int) -> None:
+        storage = self.ctx.storage
+        keys = []
+        for rel in (*STATE_FILES, *CHECKPOINT_FILES):
+            path = self.out / rel
+            if path.is_file():
+                key = f"{self.spec.prefix}/{rel}"
+                storage.put(key, path.read_bytes())
+                keys.append(key)
+        with session_scope(self.ctx.engine) as s:
+            s.execute(
+                update(TrainingRun)
+                .where(TrainingRun.id == self.spec.id)
+                .values(checkpoint_keys=keys, step=step)
+                .execution_options(synchronize_session=False)
+            )
+        log.info("run %s: checkpoint at step %d uploaded", self.spec.id, step)
+
+
+def fetch_state(ctx: WorkerContext, spec: RunSpec, out: Path) -> int:
+    """Bring the run's last checkpoint from storage to ``out`` (another machine may have made it).
+    Returns the step it holds, 0 when there is none."""
+    state = out / "train_state" / "model.json"
+    if not state.is_file() and ctx.storage.exists(f"{spec.prefix}/{STATE_FILES[0]}"):
+        for rel in STATE_FILES:
+            (out / rel).parent.mkdir(parents=True, exist_ok=True)
+            (out / rel).write_bytes(ctx.storage.get(f"{spec.prefix}/{rel}"))
+    if not state.is_file():
+        return 0
+    return int(json.loads(state.read_text()).get("step", 0))
+
+
+def train(ctx: WorkerContext, spec: RunSpec) -> None:
+    import torch
+
+    from core.diffusion.training.config import (
+        AutoencoderTrainConfig,
+        DenoiserTrainConfig,
+        load_config,
+    )
+
+    out = Path(ctx.settings.work_dir) / "runs" / str(spec.id)
+    out.mkdir(parents=True, exist_ok=True)
+    resumed_at = fetch_state(ctx, spec, out)
+    with session_scope(ctx.engine) as s:
+        # Metrics past the checkpoint are recorded again as the run repeats those steps.
+        s.execute(
+            delete(TrainingMetric).where(
+                TrainingMetric.run_id == spec.id, TrainingMetric.step > resumed_at
+            )
+        )
+    if resumed_at:
+        log.info("run %s resumes from step %d", spec.id, resumed_at)
+
+    overrides = {k: v for k, v in spec.config.items() if isinstance(v, dict)}
+    overrides["data"] = {**overrides.get("data", {}), **resolve_dataset(ctx, spec)}
+    device = torch.device(ctx.settings.device) if ctx.settings.device else None
+    recorder = RunRecorder(ctx, spec, out, every=max(1, min(10, spec.total_steps // 20)))
+    hooks: dict[str, Any] = dict(
+        resume=True,
+        on_metrics=recorder.on_metrics,
+        progress=False,
+        device=device,
+        on_checkpoint=recorder.on_checkpoint,
+    )
+    if spec.kind is ModelKind.AUTOENCODER:
+        from core.diffusion.training.autoencoder import train_autoencoder
+
+        cfg = load_config(AutoencoderTrainConfig, CONFIG_DIR / "autoencoder.toml", overrides)
+        result, summary = train_autoencoder(cfg, out, **hooks)
+    else:
+        from core.diffusion.training.denoiser import train_denoiser
+
+        cfg = load_config(DenoiserTrainConfig, CONFIG_DIR / "denoiser.toml", overrides)
+        ae_dir = DEFAULT_MODEL_DIR
+        if spec.autoencoder_version_id is not None:
+            with session_scope(ctx.engine) as s:
+                ae = s.get(ModelVersion, spec.autoencoder_version_id)
+                if ae is None:
+                    raise ValueError("the run's autoencoder version no longer exists")
+                prefix = ae.checkpoint_key
+            ae_dir = fetch_checkpoint(
+                ctx.storage, prefix, Path(ctx.settings.model_cache_dir) / str(ae.id)
+            )
+        result, summary = train_denoiser(cfg, ae_dir, out, **hooks)
+    summary = {
+        **summary,
+        "final_loss": result.last_metrics.get("loss"),
+        "resumed_from_step": resumed_at,
+    }
+    register(ctx, spec, out, summary)
+
+
+def register(ctx: WorkerContext, spec: RunSpec, out: Path, summary: dict[str, Any]) -> None:
+    """Upload the final checkpoint as a model version and finish the run."""
+    name = f"{spec.kind.value}-{spec.id.hex[:8]}"
+    prefix = f"models/{name}"
+    for f in CHECKPOINT_FILES:
+        ctx.storage.put(f"{prefix}/{f}", (out / f).read_bytes())
+    if (out / "samples.png").is_file():
+        ctx.storage.put(
+            f"{spec.prefix}/samples.png", (out / "samples.png").read_bytes(), "image/png"
+        )
+    config = json.loads((out / "model.json").read_text())
+    try:
+        with session_scope(ctx.engine) as s:
+            version = s.scalar(select(ModelVersion).where(ModelVersion.name == name))
+            if version is None:  # a retry after a crash right here finds it registered
+                version = ModelVersion(
+                    id=uuid.uuid4(),
+                    name=name,
+                    kind=spec.kind,
+                    checkpoint_key=prefix,
+                    config=config,
+                    metrics={k: v for k, v in summary.items() if v is not None},
+                )
+                s.add(version)
+                s.flush()
+            if spec.config.get("activate"):
+                activate_version(s, version.id)
+            if not transition_run(
+                s,
+                spec.id,
+                JobStatus.SUCCEEDED,
+                expected=JobStatus.RUNNING,
+                finished_at=utcnow(),
+                lease_expires_at=None,
+                model_version_id=version.id,
+                step=spec.total_steps,
+            ):
+                raise TrainingCanceled
+    except TrainingCanceled:
+        log.info("run %s was canceled at the very end; no version kept", spec.id)
+        return
+    log.info("run %s registered model version %s", spec.id, name)
+
+
+def finish_run(ctx: WorkerContext, spec: RunSpec, status: JobStatus, error: str | None) -> None:
+    with session_scope(ctx.engine) as s:
+        transition_run(
+            s,
+            spec.id,
+            status,
+            expected=JobStatus.RUNNING,
+            finished_at=utcnow(),
+            lease_expires_at=None,
+            error=error,
+        )
+
+
+def retry_or_fail_run(ctx: WorkerContext, spec: RunSpec, error: Exception) -> None:
+    if spec.attempts >= ctx.settings.job_max_attempts:
+        finish_run(ctx, spec, JobStatus.FAILED, f"failed after {spec.attempts} attempts: {error}")
+        return
+    with session_scope(ctx.engine) as s:
+        moved = transition_run(
+            s,
+            spec.id,
+            JobStatus.QUEUED,
+            expected=JobStatus.RUNNING,
+            worker_host=None,
+            lease_expires_at=None,
+            published_at=None,
+        )
+    if moved:
+        try:
+            publish_run(ctx.engine, ctx.publisher, spec.id)
+        except Exception:
+            log.warning("could not re-publish run %s; the relay will", spec.id, exc_info=True)
+
+
+def run_training(ctx: WorkerContext, run_id: uuid.UUID) -> bool:
+    """The body of the ``dq.train`` task. Returns False when the message had nothing to do."""
+    from core.diffusion.checkpoint import CheckpointError
+
+    spec = claim_run(ctx, run_id)
+    if spec is None:
+        log.info("run %s is not queued; message acknowledged without work", run_id)
+        return False
+    ctx.heartbeat.hold(TrainingRun, spec.id)
+    try:
+        train(ctx, spec)
+    except TrainingCanceled:
+        finish_run(ctx, spec, JobStatus.CANCELED, None)
+    except TRANSIENT as e:
+        log.warning("run %s hit a transient error: %s", spec.id, e)
+        retry_or_fail_run(ctx, spec, e)
+    except (ValueError, CheckpointError, FileNotFoundError) as e:
+        finish_run(ctx, spec, JobStatus.FAILED, f"the run's configuration or data was refused: {e}")
+    except FloatingPointError as e:
+        finish_run(
+            ctx, spec, JobStatus.FAILED, f"training diverged: {e}; try a lower learning rate"
+        )
+    except Exception as e:
+        log.exception("run %s failed", spec.id)
+        finish_run(
+            ctx, spec, JobStatus.FAILED, f"internal error in the worker: {type(e).__name__}: {e}"
+        )
+    finally:
+        ctx.heartbeat.release(spec.id)
+    return True
