@@ -123,3 +123,80 @@ def test_a_pickled_message_is_refused_and_the_worker_goes_on(production_stack: S
 
     assert publish_job(stack.engine, stack.publisher(), job_id)  # the JSON message runs it
     assert stack.wait_status(job_id, JobStatus.SUCCEEDED).attempts == 1
+
+
+def test_a_job_whose_worker_is_killed_succeeds_exactly_once(stack: Stack) -> None:
+    import signal
+
+    first = stack.start_worker()
+    stack.start_reaper()
+    job_id = stack.submit(steps=600, sampler="ddpm", num_images=3, seed=9)
+    stack.wait_until(lambda: stack.job(job_id).progress_step > 0, 60, "the job to start")
+    stack.kill(first, signal.SIGKILL)
+    assert stack.job(job_id).status is JobStatus.RUNNING  # the dead worker still holds it
+    # Its lease runs out (2 s here), the reaper re-queues and re-publishes it, and a new worker
+    # on any machine finishes it.
+    stack.start_worker()
+    job = stack.wait_status(job_id, JobStatus.SUCCEEDED, JobStatus.FAILED, timeout=120)
+    assert job.status is JobStatus.SUCCEEDED, job.error
+    assert job.attempts == 2
+    assert [im.index for im in job.images] == [0, 1, 2]
+    assert list(stack.storage.list(f"images/{job_id}/")) == [
+        f"images/{job_id}/{i}.png" for i in range(3)
+    ]
+
+
+def test_a_model_version_without_a_checkpoint_fails_the_job_in_words(embedded_stack: Stack) -> None:
+    from core.db import ModelKind, ModelVersion
+    from core.db.session import session_scope
+    from core.model_versions import activate_version
+
+    stack = embedded_stack
+    with session_scope(stack.engine) as s:
+        broken = ModelVersion(name="broken", kind=ModelKind.DENOISER, checkpoint_key="models/gone",
+                              config={"image_size": 32})  # fmt: skip
+        s.add(broken)
+        s.flush()
+        activate_version(s, broken.id)
+    stack.start_worker()
+    job = stack.wait_status(stack.submit(steps=3), JobStatus.FAILED, JobStatus.SUCCEEDED)
+    assert job.status is JobStatus.FAILED
+    assert (
+        job.error is not None and "model version 'broken' has no checkpoint in storage" in job.error
+    )
+    assert job.attempts == 1  # not retried: retrying cannot help
+
+
+def test_activating_another_version_swaps_the_model_without_a_restart(
+    embedded_stack: Stack,
+) -> None:
+    import json
+    import uuid
+
+    from core.db import ModelKind, ModelVersion
+    from core.db.session import session_scope
+    from core.model_versions import activate_version
+
+    stack = embedded_stack
+    stack.start_worker()
+    before = stack.wait_status(stack.submit(seed=1, steps=4), JobStatus.SUCCEEDED)
+    d = stack.tmp / "tiny2"
+    make_tiny_pipeline(seed=1).save(d)
+    for f in ("model.json", "model.safetensors"):
+        stack.storage.put(f"models/tiny2/{f}", (d / f).read_bytes())
+    with session_scope(stack.engine) as s:
+        v = ModelVersion(id=uuid.uuid4(), name="tiny2", kind=ModelKind.DENOISER,
+                         checkpoint_key="models/tiny2",
+                         config=json.loads((d / "model.json").read_text()))  # fmt: skip
+        s.add(v)
+        s.flush()
+        activate_version(s, v.id)
+    after = stack.wait_status(stack.submit(seed=1, steps=4), JobStatus.SUCCEEDED)
+    assert (before.model_version_id, after.model_version_id) == (stack.model_version_id, v.id)
+    expected = make_tiny_pipeline(seed=1).generate(
+        ["a small red circle in the center"], steps=4, seeds=[1]
+    )[0]
+    got = PILImage.open(io.BytesIO(stack.storage.get(after.images[0].storage_key))).convert("RGB")
+    assert got.tobytes() == expected.tobytes()
+    old = PILImage.open(io.BytesIO(stack.storage.get(before.images[0].storage_key))).convert("RGB")
+    assert old.tobytes() != expected.tobytes()
