@@ -108,5 +108,6 @@ class ModelCache:
             model = LatentDiffusion.load(directory, device=self.device)
         except (CheckpointError, FileNotFoundError, KeyError, ValueError) as e:
             raise ModelUnavailable(f"{name} cannot be loaded: {e}") from None
+        model.latent_rgb_map()  # fit the live-preview map now, not during the first job
         log.info("loaded %s from %s on %s", name, directory, model.device)
         return model

@@ -225,3 +225,25 @@ def test_an_autoencoder_checkpoint_is_not_a_generation_model(
     assert isinstance(load_autoencoder(tmp_path), type(tiny_pipeline.autoencoder))
     with pytest.raises(CheckpointError, match="needs a 'latent-diffusion' checkpoint"):
         LatentDiffusion.load(tmp_path, device="cpu")
+
+
+def test_fast_preview_approximates_the_decoder_far_better_than_a_flat_colour() -> None:
+    import numpy as np
+
+    from core.diffusion.data.captioned import images_to_tensor
+    from core.diffusion.data.shapes import ShapesDataset
+    from core.model_versions import DEFAULT_MODEL_DIR
+
+    model = LatentDiffusion.load(DEFAULT_MODEL_DIR, device="cpu")
+    data = ShapesDataset(seed=11, split="train", image_size=64)
+    images = images_to_tensor([data[i].image for i in range(8)])
+    with torch.no_grad():
+        z = model.autoencoder.encode(images).mean * model.latent_scale_factor
+    decoded = np.stack([np.asarray(im, float) for im in model.preview(z)])
+    fast = np.stack([np.asarray(im, float) for im in model.fast_preview(z)])
+    assert fast.shape == decoded.shape == (8, 64, 64, 3)
+    flat = np.broadcast_to(decoded.mean(axis=(1, 2), keepdims=True), decoded.shape)
+    err, baseline = np.abs(fast - decoded).mean(), np.abs(flat - decoded).mean()
+    assert err < 0.6 * baseline, (err, baseline)
+    again = LatentDiffusion.load(DEFAULT_MODEL_DIR, device="cpu").fast_preview(z)
+    assert [a.tobytes() for a in again] == [np.uint8(f).tobytes() for f in fast]
