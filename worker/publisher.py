@@ -17,9 +17,15 @@ class CeleryPublisher:
         self.app.send_task(task, kwargs=kwargs, queue=queue, countdown=countdown, retry=False)
 
     def queue_depth(self, queue: str) -> int | None:
+        from kombu.exceptions import ChannelError
+
         try:
             with self.app.connection_for_read() as conn:
                 _, count, _ = conn.default_channel.queue_declare(queue=queue, passive=True)
                 return int(count)
+        except ChannelError as e:
+            # Redis forgets a queue with its last message (and after a restart without
+            # persistence): no queue means no messages.
+            return 0 if "NOT_FOUND" in str(e) else None
         except Exception:
             return None
