@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	# torch first, pinned: the CPU build of 2.13.0 lies on disk here; a bare `torch` would pull
 	# a multi-GB CUDA build.
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e '.[model,dev]'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -241,6 +241,137 @@ def train_denoiser_cmd(**kw: Any) -> None:
     )
 
 
+@train.command("classifier")
+@_train_options
+def train_classifier_cmd(**kw: Any) -> None:
+    """Train the attribute classifier that `dq eval` judges and computes FID with."""
+    if kw["data_path"]:
+        raise _fail("the classifier trains on the shapes dataset only; --data is not supported")
+    from core.diffusion.eval.train_classifier import load_classifier_config, train_classifier
+
+    cfg = load_classifier_config(kw["config_path"], _overrides(kw))
+    _, summary = train_classifier(
+        cfg,
+        kw["out"],
+        resume=not kw["no_resume"],
+        progress=not kw["quiet"],
+        device=_device(kw["device"]),
+    )
+    acc = summary["accuracy"]
+    click.echo(
+        f"classifier saved to {kw['out']}: {summary['steps']} steps, "
+        f"{summary['parameters']} parameters"
+    )
+    for name, scores in (
+        ("all pairs", acc["all_pairs"]),
+        ("held-out pairs", acc["held_out_pairs"]),
+    ):
+        parts = ", ".join(f"{k} {v:.2%}" for k, v in scores.items() if k != "images")
+        click.echo(f"accuracy on {scores['images']} images of seed {acc['seed']}, {name}: {parts}")
+
+
+# --- eval ------------------------------------------------------------------------------------
+
+
+@cli.command("eval")
+@click.option(
+    "--checkpoint",
+    type=click.Path(),
+    default=None,
+    help="Model directory (default: the shipped model).",
+)
+@click.option(
+    "--classifier",
+    type=click.Path(),
+    default=None,
+    help="Attribute classifier directory (default: the shipped one).",
+)
+@click.option("--n", type=int, default=None, help="Prompts and real images for FID (default 2000).")
+@click.option(
+    "--sweep-n", type=int, default=None, help="Prompts per sampler-sweep row (default 256)."
+)
+@click.option(
+    "--guidance-n", type=int, default=None, help="Prompts per guidance-sweep row (default: N)."
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="Fixes prompts and noise.")
+@click.option(
+    "--out",
+    type=click.Path(),
+    default="eval",
+    show_default=True,
+    help="Directory for eval.md, eval.json and samples.png.",
+)
+@click.option("--quick", is_flag=True, help="A smoke run at tiny N; its numbers mean nothing.")
+@click.option(
+    "--sweeps/--no-sweeps", default=True, show_default=True, help="Sampler and guidance sweeps."
+)
+@click.option("--batch-size", type=int, default=32, show_default=True, help="Images per batch.")
+@click.option("--device", default=None, help="cpu or cuda (default: cuda when present).")
+@click.option("--threads", type=int, default=None, help="torch CPU threads (default: torch's).")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def eval_cmd(
+    checkpoint: str | None,
+    classifier: str | None,
+    n: int | None,
+    sweep_n: int | None,
+    guidance_n: int | None,
+    seed: int,
+    out: str,
+    quick: bool,
+    sweeps: bool,
+    batch_size: int,
+    device: str | None,
+    threads: int | None,
+    quiet: bool,
+) -> None:
+    """Measure FID and prompt adherence of a model, with sampler and guidance sweeps."""
+    import dataclasses
+    import json
+    import shlex
+
+    import torch
+
+    from core.diffusion.eval import DEFAULT_CLASSIFIER
+    from core.diffusion.eval.evaluate import QUICK, EvalSettings, evaluate
+    from core.diffusion.eval.report import environment, markdown
+
+    base = QUICK if quick else EvalSettings()
+    settings = dataclasses.replace(
+        base,
+        n=base.n if n is None else n,
+        sweep_n=base.sweep_n if sweep_n is None else sweep_n,
+        guidance_n=base.guidance_n if guidance_n is None else guidance_n,
+        seed=seed,
+        sweeps=sweeps,
+        batch_size=batch_size,
+    )
+    settings.validate()
+    if threads is not None:
+        if threads < 1:
+            raise _fail("--threads must be at least 1")
+        torch.set_num_threads(threads)
+    dev = _device(device)
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result = evaluate(
+        resolve_checkpoint(checkpoint),
+        Path(classifier) if classifier else DEFAULT_CLASSIFIER,
+        settings,
+        out_dir=out_dir,
+        device=dev,
+        progress=not quiet,
+    )
+    result.environment = environment(dev)
+    command = shlex.join(["dq", *sys.argv[1:]]) if Path(sys.argv[0]).name == "dq" else ""
+    report = markdown(result, command)
+    (out_dir / "eval.md").write_text(report)
+    (out_dir / "eval.json").write_text(json.dumps(result.to_json(), indent=2) + "\n")
+    click.echo(report)
+    click.echo(
+        f"dq: wrote {out_dir / 'eval.md'}, {out_dir / 'eval.json'}, {out_dir / 'samples.png'}"
+    )
+
+
 # --- config ----------------------------------------------------------------------------------
 
 
@@ -438,6 +569,48 @@ def web_cmd(host: str, port: int, workers: int, threads: int) -> None:
     ]
     sys.stdout.flush()
     os.execv(gunicorn, args)
+
+
+# --- serve -----------------------------------------------------------------------------------
+
+
+@cli.command("serve")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
+@click.option(
+    "--workers",
+    type=click.IntRange(1, 32),
+    default=1,
+    show_default=True,
+    help="Generation worker processes.",
+)
+@click.option(
+    "--train-worker/--no-train-worker",
+    default=True,
+    show_default=True,
+    help="Also run a worker for admin training runs.",
+)
+@click.option("--web-workers", type=click.IntRange(1, 64), default=2, show_default=True)
+def serve_cmd(host: str, port: int, workers: int, train_worker: bool, web_workers: int) -> None:
+    """Run everything on this machine: migrations, web app, workers and reaper.
+
+    State lives under ./var unless DQ_* settings say otherwise. Ctrl-C or SIGTERM stops every
+    process; queued jobs survive and run after the next start.
+    """
+    from sqlalchemy.exc import OperationalError
+
+    from core.db import migrate
+    from core.serve import serve
+
+    settings = _settings()
+    for path in settings.local_paths():
+        path.mkdir(parents=True, exist_ok=True)
+    settings.effective_secret_key  # noqa: B018 -- made once here, before the children race for it
+    try:
+        migrate.upgrade(settings.database_url)
+    except OperationalError as e:
+        raise _database_error(settings.database_url, e) from None
+    sys.exit(serve(host, port, workers, train_worker, web_workers))
 
 
 # --- worker and reaper ---------------------------------------------------------------------
