@@ -412,6 +412,24 @@ def _database_error(url: str, e: Exception) -> UsageError:
     return _fail(f"cannot reach the database at {shown} (DQ_DATABASE_URL): {reason}")
 
 
+def _migrate(url: str, revision: str = "head") -> None:
+    """Apply the migrations; any database error becomes one line naming DQ_DATABASE_URL."""
+    from sqlalchemy.exc import OperationalError, SQLAlchemyError
+
+    from core.db import migrate
+
+    try:
+        migrate.upgrade(url, revision)
+    except OperationalError as e:
+        raise _database_error(url, e) from None
+    except SQLAlchemyError as e:
+        reason = str(getattr(e, "orig", None) or e).strip().splitlines()[0]
+        raise _fail(
+            f"migrating the database (DQ_DATABASE_URL) failed: {reason}; if its tables were not "
+            "made by `dq db upgrade`, start from an empty database"
+        ) from None
+
+
 @db.command("upgrade")
 @click.option("--revision", default="head", show_default=True, help="Target revision.")
 def db_upgrade(revision: str) -> None:
@@ -421,8 +439,8 @@ def db_upgrade(revision: str) -> None:
     from core.db import migrate
 
     settings = _settings()
+    _migrate(settings.database_url, revision)
     try:
-        migrate.upgrade(settings.database_url, revision)
         current = migrate.current_revision(settings.database_url)
     except OperationalError as e:
         raise _database_error(settings.database_url, e) from None
@@ -533,17 +551,11 @@ def web_cmd(host: str, port: int, workers: int, threads: int) -> None:
     import os
     import shutil
 
-    from sqlalchemy.exc import OperationalError
-
-    from core.db import migrate
 
     settings = _settings()
     for path in settings.local_paths():
         path.mkdir(parents=True, exist_ok=True)
-    try:
-        migrate.upgrade(settings.database_url)
-    except OperationalError as e:
-        raise _database_error(settings.database_url, e) from None
+    _migrate(settings.database_url)
     gunicorn = shutil.which("gunicorn", path=str(Path(sys.executable).parent)) or shutil.which(
         "gunicorn"
     )
@@ -597,19 +609,14 @@ def serve_cmd(host: str, port: int, workers: int, train_worker: bool, web_worker
     State lives under ./var unless DQ_* settings say otherwise. Ctrl-C or SIGTERM stops every
     process; queued jobs survive and run after the next start.
     """
-    from sqlalchemy.exc import OperationalError
 
-    from core.db import migrate
     from core.serve import serve
 
     settings = _settings()
     for path in settings.local_paths():
         path.mkdir(parents=True, exist_ok=True)
     settings.effective_secret_key  # noqa: B018 -- made once here, before the children race for it
-    try:
-        migrate.upgrade(settings.database_url)
-    except OperationalError as e:
-        raise _database_error(settings.database_url, e) from None
+    _migrate(settings.database_url)
     sys.exit(serve(host, port, workers, train_worker, web_workers))
 
 

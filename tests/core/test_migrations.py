@@ -76,3 +76,23 @@ def test_dq_db_upgrade_creates_the_embedded_database_under_var(tmp_path: Path) -
     db = tmp_path / "var" / "dq.sqlite3"
     assert db.is_file()
     assert tables(f"sqlite:///{db}") == TABLES | {"alembic_version"}
+
+
+def test_dq_db_upgrade_on_tables_it_did_not_make_fails_in_one_line(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'other.sqlite3'}"
+    engine = make_engine(url)
+    Base.metadata.create_all(engine)  # tables, but no alembic_version
+    engine.dispose()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DQ_")}
+    result = subprocess.run(
+        [sys.executable, "-m", "core.cli", "db", "upgrade"],
+        cwd=tmp_path,
+        env={**env, "DQ_DATABASE_URL": url, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("dq: error: migrating the database (DQ_DATABASE_URL) failed: ")
+    assert "already exists" in line

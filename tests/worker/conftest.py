@@ -23,7 +23,7 @@ import pytest
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
-from core.db import Base, Job, JobStatus, ModelKind, ModelVersion, TrainingRun, make_engine
+from core.db import Job, JobStatus, ModelKind, ModelVersion, TrainingRun, make_engine
 from core.db.session import session_scope
 from core.dispatch import publish_job
 from core.jobs import JobRequest, submit_job
@@ -79,6 +79,23 @@ class Stack:
         if wait:
             self.wait_for_log(proc, "ready.", timeout=90)
         return proc
+
+    def start_web(self, port: int, workers: int = 2) -> str:
+        """``dq web`` (gunicorn) on loopback; returns its base URL once /healthz answers."""
+        import urllib.request
+
+        proc = self._spawn(["web", "--port", str(port), "--workers", str(workers)], "web")
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(url + "/healthz", timeout=2):
+                    return url
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    log = self.log_text(proc)[-3000:]
+                    raise AssertionError(f"web did not start:\n{log}") from None
+                time.sleep(0.2)
 
     def start_reaper(self, interval: float = 0.3) -> subprocess.Popen[bytes]:
         proc = self._spawn(["reaper", "--interval", str(interval)], "reaper")
@@ -251,8 +268,10 @@ def _make_stack(request: pytest.FixtureRequest, tmp: Path, topology: str) -> Ite
 
 def _finish_stack(topology: str, env: dict[str, str], tmp: Path) -> Iterator[Stack]:
     settings = Settings.from_env(env)
+    from core.db import migrate
+
+    migrate.upgrade(settings.database_url)  # as `dq db upgrade` does in production
     engine = make_engine(settings.database_url)
-    Base.metadata.create_all(engine)
     storage = make_storage(settings)
     stack = Stack(topology, env, settings, engine, storage, tmp)
     stack.model_version_id = register_tiny_model(engine, storage, tmp)
