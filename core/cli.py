@@ -416,12 +416,17 @@ def _migrate(url: str, revision: str = "head") -> None:
     """Apply the migrations; any database error becomes one line naming DQ_DATABASE_URL."""
     from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
-    from core.db import migrate
+    from core.db import check_database, make_engine, migrate
 
+    engine = make_engine(url)
     try:
-        migrate.upgrade(url, revision)
+        check_database(engine)
     except OperationalError as e:
         raise _database_error(url, e) from None
+    finally:
+        engine.dispose()
+    try:
+        migrate.upgrade(url, revision)
     except SQLAlchemyError as e:
         reason = str(getattr(e, "orig", None) or e).strip().splitlines()[0]
         raise _fail(
