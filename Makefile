@@ -1,12 +1,12 @@
 # The two commands of the README's quickstart. Each installs whatever is missing first.
 #   make serve   install, then run the main job
-#   make test    install, then lint, type-check and run the whole test suite
+#   make test    install (Python packages, Chromium), then lint, type-check and run every test
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: serve test lint install clean
+.PHONY: serve test lint install browser clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,14 +19,20 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 serve: $(STAMP)
-	$(BIN)/dq generate "a small blue triangle in the bottom right" -o out.png
+	$(BIN)/dq serve
+
+# The browser end-to-end test drives Debian's Chromium (no browser download): install it if absent.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser:
+	@test -x /usr/bin/chromium || $(SUDO) apt-get install -y -qq chromium \
+		|| ($(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-test: lint
+test: lint browser
 	$(BIN)/pytest -q
 
 clean:

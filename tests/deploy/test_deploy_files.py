@@ -140,3 +140,8 @@ def test_no_secret_is_committed() -> None:
     assert not (DEPLOY / ".env").exists()
     secret = (DEPLOY / "k8s" / "secret.example.yaml").read_text()
     assert secret.count("CHANGE-ME") >= 4
+
+
+def test_the_deploy_guide_documents_every_setting() -> None:
+    guide = (ROOT / "docs" / "DEPLOY.md").read_text()
+    assert all(f"`{name}`" in guide for name in setting_names())
