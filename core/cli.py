@@ -556,7 +556,6 @@ def web_cmd(host: str, port: int, workers: int, threads: int) -> None:
     import os
     import shutil
 
-
     settings = _settings()
     for path in settings.local_paths():
         path.mkdir(parents=True, exist_ok=True)

@@ -104,16 +104,19 @@ def _publish(
     force: bool,
     countdown: float | None = None,
 ) -> bool:
-    """Stamp ``published_at`` and send the message in one transaction.
+    """Stamp ``published_at``, commit, then send the message.
 
-    The stamp is a conditional UPDATE, so of two relays only one sends; if the send fails the
-    transaction rolls back and the row stays unpublished for the next try.
+    The stamp is a conditional UPDATE, so of two relays only one sends. It is committed before
+    the send, so no database lock is held across the network call; if the send fails, the stamp
+    is taken back and the row waits for the next try. If this process dies between the two, the
+    stamped row has no message: the relay re-publishes queued rows whose message seems lost.
     """
     task, queue, key = (
         (TASK_GENERATE, QUEUE_GENERATE, "job_id")
         if model is Job
         else (TASK_TRAIN, QUEUE_TRAIN, "run_id")
     )
+    stamp = utcnow()
     with session_scope(engine) as session:
         where = [model.id == row_id, model.status == JobStatus.QUEUED]
         if not force:
@@ -121,12 +124,22 @@ def _publish(
         stamped = session.execute(
             update(model)
             .where(*where)
-            .values(published_at=utcnow())
+            .values(published_at=stamp)
             .execution_options(synchronize_session=False)
         )
         if stamped.rowcount != 1:  # type: ignore[attr-defined]
             return False
+    try:
         publisher.publish(task, queue, {key: str(row_id)}, countdown=countdown)
+    except BaseException:
+        with session_scope(engine) as session:
+            session.execute(
+                update(model)
+                .where(model.id == row_id, model.published_at == stamp)
+                .values(published_at=None)
+                .execution_options(synchronize_session=False)
+            )
+        raise
     return True
 
 

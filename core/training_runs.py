@@ -1,5 +1,6 @@
-"""Training runs as admins submit them: validated here, without torch, so that the web app can
-answer a bad hyperparameter with a 422 naming it; trained by the worker (``worker/training.py``).
+"""Training runs as admins submit, list, watch and cancel them. Requests are validated here,
+without torch, so that the web app can answer a bad hyperparameter with a 422 naming it; the
+worker trains them (``worker/training.py``).
 
 A run's config is the committed TOML (``configs/<kind>.toml``) with the run's overrides on top:
 ``{"train": {...}, "model" | "text" | "unet" | "schedule": {...}}``. The keys allowed here mirror
@@ -15,9 +16,18 @@ import uuid
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from core.db.models import JobStatus, ModelKind, ModelVersion, TrainingRun, utcnow
+from core.db.models import (
+    JobStatus,
+    ModelKind,
+    ModelVersion,
+    TrainingMetric,
+    TrainingRun,
+    utcnow,
+)
+from core.db.transitions import transition_run
 from core.settings import Settings
 from core.storage import InvalidKey, validate_key
 
@@ -225,4 +235,68 @@ def submit_training_run(
     )
     session.add(run)
     session.flush()
+    return run
+
+
+# --- looking runs up -----------------------------------------------------------------------
+
+
+class RunNotFound(LookupError):
+    pass
+
+
+class RunFinished(ValueError):
+    """The run already ended; there is nothing to cancel."""
+
+
+def get_run(session: Session, run_id: uuid.UUID) -> TrainingRun:
+    run = session.get(TrainingRun, run_id)
+    if run is None:
+        raise RunNotFound(f"There is no training run {run_id}.")
+    return run
+
+
+def list_runs(
+    session: Session, status: JobStatus | None = None, limit: int = 20, offset: int = 0
+) -> tuple[list[TrainingRun], int]:
+    """A page of runs, newest first, and the count under the same filter."""
+    where: list[Any] = [] if status is None else [TrainingRun.status == status]
+    total = session.scalar(select(func.count()).select_from(TrainingRun).where(*where)) or 0
+    rows = session.scalars(
+        select(TrainingRun)
+        .where(*where)
+        .order_by(TrainingRun.created_at.desc(), TrainingRun.id)
+        .limit(limit)
+        .offset(offset)
+    ).all()
+    return list(rows), total
+
+
+def metric_series(session: Session, run_id: uuid.UUID) -> dict[str, list[tuple[int, float]]]:
+    """Every metric of a run as {name: [(step, value), …]}, by step."""
+    series: dict[str, list[tuple[int, float]]] = {}
+    rows = session.execute(
+        select(TrainingMetric.name, TrainingMetric.step, TrainingMetric.value)
+        .where(TrainingMetric.run_id == run_id)
+        .order_by(TrainingMetric.name, TrainingMetric.step)
+    )
+    for name, step, value in rows:
+        series.setdefault(name, []).append((step, value))
+    return series
+
+
+def cancel_run(session: Session, run: TrainingRun) -> TrainingRun:
+    """Cancel a queued run at once; ask a running one to stop (the worker checks between steps).
+    Canceling a canceled run is a no-op; a run that succeeded or failed raises RunFinished."""
+    if transition_run(
+        session, run.id, JobStatus.CANCELED, expected=JobStatus.QUEUED, finished_at=utcnow()
+    ):
+        session.refresh(run)
+        return run
+    session.refresh(run)
+    if run.status is JobStatus.RUNNING:
+        run.cancel_requested = True
+        session.flush()
+    elif run.status in (JobStatus.SUCCEEDED, JobStatus.FAILED):
+        raise RunFinished(f"The training run already {run.status.value}; nothing to cancel.")
     return run

@@ -1,5 +1,118 @@
-"""The Flask front end (HTML pages, REST API v1, admin).
+"""The Flask front end: the generation form and live job pages, REST API v1 with its OpenAPI
+document, admin pages and API for training runs and model versions, and the operations
+endpoints (/healthz, /readyz, /metrics).
 
-Not built yet: it arrives with the web issue. It must never import torch; it enqueues work by
-task name only.
+It records work in the database and sends task messages by name; it never imports torch or the
+``worker`` package, so it starts fast and its image stays small. Serve it with ``dq web``
+(gunicorn on ``web:create_app()``) or ``flask --app web run``.
 """
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+from typing import Any
+
+from apiflask import APIFlask
+from flask_wtf.csrf import CSRFProtect
+from limits import parse as parse_rate_limit
+
+from core.db.session import get_engine
+from core.dispatch import Publisher
+from core.settings import Settings, SettingsError
+from core.storage import Storage, make_storage
+
+# A generation request is a few hundred bytes; anything this big is a mistake or an attack.
+MAX_BODY_BYTES = 64 * 1024
+# How long a process trusts a token it has checked: a revoked token stops working within this.
+TOKEN_CACHE_SECONDS = 5.0
+
+
+def create_app(
+    settings: Settings | None = None,
+    publisher: Publisher | None = None,
+    storage: Storage | None = None,
+) -> APIFlask:
+    """Build the app. ``settings`` default to the DQ_* environment; ``publisher`` to a Celery
+    sender on the settings' broker; ``storage`` to the settings' store (tests pass fakes)."""
+    from web import admin, admin_api, api, db, ops, pages, problems, ratelimit
+    from web.auth import TokenCache
+    from web.metrics import make_registry
+    from web.openapi import DESCRIPTION, finish_spec
+    from web.schemas import Problem as ProblemBody
+    from web.services import Services
+
+    settings = settings or Settings.from_env()
+    try:
+        parse_rate_limit(settings.rate_limit)
+    except ValueError:
+        raise SettingsError(
+            f"DQ_RATE_LIMIT={settings.rate_limit!r} is not valid: use e.g. 60/minute"
+        ) from None
+    if publisher is None:
+        from web.queue import CeleryPublisher
+
+        publisher = CeleryPublisher(settings)
+
+    app = APIFlask(
+        __name__,
+        title="diffusion-queue API",
+        version="1",
+        spec_path="/api/v1/openapi.json",
+        docs_path="/api/v1/docs",
+        docs_oauth2_redirect_path=None,
+        json_errors=False,  # web.problems answers every error, as JSON or as a page
+    )
+    app.config.update(
+        SECRET_KEY=settings.effective_secret_key,
+        MAX_CONTENT_LENGTH=MAX_BODY_BYTES,
+        DEBUG=settings.debug,
+        SESSION_COOKIE_SAMESITE="Lax",
+        PERMANENT_SESSION_LIFETIME=timedelta(days=30),
+        WTF_CSRF_TIME_LIMIT=None,  # the token lives as long as the session
+        DESCRIPTION=DESCRIPTION,
+        SECURITY_SCHEMES={
+            "BearerAuth": {"type": "http", "scheme": "bearer", "description": "dq token create"}
+        },
+        HTTP_ERROR_SCHEMA=ProblemBody,
+        VALIDATION_ERROR_SCHEMA=ProblemBody,
+        VALIDATION_ERROR_DESCRIPTION="A field is missing, unknown or out of range.",
+        AUTO_404_RESPONSE=True,
+        TAGS=[
+            {"name": "Jobs", "description": "Generation jobs and the models they run on."},
+            {"name": "Admin", "description": "Training runs and model versions (admin tokens)."},
+        ],
+    )
+    if settings.debug:
+        logging.getLogger("web").setLevel(logging.DEBUG)
+
+    engine = get_engine(settings)
+    svc = Services(
+        settings=settings,
+        engine=engine,
+        storage=storage or make_storage(settings),
+        publisher=publisher,
+        token_cache=TokenCache(ttl=TOKEN_CACHE_SECONDS),
+        read_engine=db.read_engine(engine),
+    )
+    app.extensions["dq"] = svc
+    app.extensions["dq_metrics"] = make_registry(svc)
+
+    db.init_app(app)
+    problems.init_app(app)
+    csrf = CSRFProtect(app)
+    app.register_blueprint(pages.pages)
+    app.register_blueprint(admin.admin)
+    app.register_blueprint(api.api)
+    app.register_blueprint(admin_api.admin_api)
+    app.register_blueprint(ops.ops)
+    # Bearer tokens cannot be sent by a third-party page, so the API needs no CSRF token.
+    csrf.exempt(api.api)
+    csrf.exempt(admin_api.admin_api)
+    svc.limiter = ratelimit.init_app(app, settings)
+
+    @app.spec_processor
+    def finish(spec: dict[str, Any] | str) -> dict[str, Any] | str:
+        return finish_spec(spec, settings, app.url_map) if isinstance(spec, dict) else spec
+
+    return app

@@ -21,6 +21,7 @@ from core.db.session import (
     dispose_engines,
     get_engine,
     make_engine,
+    read_only_engine,
     session_factory,
     session_scope,
 )
@@ -42,6 +43,7 @@ __all__ = [
     "dispose_engines",
     "get_engine",
     "make_engine",
+    "read_only_engine",
     "session_factory",
     "session_scope",
     "transition",

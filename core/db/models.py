@@ -168,6 +168,8 @@ class Job(Base):
     __table_args__ = (
         # Idempotency keys are unique per caller: two clients may pick the same key.
         UniqueConstraint("owner", "idempotency_key", name="uq_jobs_owner_idempotency_key"),
+        # Queue position (queued jobs created before this one) and the batch search.
+        Index("ix_jobs_status_created_at", "status", "created_at"),
     )
 
     @property

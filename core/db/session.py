@@ -59,8 +59,23 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
 
 def _sqlite_begin_immediate(conn: Any) -> None:
     # BEGIN IMMEDIATE takes the write lock at the start, so two processes that read then write
-    # wait for each other instead of failing with "database is locked" at the write.
-    conn.exec_driver_sql("BEGIN IMMEDIATE")
+    # wait for each other instead of failing with "database is locked" at the write. Read-only
+    # work (see read_only_engine) begins deferred and, under WAL, never waits for a writer.
+    if conn.get_execution_options().get(READ_ONLY_OPTION):
+        conn.exec_driver_sql("BEGIN")
+    else:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+READ_ONLY_OPTION = "dq_read_only"
+
+
+def read_only_engine(engine: Engine) -> Engine:
+    """The same pool for work that only reads, such as polling a job: autocommit on PostgreSQL
+    (no BEGIN/ROLLBACK round trips), a deferred transaction on SQLite (no write lock)."""
+    if engine.dialect.name == "postgresql":
+        return engine.execution_options(isolation_level="AUTOCOMMIT")
+    return engine.execution_options(**{READ_ONLY_OPTION: True})
 
 
 def get_engine(settings: Settings | None = None, url: str | None = None) -> Engine:
@@ -105,6 +120,7 @@ __all__ = [
     "dispose_engines",
     "get_engine",
     "make_engine",
+    "read_only_engine",
     "session_factory",
     "session_scope",
 ]

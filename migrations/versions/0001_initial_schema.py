@@ -132,6 +132,7 @@ def upgrade() -> None:
         )
         batch_op.create_index(batch_op.f("ix_jobs_owner"), ["owner"], unique=False)
         batch_op.create_index(batch_op.f("ix_jobs_status"), ["status"], unique=False)
+        batch_op.create_index("ix_jobs_status_created_at", ["status", "created_at"], unique=False)
 
     op.create_table(
         "training_runs",
@@ -260,6 +261,7 @@ def downgrade() -> None:
 
     op.drop_table("training_runs")
     with op.batch_alter_table("jobs", schema=None) as batch_op:
+        batch_op.drop_index("ix_jobs_status_created_at")
         batch_op.drop_index(batch_op.f("ix_jobs_status"))
         batch_op.drop_index(batch_op.f("ix_jobs_owner"))
         batch_op.drop_index(batch_op.f("ix_jobs_model_version_id"))

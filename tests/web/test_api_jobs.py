@@ -1,0 +1,516 @@
+"""REST API v1: submitting, polling, listing and canceling jobs, and every error it answers."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+from flask.testing import FlaskClient
+from sqlalchemy import event, select
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session
+
+import web.auth
+from core.db import Job, JobStatus, session_scope
+from core.dispatch import QUEUE_GENERATE, TASK_GENERATE, relay_once
+from core.jobs import MAX_SEED
+from core.model_versions import activate_version, serving_model
+from core.settings import Settings
+from core.storage import LocalStorage
+from core.tokens import revoke_token
+from tests.web.conftest import (
+    RecordingPublisher,
+    add_image,
+    add_job,
+    add_version,
+    bearer,
+    make_settings,
+)
+from web import TOKEN_CACHE_SECONDS
+
+JOB_FIELDS = {
+    "id",
+    "status",
+    "progress",
+    "queue_position",
+    "created_at",
+    "started_at",
+    "finished_at",
+    "params",
+    "images",
+    "error",
+}
+
+
+def owner_of(engine: Engine, token: str) -> str:
+    from core.tokens import authenticate
+
+    with session_scope(engine) as session:
+        row = authenticate(session, token)
+        assert row is not None
+        return f"token:{row.id}"
+
+
+def assert_problem(response: Any, status: int, *words: str) -> dict[str, Any]:
+    assert response.status_code == status, response.get_data(as_text=True)
+    assert response.mimetype == "application/problem+json"
+    body: dict[str, Any] = response.get_json()
+    assert body["status"] == status and body["type"] == "about:blank" and body["title"]
+    for word in words:
+        assert word in body["detail"], body
+    return body
+
+
+# --- submit ---------------------------------------------------------------------------------
+
+
+def test_submit_returns_202_with_location_and_the_job_with_defaults_filled_in(
+    client: FlaskClient, user_token: str, publisher: RecordingPublisher, engine: Engine
+) -> None:
+    r = client.post("/api/v1/jobs", json={"prompt": "a blue square"}, headers=bearer(user_token))
+    assert r.status_code == 202
+    job = r.get_json()
+    assert set(job) == JOB_FIELDS
+    assert r.headers["Location"] == f"/api/v1/jobs/{job['id']}"
+    with session_scope(engine) as session:
+        model = serving_model(session)
+        row = session.get(Job, uuid.UUID(job["id"]))
+        assert row is not None and row.published_at is not None
+    assert job["status"] == "queued" and job["queue_position"] == 0
+    assert job["progress"] == {"step": 0, "total": model.steps, "preview_url": None}
+    params = job["params"]
+    assert params["steps"] == model.steps and params["sampler"] == model.sampler
+    assert params["guidance"] == model.guidance and params["size"] == model.image_size
+    assert params["model"] == "default" and params["num_images"] == 1
+    assert 0 <= params["seed"] <= MAX_SEED and params["seed"] == row.seed
+    assert job["created_at"].endswith("+00:00") and job["started_at"] is None
+    assert job["images"] == [] and job["error"] is None
+    assert publisher.sent == [(TASK_GENERATE, QUEUE_GENERATE, {"job_id": job["id"]})]
+
+
+def test_submit_keeps_every_given_parameter(client: FlaskClient, user_token: str) -> None:
+    body = {
+        "prompt": "a small green circle",
+        "negative_prompt": "red",
+        "steps": 12,
+        "guidance": 2.5,
+        "sampler": "ddim",
+        "seed": 1234,
+        "num_images": 3,
+        "size": 64,
+    }
+    r = client.post("/api/v1/jobs", json=body, headers=bearer(user_token))
+    assert r.status_code == 202
+    params = r.get_json()["params"]
+    assert {k: params[k] for k in body} == body
+
+
+def test_queue_position_counts_the_jobs_ahead(
+    client: FlaskClient, user_token: str, engine: Engine
+) -> None:
+    add_job(engine, "someone-else", seconds_ago=5)
+    add_job(engine, "someone-else", seconds_ago=4)
+    add_job(engine, "someone-else", JobStatus.RUNNING, seconds_ago=10)
+    r = client.post("/api/v1/jobs", json={"prompt": "a square"}, headers=bearer(user_token))
+    assert r.get_json()["queue_position"] == 2
+
+
+def test_same_idempotency_key_and_body_returns_the_same_job(
+    client: FlaskClient, user_token: str, publisher: RecordingPublisher, jobs_of: Any
+) -> None:
+    headers = {**bearer(user_token), "Idempotency-Key": "order-17"}
+    first = client.post("/api/v1/jobs", json={"prompt": "a circle"}, headers=headers)
+    again = client.post("/api/v1/jobs", json={"prompt": "a circle"}, headers=headers)
+    assert first.status_code == again.status_code == 202
+    assert first.get_json()["id"] == again.get_json()["id"]
+    assert first.get_json()["params"]["seed"] == again.get_json()["params"]["seed"]
+    assert len(jobs_of()) == 1 and len(publisher.sent) == 1
+
+
+def test_same_idempotency_key_with_another_body_is_a_conflict(
+    client: FlaskClient, user_token: str, jobs_of: Any
+) -> None:
+    headers = {**bearer(user_token), "Idempotency-Key": "order-18"}
+    client.post("/api/v1/jobs", json={"prompt": "a circle"}, headers=headers)
+    r = client.post("/api/v1/jobs", json={"prompt": "a square"}, headers=headers)
+    assert_problem(r, 409, "Idempotency-Key")
+    assert len(jobs_of()) == 1
+
+
+def test_idempotency_keys_belong_to_their_caller(
+    client: FlaskClient, user_token: str, other_token: str, jobs_of: Any
+) -> None:
+    for token in (user_token, other_token):
+        r = client.post(
+            "/api/v1/jobs",
+            json={"prompt": "a circle"},
+            headers={**bearer(token), "Idempotency-Key": "k"},
+        )
+        assert r.status_code == 202
+    assert len(jobs_of()) == 2
+
+
+def test_broker_down_still_answers_202_and_the_relay_publishes_later(
+    client: FlaskClient,
+    user_token: str,
+    publisher: RecordingPublisher,
+    engine: Engine,
+    settings: Settings,
+) -> None:
+    publisher.down = True
+    r = client.post("/api/v1/jobs", json={"prompt": "a circle"}, headers=bearer(user_token))
+    assert r.status_code == 202
+    job_id = uuid.UUID(r.get_json()["id"])
+    with session_scope(engine) as session:
+        row = session.get(Job, job_id)
+        assert row is not None and row.status is JobStatus.QUEUED and row.published_at is None
+    publisher.down = False
+    report = relay_once(engine, publisher, settings)
+    assert report.published == [job_id]
+    assert publisher.sent == [(TASK_GENERATE, QUEUE_GENERATE, {"job_id": str(job_id)})]
+
+
+def test_a_failed_commit_answers_503_and_leaves_nothing(
+    client: FlaskClient, user_token: str, publisher: RecordingPublisher, jobs_of: Any
+) -> None:
+    def lose_connection(session: Session) -> None:
+        # Only the transaction that holds the new job, not the token lookup before it.
+        if any(isinstance(obj, Job) for obj in session.identity_map.values()):
+            raise OperationalError("COMMIT", {}, Exception("server closed the connection"))
+
+    event.listen(Session, "before_commit", lose_connection)
+    try:
+        r = client.post("/api/v1/jobs", json={"prompt": "a circle"}, headers=bearer(user_token))
+    finally:
+        event.remove(Session, "before_commit", lose_connection)
+    body = assert_problem(r, 503, "database")
+    assert "nothing was saved" in body["detail"]
+    assert jobs_of() == [] and publisher.sent == []
+
+
+def test_database_down_answers_503(tmp_path: Path) -> None:
+    from web import create_app
+
+    # Nothing listens on port 1: every connection is refused at once.
+    down = make_settings("postgresql+psycopg://postgres@127.0.0.1:1/test", tmp_path)
+    app = create_app(down, publisher=RecordingPublisher())
+    r = app.test_client().post("/api/v1/jobs", json={"prompt": "x"}, headers=bearer("dq_any"))
+    assert_problem(r, 503, "database is unavailable")
+    assert r.headers["Retry-After"] == "5"
+
+
+# --- errors on submit -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("body", "field", "message"),
+    [
+        ({"prompt": "x", "steps": 0}, "steps", "must be at least 1"),
+        ({"prompt": "x", "steps": 201}, "steps", "from 1 to 200"),  # DQ_MAX_STEPS
+        ({"prompt": "x", "steps": "20"}, "steps", "must be an integer"),
+        ({"prompt": "x", "steps": 2.5}, "steps", "must be an integer"),
+        ({"prompt": "x", "guidance": 31}, "guidance", "from 0 to 30"),
+        ({"prompt": "x", "guidance": "4"}, "guidance", "must be a number"),
+        ({"prompt": "x", "guidance": True}, "guidance", "must be a number"),
+        ({"prompt": "x", "sampler": "euler"}, "sampler", "must be one of"),
+        ({"prompt": "x", "seed": -1}, "seed", "from 0"),
+        ({"prompt": "x", "num_images": 9}, "num_images", "from 1 to 8"),
+        ({"prompt": "x", "size": 40}, "size", "multiple of"),
+        ({"prompt": "x", "size": 4096}, "size", "from"),
+        ({"prompt": "   "}, "prompt", "must not be empty"),
+        ({"prompt": "x" * 1001}, "prompt", "limit is 1000"),
+        ({"prompt": "a\u0000b"}, "prompt", "NUL"),
+        ({"prompt": "\ud800"}, "prompt", "valid Unicode"),
+        ({}, "prompt", "is required"),
+        ({"prompt": "x", "colour": "red"}, "colour", "is not a known field"),
+        (["a list"], "body", "must be a JSON object"),
+    ],
+)
+def test_bad_fields_get_422_naming_the_field(
+    client: FlaskClient,
+    user_token: str,
+    jobs_of: Any,
+    body: Any,
+    field: str,
+    message: str,
+) -> None:
+    r = client.post("/api/v1/jobs", json=body, headers=bearer(user_token))
+    problem = assert_problem(r, 422, field)
+    assert any(e["field"] == field and message in e["message"] for e in problem["errors"]), problem
+    assert jobs_of() == []
+
+
+def test_malformed_json_is_400(client: FlaskClient, user_token: str) -> None:
+    r = client.post(
+        "/api/v1/jobs",
+        data='{"prompt": "x",',
+        content_type="application/json",
+        headers=bearer(user_token),
+    )
+    assert_problem(r, 400, "not valid JSON")
+
+
+def test_a_body_over_the_limit_is_413(client: FlaskClient, user_token: str) -> None:
+    r = client.post("/api/v1/jobs", json={"prompt": "x" * 70_000}, headers=bearer(user_token))
+    assert_problem(r, 413, "64 KiB")
+
+
+def test_a_body_that_is_not_json_is_415(client: FlaskClient, user_token: str) -> None:
+    r = client.post(
+        "/api/v1/jobs", data="prompt=x", content_type="text/plain", headers=bearer(user_token)
+    )
+    assert_problem(r, 415, "application/json")
+
+
+def test_too_long_idempotency_key_is_422(client: FlaskClient, user_token: str) -> None:
+    r = client.post(
+        "/api/v1/jobs",
+        json={"prompt": "x"},
+        headers={**bearer(user_token), "Idempotency-Key": "k" * 256},
+    )
+    assert_problem(r, 422, "Idempotency-Key")
+
+
+def test_rate_limit_answers_429_with_retry_after_per_caller(
+    db_url: str, tmp_path: Path, engine: Engine, user_token: str, other_token: str
+) -> None:
+    from web import create_app
+
+    app = create_app(
+        make_settings(db_url, tmp_path, rate_limit="2/minute"), publisher=RecordingPublisher()
+    )
+    client = app.test_client()
+    codes = [
+        client.post("/api/v1/jobs", json={"prompt": "x"}, headers=bearer(user_token)).status_code
+        for _ in range(3)
+    ]
+    assert codes == [202, 202, 429]
+    r = client.post("/api/v1/jobs", json={"prompt": "x"}, headers=bearer(user_token))
+    assert_problem(r, 429, "limit is 2 per 1 minute")
+    assert 1 <= int(r.headers["Retry-After"]) <= 61
+    # Another caller has its own budget, and reading is never limited.
+    other = client.post("/api/v1/jobs", json={"prompt": "x"}, headers=bearer(other_token))
+    assert other.status_code == 202
+    assert client.get("/api/v1/jobs", headers=bearer(user_token)).status_code == 200
+
+
+# --- authentication and ownership -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("post", "/api/v1/jobs"),
+        ("get", "/api/v1/jobs"),
+        ("get", f"/api/v1/jobs/{uuid.uuid4()}"),
+        ("post", f"/api/v1/jobs/{uuid.uuid4()}/cancel"),
+        ("get", "/api/v1/models"),
+    ],
+)
+def test_missing_or_wrong_token_is_401(
+    client: FlaskClient, engine: Engine, method: str, path: str
+) -> None:
+    r = getattr(client, method)(path, json={"prompt": "x"})
+    assert_problem(r, 401, "Authorization: Bearer")
+    assert r.headers["WWW-Authenticate"].startswith("Bearer")
+    r = getattr(client, method)(path, json={"prompt": "x"}, headers=bearer("dq_not-a-token"))
+    assert_problem(r, 401, "not valid")
+    r = getattr(client, method)(path, headers={"Authorization": "Basic dXNlcjpwYXNz"})
+    assert_problem(r, 401)
+
+
+def test_a_revoked_token_is_401_once_the_process_forgets_it(
+    client: FlaskClient, engine: Engine, user_token: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert client.get("/api/v1/jobs", headers=bearer(user_token)).status_code == 200
+    with session_scope(engine) as session:
+        revoke_token(session, user_token)
+    # The process trusts a token it checked for TOKEN_CACHE_SECONDS, then asks the database.
+    assert client.get("/api/v1/jobs", headers=bearer(user_token)).status_code == 200
+    later = time.monotonic() + TOKEN_CACHE_SECONDS + 0.1
+    monkeypatch.setattr(web.auth, "monotonic", lambda: later)
+    assert_problem(client.get("/api/v1/jobs", headers=bearer(user_token)), 401, "revoked")
+
+
+def test_without_the_token_cache_revocation_is_immediate(
+    app: Any, engine: Engine, user_token: str
+) -> None:
+    app.extensions["dq"].token_cache.ttl = 0
+    client = app.test_client()
+    assert client.get("/api/v1/jobs", headers=bearer(user_token)).status_code == 200
+    with session_scope(engine) as session:
+        revoke_token(session, user_token)
+    assert_problem(client.get("/api/v1/jobs", headers=bearer(user_token)), 401, "revoked")
+
+
+def test_another_callers_job_is_404_but_an_admin_sees_it(
+    client: FlaskClient, user_token: str, other_token: str, admin_token: str
+) -> None:
+    job = client.post("/api/v1/jobs", json={"prompt": "x"}, headers=bearer(user_token)).get_json()
+    path = f"/api/v1/jobs/{job['id']}"
+    assert client.get(path, headers=bearer(user_token)).status_code == 200
+    assert_problem(client.get(path, headers=bearer(other_token)), 404, "no job")
+    assert_problem(client.post(path + "/cancel", headers=bearer(other_token)), 404)
+    assert client.get(path, headers=bearer(admin_token)).get_json()["id"] == job["id"]
+
+
+# --- poll -----------------------------------------------------------------------------------
+
+
+def test_poll_shows_progress_and_preview_while_running(
+    client: FlaskClient, engine: Engine, user_token: str, storage: LocalStorage
+) -> None:
+    owner = owner_of(engine, user_token)
+    job_id = add_job(
+        engine, owner, JobStatus.RUNNING, progress_step=7, preview_key="previews/p.png"
+    )
+    storage.put("previews/p.png", b"png", "image/png")
+    job = client.get(f"/api/v1/jobs/{job_id}", headers=bearer(user_token)).get_json()
+    assert job["status"] == "running" and job["queue_position"] is None
+    assert job["progress"]["step"] == 7 and job["progress"]["total"] == 20
+    url = job["progress"]["preview_url"]
+    assert url.startswith("/files/previews/p.png?expires=")
+    assert client.get(url).data == b"png"
+
+
+def test_poll_of_a_finished_job_lists_its_images_with_working_urls(
+    client: FlaskClient, engine: Engine, user_token: str, storage: LocalStorage
+) -> None:
+    owner = owner_of(engine, user_token)
+    job_id = add_job(engine, owner, JobStatus.SUCCEEDED, num_images=2, latency=3.0)
+    add_image(engine, job_id, storage, 0)
+    add_image(engine, job_id, storage, 1)
+    job = client.get(f"/api/v1/jobs/{job_id}", headers=bearer(user_token)).get_json()
+    assert job["status"] == "succeeded" and job["progress"]["preview_url"] is None
+    assert [(i["width"], i["height"], i["seed"]) for i in job["images"]] == [
+        (64, 64, 7),
+        (64, 64, 8),
+    ]
+    fetched = client.get(job["images"][1]["url"])
+    assert fetched.status_code == 200 and fetched.mimetype == "image/png"
+    assert job["finished_at"] is not None and job["started_at"] is not None
+
+
+def test_poll_of_a_failed_job_carries_its_error(
+    client: FlaskClient, engine: Engine, user_token: str
+) -> None:
+    owner = owner_of(engine, user_token)
+    job_id = add_job(engine, owner, JobStatus.FAILED, error="the model is gone")
+    job = client.get(f"/api/v1/jobs/{job_id}", headers=bearer(user_token)).get_json()
+    assert job["status"] == "failed" and job["error"] == "the model is gone"
+
+
+def test_unknown_and_malformed_job_ids_are_404(client: FlaskClient, user_token: str) -> None:
+    assert_problem(client.get(f"/api/v1/jobs/{uuid.uuid4()}", headers=bearer(user_token)), 404)
+    assert_problem(client.get("/api/v1/jobs/not-a-uuid", headers=bearer(user_token)), 404)
+
+
+def test_wrong_method_is_405_naming_the_allowed_ones(client: FlaskClient) -> None:
+    body = assert_problem(client.delete("/api/v1/jobs"), 405, "DELETE is not allowed")
+    assert "POST" in body["detail"] and "GET" in body["detail"]
+
+
+# --- list -----------------------------------------------------------------------------------
+
+
+def test_list_is_newest_first_paginated_and_filtered_by_status(
+    client: FlaskClient, engine: Engine, user_token: str, admin_token: str
+) -> None:
+    owner = owner_of(engine, user_token)
+    ids = [add_job(engine, owner, seconds_ago=10 - i) for i in range(5)]
+    done = add_job(engine, owner, JobStatus.SUCCEEDED, seconds_ago=20)
+    add_job(engine, "token:999", seconds_ago=1)  # not the caller's
+    r = client.get("/api/v1/jobs?limit=2&offset=1", headers=bearer(user_token))
+    page = r.get_json()
+    assert page["total"] == 6 and page["limit"] == 2 and page["offset"] == 1
+    assert [j["id"] for j in page["jobs"]] == [str(ids[3]), str(ids[2])]
+    assert all(set(j) == JOB_FIELDS for j in page["jobs"])
+    r = client.get("/api/v1/jobs?status=succeeded", headers=bearer(user_token))
+    assert [j["id"] for j in r.get_json()["jobs"]] == [str(done)]
+    # An admin lists everyone's jobs.
+    assert client.get("/api/v1/jobs", headers=bearer(admin_token)).get_json()["total"] == 7
+
+
+@pytest.mark.parametrize(
+    ("query", "field"),
+    [
+        ("status=lost", "status"),
+        ("limit=0", "limit"),
+        ("limit=101", "limit"),
+        ("offset=-1", "offset"),
+        ("limit=ten", "limit"),
+    ],
+)
+def test_bad_list_parameters_are_422(
+    client: FlaskClient, user_token: str, query: str, field: str
+) -> None:
+    r = client.get(f"/api/v1/jobs?{query}", headers=bearer(user_token))
+    assert_problem(r, 422, field)
+
+
+# --- cancel ---------------------------------------------------------------------------------
+
+
+def test_cancel_of_a_queued_job_is_immediate(
+    client: FlaskClient, user_token: str, engine: Engine
+) -> None:
+    job = client.post("/api/v1/jobs", json={"prompt": "x"}, headers=bearer(user_token)).get_json()
+    r = client.post(f"/api/v1/jobs/{job['id']}/cancel", headers=bearer(user_token))
+    assert r.status_code == 200
+    assert r.get_json()["status"] == "canceled" and r.get_json()["finished_at"] is not None
+    again = client.post(f"/api/v1/jobs/{job['id']}/cancel", headers=bearer(user_token))
+    assert again.status_code == 200 and again.get_json()["status"] == "canceled"
+
+
+def test_cancel_of_a_running_job_asks_the_worker_to_stop(
+    client: FlaskClient, user_token: str, engine: Engine
+) -> None:
+    job_id = add_job(engine, owner_of(engine, user_token), JobStatus.RUNNING)
+    r = client.post(f"/api/v1/jobs/{job_id}/cancel", headers=bearer(user_token))
+    assert r.status_code == 200 and r.get_json()["status"] == "running"
+    with session_scope(engine) as session:
+        row = session.get(Job, job_id)
+        assert row is not None and row.cancel_requested is True
+
+
+def test_cancel_of_a_finished_job_is_409(
+    client: FlaskClient, user_token: str, engine: Engine
+) -> None:
+    job_id = add_job(engine, owner_of(engine, user_token), JobStatus.SUCCEEDED)
+    r = client.post(f"/api/v1/jobs/{job_id}/cancel", headers=bearer(user_token))
+    assert_problem(r, 409, "already succeeded")
+    with session_scope(engine) as session:
+        row = session.scalar(select(Job).where(Job.id == job_id))
+        assert row is not None and row.status is JobStatus.SUCCEEDED
+
+
+# --- models ---------------------------------------------------------------------------------
+
+
+def test_models_lists_versions_and_the_one_serving(
+    client: FlaskClient, user_token: str, engine: Engine
+) -> None:
+    r = client.get("/api/v1/models", headers=bearer(user_token))
+    assert r.status_code == 200
+    assert r.get_json()["serving"]["name"] == "default" and r.get_json()["versions"] == []
+    version_id = add_version(
+        engine,
+        "shapes-v2",
+        config={"sampling_defaults": {"steps": 31, "sampler": "ddim", "guidance": 3.0}},
+        metrics={"fid": 12.5},
+    )
+    with session_scope(engine) as session:
+        activate_version(session, version_id)
+    body = client.get("/api/v1/models", headers=bearer(user_token)).get_json()
+    assert body["serving"]["name"] == "shapes-v2"
+    assert body["serving"]["defaults"] == {"steps": 31, "guidance": 3.0, "sampler": "ddim"}
+    assert [(v["name"], v["is_active"], v["metrics"]) for v in body["versions"]] == [
+        ("shapes-v2", True, {"fid": 12.5})
+    ]
+    # New jobs take the active version's defaults and name it.
+    job = client.post("/api/v1/jobs", json={"prompt": "x"}, headers=bearer(user_token)).get_json()
+    assert job["params"]["model"] == "shapes-v2" and job["params"]["steps"] == 31

@@ -1,0 +1,124 @@
+"""/healthz, /readyz and /metrics."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from flask.testing import FlaskClient
+from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy.engine import Engine
+
+from core.db import JobStatus
+from core.storage import StorageError
+from tests.web.conftest import RecordingPublisher, add_job, make_settings
+from tests.web.test_admin_api import add_run
+
+
+def samples(client: FlaskClient) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    r = client.get("/metrics")
+    assert r.status_code == 200 and r.mimetype == "text/plain"
+    out = {}
+    for family in text_string_to_metric_families(r.get_data(as_text=True)):
+        for sample in family.samples:
+            out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return out
+
+
+def test_healthz_is_200_without_touching_anything(tmp_path: Path) -> None:
+    from web import create_app
+
+    down = make_settings("postgresql+psycopg://postgres@127.0.0.1:1/test", tmp_path)
+    r = create_app(down, publisher=RecordingPublisher()).test_client().get("/healthz")
+    assert r.status_code == 200 and r.get_json() == {"status": "ok"}
+
+
+def test_readyz_is_200_when_everything_answers(client: FlaskClient) -> None:
+    r = client.get("/readyz")
+    assert r.status_code == 200
+    assert r.get_json() == {
+        "status": "ready",
+        "down": [],
+        "checks": {"database": "ok", "broker": "ok", "storage": "ok"},
+    }
+
+
+def test_readyz_names_the_broker_when_it_is_down(
+    client: FlaskClient, publisher: RecordingPublisher
+) -> None:
+    publisher.down = True
+    r = client.get("/readyz")
+    assert r.status_code == 503
+    body = r.get_json()
+    assert body["down"] == ["broker"] and "refused" in body["checks"]["broker"]
+    assert body["checks"]["database"] == "ok"
+
+
+def test_readyz_names_storage_when_it_is_down(app: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken() -> None:
+        raise StorageError("S3 bucket 'images' does not exist")
+
+    monkeypatch.setattr(app.extensions["dq"].storage, "check", broken)
+    body = app.test_client().get("/readyz").get_json()
+    assert body["down"] == ["storage"] and "does not exist" in body["checks"]["storage"]
+
+
+def test_readyz_names_the_database_when_it_is_down(tmp_path: Path) -> None:
+    from web import create_app
+
+    down = make_settings("postgresql+psycopg://postgres@127.0.0.1:1/test", tmp_path)
+    r = create_app(down, publisher=RecordingPublisher()).test_client().get("/readyz")
+    assert r.status_code == 503 and r.get_json()["down"] == ["database"]
+
+
+def test_metrics_count_jobs_and_runs_by_status_and_the_queue(
+    client: FlaskClient, engine: Engine, publisher: RecordingPublisher
+) -> None:
+    for status, n in ((JobStatus.QUEUED, 3), (JobStatus.RUNNING, 1), (JobStatus.FAILED, 2)):
+        for _ in range(n):
+            add_job(engine, "token:1", status)
+    add_run(engine, JobStatus.RUNNING)
+    publisher.publish("dq.generate", "generate", {"job_id": "x"})
+    publisher.publish("dq.generate", "generate", {"job_id": "y"})
+    got = samples(client)
+    assert got[("dq_jobs", (("status", "queued"),))] == 3
+    assert got[("dq_jobs", (("status", "running"),))] == 1
+    assert got[("dq_jobs", (("status", "failed"),))] == 2
+    assert got[("dq_jobs", (("status", "succeeded"),))] == 0
+    assert got[("dq_training_runs", (("status", "running"),))] == 1
+    assert got[("dq_queue_depth", (("queue", "generate"),))] == 2
+    assert got[("dq_queue_depth", (("queue", "train"),))] == 0
+
+
+def test_metrics_latency_histogram_buckets_succeeded_jobs(
+    client: FlaskClient, engine: Engine
+) -> None:
+    for latency in (0.3, 1.5, 4.0, 45.0):
+        add_job(engine, "token:1", JobStatus.SUCCEEDED, seconds_ago=100, latency=latency)
+    add_job(engine, "token:1", JobStatus.FAILED, seconds_ago=100, latency=2.0)  # not counted
+    got = samples(client)
+
+    def bucket(le: str) -> float:
+        return got[("dq_job_latency_seconds_bucket", (("le", le),))]
+
+    assert [bucket(b) for b in ("0.5", "1.0", "2.0", "5.0", "30.0", "60.0", "+Inf")] == [
+        1,
+        1,
+        2,
+        3,
+        3,
+        4,
+        4,
+    ]
+    assert got[("dq_job_latency_seconds_count", ())] == 4
+    assert got[("dq_job_latency_seconds_sum", ())] == pytest.approx(50.8)
+
+
+def test_metrics_leave_out_queue_depth_when_the_broker_cannot_tell(
+    client: FlaskClient, publisher: RecordingPublisher
+) -> None:
+    publisher.down = True
+    got = samples(client)
+    assert not any(name == "dq_queue_depth" for name, _ in got)
+    assert got[("dq_jobs", (("status", "queued"),))] == 0

@@ -1,0 +1,93 @@
+"""The poll's read path agrees with core, and the token cache forgets in time."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import pytest
+from flask.testing import FlaskClient
+from sqlalchemy.engine import Engine
+
+import web.auth
+from core.db import JobStatus, session_scope
+from core.jobs import JobNotFound, get_job, queue_position
+from tests.web.conftest import add_job, add_version
+from web.auth import Caller, TokenCache
+from web.resources import job_views, load_job
+
+
+def test_queue_positions_agree_with_core(engine: Engine) -> None:
+    ids = [
+        add_job(engine, "a", JobStatus.QUEUED, seconds_ago=50),
+        add_job(engine, "a", JobStatus.RUNNING, seconds_ago=40),
+        add_job(engine, "b", JobStatus.QUEUED, seconds_ago=30),
+        add_job(engine, "a", JobStatus.SUCCEEDED, seconds_ago=20),
+        add_job(engine, "b", JobStatus.QUEUED, seconds_ago=10),
+        add_job(engine, "a", JobStatus.CANCELED, seconds_ago=5),
+        add_job(engine, "a", JobStatus.QUEUED, seconds_ago=1),
+    ]
+    with session_scope(engine) as session:
+        expected = [queue_position(session, get_job(session, i, None)) for i in ids]
+        got = [view.queue_position for view in job_views(session, ids)]
+    assert expected == [0, None, 1, None, 2, None, 3]
+    assert got == expected
+
+
+def test_load_job_sees_what_get_job_sees(engine: Engine) -> None:
+    version = add_version(engine, "v7")
+    mine = add_job(engine, "token:1", model_version_id=version)
+    with session_scope(engine) as session:
+        view = load_job(session, mine, "token:1")
+        assert view.job.id == mine and view.model_name == "v7"
+        assert load_job(session, mine, None).job.id == mine  # an admin
+        for scope in ("token:2", "session:x"):
+            with pytest.raises(JobNotFound):
+                get_job(session, mine, scope)
+            with pytest.raises(JobNotFound):
+                load_job(session, mine, scope)
+        with pytest.raises(JobNotFound):
+            load_job(session, uuid.uuid4(), None)
+
+
+def test_job_views_keep_the_order_given_and_skip_missing(engine: Engine) -> None:
+    a, b = add_job(engine, "x"), add_job(engine, "x")
+    with session_scope(engine) as session:
+        views = job_views(session, [b, uuid.uuid4(), a])
+    assert [v.job.id for v in views] == [b, a]
+    assert all(v.model_name == "default" for v in views)
+
+
+def test_token_cache_forgets_after_its_ttl(monkeypatch: pytest.MonkeyPatch) -> None:
+    now = [100.0]
+    monkeypatch.setattr(web.auth, "monotonic", lambda: now[0])
+    cache = TokenCache(ttl=5.0, size=2)
+    alice = Caller("token:1")
+    cache.put("h1", alice)
+    assert cache.get("h1") is alice
+    now[0] = 104.9
+    assert cache.get("h1") is alice
+    now[0] = 105.0
+    assert cache.get("h1") is None
+
+
+def test_token_cache_is_bounded_and_can_be_off() -> None:
+    cache = TokenCache(ttl=5.0, size=2)
+    for i in range(3):
+        cache.put(f"h{i}", Caller(f"token:{i}"))
+    assert cache.get("h0") is None and cache.get("h2") == Caller("token:2")
+    off = TokenCache(ttl=0)
+    off.put("h", Caller("token:1"))
+    assert off.get("h") is None
+
+
+def test_docs_page_and_document_are_public(client: FlaskClient) -> None:
+    document: dict[str, Any] = client.get("/api/v1/openapi.json").get_json()
+    assert document["openapi"].startswith("3.")
+    assert document["components"]["securitySchemes"]["BearerAuth"]["scheme"] == "bearer"
+    errors = document["paths"]["/api/v1/jobs"]["post"]["responses"]
+    assert "application/problem+json" in errors["422"]["content"]
+    job_in = document["components"]["schemas"]["JobIn"]["properties"]
+    assert job_in["steps"]["maximum"] == 200 and job_in["num_images"]["maximum"] == 8
+    docs = client.get("/api/v1/docs")
+    assert docs.status_code == 200 and "/api/v1/openapi.json" in docs.get_data(as_text=True)

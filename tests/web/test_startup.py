@@ -1,0 +1,132 @@
+"""The app starts without torch or the worker package, from the environment, under gunicorn
+(``dq web``) and under ``flask --app web``."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def env_for(tmp_path: Path, db_url: str | None = None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DQ_")}
+    env.update(
+        DQ_DATABASE_URL=db_url or f"sqlite:///{tmp_path / 'dq.sqlite3'}",
+        DQ_BROKER_URL=f"sqla+sqlite:///{tmp_path / 'broker.sqlite3'}",
+        DQ_STORAGE_URL=f"file://{tmp_path / 'objects'}",
+        DQ_SECRET_KEY="test-secret",
+    )
+    return env
+
+
+SERVE_ONE_REQUEST = """
+import sys
+import web
+from core.db import Base, get_engine
+from core.settings import Settings
+
+Base.metadata.create_all(get_engine(Settings.from_env()))
+app = web.create_app()  # no arguments: the settings come from DQ_* variables
+client = app.test_client()
+assert client.get("/").status_code == 200, "form"
+assert client.get("/api/v1/openapi.json").status_code == 200, "openapi"
+assert client.post("/api/v1/jobs", json={"prompt": "x"}).status_code == 401, "api"
+for path in ("/jobs", "/metrics", "/readyz", "/admin/login", "/api/v1/docs"):
+    assert client.get(path).status_code < 500, path
+heavy = ("torch", "numpy", "PIL", "safetensors", "worker")
+print(" ".join(m for m in sys.modules if m.split(".")[0] in heavy or m.startswith("core.diff")))
+print("torch" in sys.modules)
+"""
+
+
+def test_importing_web_and_serving_requests_leaves_torch_and_the_model_code_unimported(
+    tmp_path: Path,
+) -> None:
+    r = subprocess.run(
+        [sys.executable, "-c", SERVE_ONE_REQUEST],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env_for(tmp_path),
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr
+    imported, torch_loaded = r.stdout.splitlines()
+    assert torch_loaded == "False"
+    # Nor numpy, Pillow, safetensors, the model code or the worker: the web image has none.
+    assert imported == ""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(url: str, process: subprocess.Popen[str], seconds: float = 60) -> bytes:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            _out, err = process.communicate()
+            pytest.fail(f"the server exited with {process.returncode}: {err[-2000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                return bytes(response.read())
+        except OSError:
+            time.sleep(0.2)
+    pytest.fail(f"{url} did not answer within {seconds} s")
+
+
+def stop(process: subprocess.Popen[str]) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def test_dq_web_migrates_the_database_and_serves_under_gunicorn(
+    db_url: str, tmp_path: Path
+) -> None:
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "core.cli", "web", "--port", str(port), "--workers", "2"],
+        cwd=tmp_path,  # not the checkout: `web` must import all the same
+        env=env_for(tmp_path, db_url),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert wait_for(f"http://127.0.0.1:{port}/healthz", process) == b'{"status":"ok"}\n'
+        # The schema exists (dq web ran the migrations): the database check passes.
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=10) as r:
+            assert r.status == 200
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10) as r:
+            assert b"Generate an image" in r.read()
+    finally:
+        stop(process)
+
+
+def test_flask_finds_the_app_factory(tmp_path: Path) -> None:
+    flask = Path(sys.executable).parent / "flask"
+    r = subprocess.run(
+        [str(flask), "--app", "web", "routes"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env_for(tmp_path),
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr
+    for endpoint in ("api.submit_job_view", "pages.index", "admin.runs", "ops.readyz"):
+        assert endpoint in r.stdout

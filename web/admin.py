@@ -1,0 +1,224 @@
+"""Admin pages: log in with an admin token, start and watch training runs (status, step, loss
+curve, samples, cancel), and choose which model version serves."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any
+
+from apiflask import APIBlueprint
+from flask import flash, redirect, render_template, request, url_for
+from sqlalchemy.exc import IntegrityError
+from werkzeug.wrappers import Response as BaseResponse
+
+from core.db.models import JobStatus, ModelKind
+from core.model_versions import activate_version, deactivate_all, serving_model
+from core.storage import StorageError
+from core.training_runs import (
+    RunFinished,
+    RunNotFound,
+    TrainingRequestError,
+    cancel_run,
+    get_run,
+    list_runs,
+    metric_series,
+)
+from web.auth import log_in, log_out, logged_in_admin
+from web.db import get_session
+from web.forms import RUN_FIELD_FOR_ERROR, LoginForm, TrainingRunForm, attach_error
+from web.loss_curve import loss_curve_svg
+from web.problems import Problem
+from web.resources import list_versions, samples_key
+from web.services import services
+from web.submission import start_training_run
+
+# apiflask expects every blueprint to be an APIBlueprint; this one stays out of the API document.
+admin = APIBlueprint("admin", __name__, url_prefix="/admin", enable_openapi=False)
+
+PUBLIC_ENDPOINTS = {"admin.login"}
+
+
+@admin.before_request
+def require_login() -> BaseResponse | None:
+    if request.endpoint in PUBLIC_ENDPOINTS or logged_in_admin() is not None:
+        return None
+    if request.method == "GET":
+        return redirect(url_for("admin.login", next=request.full_path.rstrip("?")))
+    raise Problem(403, "Log in with an admin token first.")
+
+
+def _safe_next(target: str | None) -> str:
+    # Only a path on this site, never //elsewhere or a full URL: no open redirect.
+    if target and target.startswith("/") and not target.startswith("//"):
+        return target
+    return url_for("admin.runs")
+
+
+@admin.route("/login", methods=["GET", "POST"])
+def login() -> Any:
+    form = LoginForm()
+    if form.validate_on_submit():
+        if log_in(form.token.data or "") is not None:
+            return redirect(_safe_next(request.args.get("next")), code=303)
+        attach_error(form, "token", "This is not a live admin token.")
+    status = 401 if request.method == "POST" else 200
+    return render_template("admin/login.html", form=form), status
+
+
+@admin.post("/logout")
+def logout() -> BaseResponse:
+    log_out()
+    return redirect(url_for("pages.index"), code=303)
+
+
+@admin.get("/")
+def home() -> BaseResponse:
+    return redirect(url_for("admin.runs"))
+
+
+def _autoencoder_choices() -> dict[str, str]:
+    versions = list_versions(get_session(), ModelKind.AUTOENCODER)
+    return {"": "the shipped one", **{str(v.id): v.name for v in versions}}
+
+
+def _run_request(form: TrainingRunForm) -> dict[str, Any]:
+    """The form as the arguments of submit_training_run; ValueError for unreadable JSON."""
+    dataset: dict[str, Any] = {"kind": form.dataset_kind.data}
+    location = (form.dataset_location.data or "").strip()
+    if form.dataset_kind.data == "s3":
+        dataset["uri"] = location
+    elif form.dataset_kind.data == "path":
+        dataset["path"] = location
+    elif form.shapes_seed.data is not None:
+        dataset["seed"] = form.shapes_seed.data
+    config: dict[str, Any] = {}
+    if (form.config_json.data or "").strip():
+        config = json.loads(form.config_json.data or "")
+        if not isinstance(config, dict):
+            raise ValueError("must be a JSON object")
+    train = {
+        key: getattr(form, key).data
+        for key in ("steps", "batch_size", "lr", "seed")
+        if getattr(form, key).data is not None
+    }
+    if train:
+        config["train"] = {**(config.get("train") or {}), **train}
+    ae = form.autoencoder_version_id.data
+    return {
+        "kind": form.kind.data,
+        "dataset": dataset,
+        "config": config,
+        "autoencoder_version_id": uuid.UUID(ae) if ae else None,
+        "activate": bool(form.activate.data),
+    }
+
+
+def _form_field(core_field: str) -> str:
+    if core_field in RUN_FIELD_FOR_ERROR:
+        return RUN_FIELD_FOR_ERROR[core_field]
+    if core_field.startswith("config"):
+        return "config_json"
+    if core_field.startswith("dataset"):
+        return "dataset_location"
+    return core_field
+
+
+@admin.route("/runs", methods=["GET", "POST"])
+def runs() -> Any:
+    form = TrainingRunForm()
+    form.autoencoder_version_id.choices = _autoencoder_choices()
+    if form.validate_on_submit():
+        token = logged_in_admin()
+        try:
+            arguments = _run_request(form)
+        except ValueError as e:
+            attach_error(form, "config_json", f"is not a JSON object: {e}")
+        else:
+            try:
+                run = start_training_run(
+                    get_session(), created_by=f"token:{token.id if token else '?'}", **arguments
+                )
+            except TrainingRequestError as e:
+                attach_error(form, _form_field(e.field), f"{e.field}: {e.message}")
+            else:
+                return redirect(url_for("admin.run_page", run_id=run.id), code=303)
+    status = 422 if request.method == "POST" else 200
+    filter_ = request.args.get("status")
+    chosen = JobStatus(filter_) if filter_ in {s.value for s in JobStatus} else None
+    rows, total = list_runs(get_session(), chosen, limit=100)
+    return render_template(
+        "admin/runs.html", form=form, runs=rows, total=total, status_filter=chosen
+    ), status
+
+
+@admin.get("/runs/<uuid:run_id>")
+def run_page(run_id: uuid.UUID) -> Any:
+    session = get_session()
+    try:
+        run = get_run(session, run_id)
+    except RunNotFound as e:
+        raise Problem(404, str(e)) from None
+    series = metric_series(session, run.id)
+    losses = {name: points for name, points in series.items() if "loss" in name}
+    others = {name: points[-1] for name, points in series.items() if "loss" not in name}
+    storage = services().storage
+    try:
+        key = samples_key(run.id)
+        samples_url = storage.url(key) if storage.exists(key) else None
+    except StorageError:
+        samples_url = None
+    return render_template(
+        "admin/run.html",
+        run=run,
+        chart=loss_curve_svg(losses),
+        latest=others,
+        samples_url=samples_url,
+        statuses=JobStatus,
+    )
+
+
+@admin.post("/runs/<uuid:run_id>/cancel")
+def cancel_run_page(run_id: uuid.UUID) -> BaseResponse:
+    session = get_session()
+    try:
+        cancel_run(session, get_run(session, run_id))
+        session.commit()
+    except RunNotFound as e:
+        raise Problem(404, str(e)) from None
+    except RunFinished as e:
+        session.rollback()
+        flash(str(e))
+    return redirect(url_for("admin.run_page", run_id=run_id), code=303)
+
+
+@admin.get("/models")
+def models() -> Any:
+    session = get_session()
+    return render_template(
+        "admin/models.html", versions=list_versions(session), serving=serving_model(session)
+    )
+
+
+@admin.post("/models/<uuid:version_id>/activate")
+def activate(version_id: uuid.UUID) -> BaseResponse:
+    session = get_session()
+    try:
+        version = activate_version(session, version_id)
+        session.commit()
+        flash(f"{version.name} now serves new jobs.")
+    except LookupError:
+        raise Problem(404, f"There is no model version {version_id}.") from None
+    except IntegrityError:
+        session.rollback()
+        flash("Another version was activated at the same moment; try again.")
+    return redirect(url_for("admin.models"), code=303)
+
+
+@admin.post("/models/default")
+def activate_default() -> BaseResponse:
+    session = get_session()
+    deactivate_all(session)
+    session.commit()
+    flash("The shipped default model now serves new jobs.")
+    return redirect(url_for("admin.models"), code=303)

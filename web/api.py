@@ -1,0 +1,217 @@
+"""REST API v1 for programs: submit jobs, poll them, list and cancel them, see the models.
+
+Every endpoint needs ``Authorization: Bearer <token>``. A job is visible to the token that made
+it and to admin tokens; anyone else gets 404, as for a job that does not exist.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from apiflask import APIBlueprint
+from flask import Response, jsonify, request, url_for
+from marshmallow import RAISE
+
+from core.db.models import JobStatus
+from core.jobs import (
+    IdempotencyConflict,
+    JobNotFound,
+    JobRequest,
+    JobRequestError,
+    cancel_job,
+    get_job,
+    list_jobs,
+)
+from core.model_versions import serving_model
+from web.auth import bearer_caller
+from web.db import end_reads, get_session
+from web.problems import Problem, invalid
+from web.resources import (
+    job_resource,
+    job_views,
+    list_versions,
+    load_job,
+    model_version_resource,
+    serving_resource,
+)
+from web.schemas import (
+    IdempotencyHeaders,
+    JobIn,
+    JobOut,
+    JobPage,
+    LocationHeader,
+    ModelsOut,
+    PageQuery,
+)
+from web.services import services
+from web.submission import submit_and_publish
+
+api = APIBlueprint("api", __name__, url_prefix="/api/v1", tag="Jobs")
+
+# Errors every authenticated endpoint can answer; apiflask documents each with the Problem schema.
+COMMON_ERRORS = {
+    401: "No token, or a token that is not valid or was revoked.",
+    503: "The database is unavailable.",
+}
+BODY_ERRORS = {
+    400: "The body is not valid JSON.",
+    413: "The body is over the size limit.",
+    415: "The body is not application/json.",
+}
+
+
+# Endpoints that read a JSON body; anything else sent to them is refused with 415.
+JSON_BODY_ENDPOINTS = {"api.submit_job_view", "admin_api.submit_run_view"}
+
+
+def refuse_non_json_body() -> None:
+    if request.endpoint in JSON_BODY_ENDPOINTS and request.content_length and not request.is_json:
+        raise Problem(415, "Send the body as JSON, with Content-Type: application/json.")
+
+
+@api.before_request
+def authenticate_caller() -> None:
+    bearer_caller()
+    refuse_non_json_body()
+
+
+def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    """The resource as it is. apiflask serialises nothing when a view returns a Response: the
+    @output schemas document the answer, and the Schemathesis tests check the two agree."""
+    response = jsonify(body)
+    response.status_code = status
+    response.headers.update(headers or {})
+    return response
+
+
+def _job(job_id: uuid.UUID) -> Any:
+    try:
+        return get_job(get_session(), job_id, bearer_caller().scope)
+    except JobNotFound:
+        raise Problem(404, f"There is no job {job_id}.") from None
+
+
+def _job_json(session: Any, job: Any) -> dict[str, Any]:
+    (view,) = job_views(session, [job.id])
+    return job_resource(view, services().storage)
+
+
+@api.post("/jobs")
+@api.input(JobIn, location="json", arg_name="body")
+@api.input(IdempotencyHeaders, location="headers", arg_name="headers")
+@api.output(JobOut, status_code=202, headers=LocationHeader, description="Queued.")
+@api.doc(
+    summary="Submit a generation job",
+    description="Queues a job and returns it at once; poll the Location. Parameters left out "
+    "take the serving model's defaults and the seed is random; the job reports the values used. "
+    "Returns 202 also when the broker is down: the job is committed and is sent to the workers "
+    "once it is back.",
+    security="BearerAuth",
+    responses={
+        **COMMON_ERRORS,
+        **BODY_ERRORS,
+        409: "The Idempotency-Key was used before with a different body.",
+        429: "Too many submissions; see Retry-After.",
+    },
+)
+def submit_job_view(body: dict[str, Any], headers: dict[str, Any]) -> Any:
+    try:
+        job, view = submit_and_publish(
+            get_session(),
+            JobRequest(**body),
+            bearer_caller().owner,
+            idempotency_key=headers.get("idempotency_key"),
+        )
+    except JobRequestError as e:
+        raise invalid(e.field, e.message) from None
+    except IdempotencyConflict as e:
+        raise Problem(409, f"{e}; use a new key for a new request.") from None
+    location = url_for("api.get_job_view", job_id=job.id)
+    return json_response(job_resource(view, services().storage), 202, {"Location": location})
+
+
+@api.get("/jobs")
+@api.input(PageQuery, location="query", arg_name="query", unknown=RAISE)
+@api.output(JobPage)
+@api.doc(
+    summary="List jobs",
+    description="Your jobs, newest first (an admin sees everyone's), optionally by status.",
+    security="BearerAuth",
+    responses=COMMON_ERRORS,
+)
+def list_jobs_view(query: dict[str, Any]) -> Any:
+    session = get_session()
+    status = JobStatus(query["status"]) if query.get("status") else None
+    jobs, total = list_jobs(
+        session, bearer_caller().scope, status, limit=query["limit"], offset=query["offset"]
+    )
+    storage = services().storage
+    return json_response(
+        {
+            "jobs": [
+                job_resource(view, storage) for view in job_views(session, [job.id for job in jobs])
+            ],
+            "total": total,
+            "limit": query["limit"],
+            "offset": query["offset"],
+        }
+    )
+
+
+@api.get("/jobs/<uuid:job_id>")
+@api.output(JobOut)
+@api.doc(
+    summary="Poll a job",
+    description="Its status, queue position, progress with a live preview, and its images.",
+    security="BearerAuth",
+    responses=COMMON_ERRORS,
+)
+def get_job_view(job_id: uuid.UUID) -> Any:
+    session = get_session()
+    try:
+        view = load_job(session, job_id, bearer_caller().scope)
+    except JobNotFound:
+        raise Problem(404, f"There is no job {job_id}.") from None
+    finally:
+        end_reads(session)
+    return json_response(job_resource(view, services().storage))
+
+
+@api.post("/jobs/<uuid:job_id>/cancel")
+@api.output(JobOut)
+@api.doc(
+    summary="Cancel a job",
+    description="A queued job is canceled at once; a running one stops at its next step "
+    "(poll until its status is canceled). Canceling a canceled job changes nothing.",
+    security="BearerAuth",
+    responses={**COMMON_ERRORS, 409: "The job already succeeded or failed."},
+)
+def cancel_job_view(job_id: uuid.UUID) -> Any:
+    session = get_session()
+    job = _job(job_id)
+    if job.status in (JobStatus.SUCCEEDED, JobStatus.FAILED):
+        raise Problem(409, f"The job already {job.status.value}; there is nothing to cancel.")
+    job = cancel_job(session, job)
+    session.commit()
+    return json_response(_job_json(session, job))
+
+
+def models_listing() -> dict[str, Any]:
+    session = get_session()
+    return {
+        "serving": serving_resource(serving_model(session)),
+        "versions": [model_version_resource(v) for v in list_versions(session)],
+    }
+
+
+@api.get("/models")
+@api.output(ModelsOut)
+@api.doc(
+    summary="List model versions",
+    description="The model that new jobs use, and every trained version with its metrics.",
+    security="BearerAuth",
+    responses=COMMON_ERRORS,
+)
+def list_models_view() -> Any:
+    return json_response(models_listing())

@@ -1,0 +1,88 @@
+"""Prometheus metrics, read from the database and the broker at each scrape.
+
+The database is the source of truth, so the numbers are the same whichever gunicorn process
+answers the scrape, and no process has to count anything itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from core.db.models import Job, JobStatus, TrainingRun
+from core.dispatch import QUEUE_GENERATE, QUEUE_TRAIN
+from web.services import Services
+
+# Seconds from submission to the last image: a few seconds on a GPU, minutes on a busy CPU.
+LATENCY_BUCKETS = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800)
+LATENCY_WINDOW = 1000  # the most recent succeeded jobs that the histogram describes
+
+
+class QueueCollector(Collector):
+    def __init__(self, svc: Services):
+        self.svc = svc
+
+    def _by_status(self, session: Session, model: type[Job] | type[TrainingRun]) -> dict[str, int]:
+        counts = {status.value: 0 for status in JobStatus}
+        rows = session.execute(select(model.status, func.count()).group_by(model.status))
+        for status, count in rows:
+            counts[JobStatus(status).value] = int(count)
+        return counts
+
+    def collect(self) -> Iterator[Metric]:
+        with Session(self.svc.engine) as session:
+            jobs = self._by_status(session, Job)
+            runs = self._by_status(session, TrainingRun)
+            finished = session.execute(
+                select(Job.created_at, Job.finished_at)
+                .where(Job.status == JobStatus.SUCCEEDED, Job.finished_at.is_not(None))
+                .order_by(Job.finished_at.desc())
+                .limit(LATENCY_WINDOW)
+            ).all()
+
+        gauge = GaugeMetricFamily("dq_jobs", "Generation jobs by status.", labels=["status"])
+        for status, count in jobs.items():
+            gauge.add_metric([status], count)
+        yield gauge
+
+        gauge = GaugeMetricFamily("dq_training_runs", "Training runs by status.", labels=["status"])
+        for status, count in runs.items():
+            gauge.add_metric([status], count)
+        yield gauge
+
+        gauge = GaugeMetricFamily(
+            "dq_queue_depth",
+            "Task messages waiting in the broker's queue (absent when the broker cannot tell).",
+            labels=["queue"],
+        )
+        for queue in (QUEUE_GENERATE, QUEUE_TRAIN):
+            depth = self.svc.publisher.queue_depth(queue)
+            if depth is not None:
+                gauge.add_metric([queue], depth)
+        yield gauge
+
+        latencies = sorted(
+            (done - created).total_seconds() for created, done in finished if done and created
+        )
+        buckets: list[tuple[str, float]] = []
+        for bound in LATENCY_BUCKETS:
+            buckets.append((str(float(bound)), sum(1 for s in latencies if s <= bound)))
+        buckets.append(("+Inf", len(latencies)))
+        yield HistogramMetricFamily(
+            "dq_job_latency_seconds",
+            f"Submission to finish of the last {LATENCY_WINDOW} succeeded jobs "
+            "(recomputed from the database at each scrape).",
+            buckets=buckets,
+            sum_value=sum(latencies),
+        )
+
+
+def make_registry(svc: Services) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(QueueCollector(svc))
+    return registry

@@ -1,0 +1,176 @@
+"""The HTML pages for people: the generation form, the live job page, recent jobs, and the local
+files behind signed URLs.
+
+Anonymous visitors are welcome: their jobs belong to a random id kept in their session cookie.
+The job page polls ``/jobs/<id>.json`` (the API's job object) and updates itself in place.
+"""
+
+from __future__ import annotations
+
+import mimetypes
+import uuid
+from typing import Any
+
+from apiflask import APIBlueprint
+from flask import (
+    abort,
+    jsonify,
+    redirect,
+    render_template,
+    request,
+    send_file,
+    url_for,
+)
+from werkzeug.wrappers import Response as BaseResponse
+
+from core.db.models import Job
+from core.jobs import JobNotFound, JobRequest, JobRequestError, cancel_job, get_job, list_jobs
+from core.model_versions import serving_model
+from core.storage import InvalidKey, LocalStorage
+from web.auth import page_caller
+from web.db import end_reads, get_session
+from web.forms import GenerateForm, attach_error
+from web.problems import Problem
+from web.resources import job_resource, job_views, load_job
+from web.services import services
+from web.submission import submit_and_publish
+
+# apiflask expects every blueprint to be an APIBlueprint; this one stays out of the API document.
+pages = APIBlueprint("pages", __name__, enable_openapi=False)
+
+JOBS_PER_PAGE = 24
+
+
+NO_SUCH_JOB = "There is no such job, or it was made in another browser."
+
+
+def _job(job_id: uuid.UUID) -> Job:
+    try:
+        return get_job(get_session(), job_id, page_caller().scope)
+    except JobNotFound:
+        raise Problem(404, NO_SUCH_JOB) from None
+
+
+def _job_json(job_id: uuid.UUID) -> dict[str, Any]:
+    """The API's job object, as this browser may see it."""
+    session = get_session()
+    try:
+        view = load_job(session, job_id, page_caller().scope)
+    except JobNotFound:
+        raise Problem(404, NO_SUCH_JOB) from None
+    finally:
+        end_reads(session)
+    return job_resource(view, services().storage)
+
+
+def _prefill(form: GenerateForm) -> None:
+    """Defaults from the serving model; with ?from=<job>, that job's settings and a new seed."""
+    model = serving_model(get_session())
+    form.steps.data, form.guidance.data, form.sampler.data = (
+        model.steps,
+        model.guidance,
+        model.sampler,
+    )
+    form.num_images.data = 1
+    source = request.args.get("from")
+    if source:
+        try:
+            job = get_job(get_session(), source, page_caller().scope)
+        except JobNotFound:
+            return
+        form.prompt.data, form.negative_prompt.data = job.prompt, job.negative_prompt
+        form.steps.data, form.guidance.data = job.steps, job.guidance
+        form.sampler.data, form.num_images.data = job.sampler, job.num_images
+
+
+@pages.route("/", methods=["GET", "POST"])
+def index() -> Any:
+    form = GenerateForm()
+    settings = services().settings
+    if request.method == "GET":
+        _prefill(form)
+    elif form.validate_on_submit():
+        request_ = JobRequest(
+            prompt=form.prompt.data or "",
+            negative_prompt=form.negative_prompt.data or "",
+            steps=form.steps.data,
+            guidance=form.guidance.data,
+            sampler=form.sampler.data,
+            seed=form.seed.data,
+            num_images=form.num_images.data if form.num_images.data is not None else 1,
+        )
+        try:
+            job, _ = submit_and_publish(get_session(), request_, page_caller().owner)
+        except JobRequestError as e:
+            attach_error(form, e.field, e.message)
+        else:
+            return redirect(url_for("pages.job_page", job_id=job.id), code=303)
+    status = 422 if request.method == "POST" else 200
+    return render_template("index.html", form=form, settings=settings), status
+
+
+@pages.get("/jobs")
+def recent_jobs() -> Any:
+    page = request.args.get("page", "1")
+    number = int(page) if page.isdigit() and 0 < int(page) < 100_000 else 1
+    session = get_session()
+    jobs, total = list_jobs(
+        session,
+        page_caller().scope,
+        limit=JOBS_PER_PAGE,
+        offset=(number - 1) * JOBS_PER_PAGE,
+    )
+    storage = services().storage
+    thumbnails = {
+        view.job.id: storage.url(view.images[0].storage_key) if view.images else None
+        for view in job_views(session, [job.id for job in jobs])
+    }
+    return render_template(
+        "jobs.html",
+        jobs=jobs,
+        thumbnails=thumbnails,
+        page=number,
+        pages=max(1, -(-total // JOBS_PER_PAGE)),
+        total=total,
+    )
+
+
+@pages.get("/jobs/<uuid:job_id>")
+def job_page(job_id: uuid.UUID) -> Any:
+    return render_template("job.html", job=_job_json(job_id))
+
+
+@pages.get("/jobs/<uuid:job_id>.json")
+def job_json(job_id: uuid.UUID) -> Any:
+    """The API's job object, for the page's polling script (session-scoped, no token)."""
+    response = jsonify(_job_json(job_id))
+    response.headers["Cache-Control"] = "no-store"
+    return response
+
+
+@pages.post("/jobs/<uuid:job_id>/cancel")
+def cancel(job_id: uuid.UUID) -> BaseResponse:
+    session = get_session()
+    job = _job(job_id)
+    cancel_job(session, job)
+    session.commit()
+    return redirect(url_for("pages.job_page", job_id=job_id), code=303)
+
+
+@pages.get("/files/<path:key>")
+def local_file(key: str) -> Any:
+    """An object of the local store behind a URL that LocalStorage.url signed."""
+    storage = services().storage
+    if not isinstance(storage, LocalStorage):
+        abort(404)
+    if not storage.verify_url(key, request.args.get("expires"), request.args.get("sig")):
+        raise Problem(403, "This file link is not valid or has expired; reload the page.")
+    try:
+        path = storage.path(key)
+    except InvalidKey:
+        abort(404)
+    if not path.is_file():
+        raise Problem(404, "This file does not exist (yet).")
+    mimetype = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+    # Previews are overwritten in place as a job runs: never serve a stale one from a cache.
+    return send_file(path, mimetype=mimetype, max_age=0, conditional=True, etag=True)

@@ -1,0 +1,234 @@
+"""Jobs, training runs and model versions as the JSON objects the API returns (and the job page
+polls). One function per object, so that submit, poll and list all answer the same shape.
+
+Polling is the hot path: a client asks for its job every half second. :func:`load_job` reads a
+job in one query built once at import (building a SQLAlchemy statement costs more than running
+it): the job, its model's name and its queue position; the images take a second query once the
+job has succeeded.
+"""
+
+from __future__ import annotations
+
+import math
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import bindparam, case, func, select
+from sqlalchemy.orm import Session
+
+from core.db.models import Image, Job, JobStatus, ModelKind, ModelVersion, TrainingRun
+from core.jobs import JobNotFound
+from core.model_versions import DEFAULT_MODEL_NAME, ServingModel
+from core.storage import Storage
+
+_jobs, _images, _versions = Job.__table__, Image.__table__, ModelVersion.__table__
+_ahead = _jobs.alias("ahead")
+
+# What the job object shows of a job, its model's name, and while it is queued the queued jobs
+# created before it: the rule of core.jobs.queue_position, as a correlated subquery
+# (tests/web/test_resources.py keeps the two in step), so that a poll is one query.
+_JOBS = (
+    select(
+        *(
+            _jobs.c[name]
+            for name in (
+                "id",
+                "owner",
+                "status",
+                "prompt",
+                "negative_prompt",
+                "steps",
+                "guidance",
+                "sampler",
+                "seed",
+                "width",
+                "num_images",
+                "progress_step",
+                "progress_total",
+                "preview_key",
+                "error",
+                "created_at",
+                "started_at",
+                "finished_at",
+            )
+        ),
+        _versions.c.name.label("model_name"),
+        case(
+            (
+                _jobs.c.status == JobStatus.QUEUED,
+                select(func.count())
+                .select_from(_ahead)
+                .where(
+                    _ahead.c.status == JobStatus.QUEUED, _ahead.c.created_at < _jobs.c.created_at
+                )
+                .scalar_subquery(),
+            ),
+            else_=None,
+        ).label("queued_ahead"),
+    )
+    .select_from(_jobs.outerjoin(_versions, _jobs.c.model_version_id == _versions.c.id))
+    .where(_jobs.c.id.in_(bindparam("job_ids", expanding=True)))
+)
+_IMAGES = (
+    select(
+        _images.c.job_id, _images.c.storage_key, _images.c.width, _images.c.height, _images.c.seed
+    )
+    .where(_images.c.job_id.in_(bindparam("job_ids", expanding=True)))
+    .order_by(_images.c.job_id, _images.c.index)
+)
+
+
+@dataclass(frozen=True)
+class JobView:
+    """A job as the job object shows it (a row of ``_JOBS``: the job's columns, its model's name
+    and its queue position) and the job's images."""
+
+    job: Any
+    images: Sequence[Any]
+
+    @property
+    def model_name(self) -> str:
+        return str(self.job.model_name or DEFAULT_MODEL_NAME)
+
+    @property
+    def queue_position(self) -> int | None:
+        ahead = self.job.queued_ahead
+        return None if ahead is None else int(ahead)
+
+
+def job_views(session: Session, job_ids: Sequence[uuid.UUID]) -> list[JobView]:
+    """The jobs in the order given (absent ones left out): one query, and one more for the
+    images when some of them have succeeded."""
+    if not job_ids:
+        return []
+    # Through the session's connection: these are table queries, and the ORM's handling of a
+    # statement costs more than the query itself.
+    connection = session.connection()
+    rows = {row.id: row for row in connection.execute(_JOBS, {"job_ids": list(job_ids)})}
+    done = [job_id for job_id, row in rows.items() if row.status is JobStatus.SUCCEEDED]
+    images: dict[uuid.UUID, list[Any]] = {job_id: [] for job_id in done}
+    if done:
+        for image in connection.execute(_IMAGES, {"job_ids": done}):
+            images[image.job_id].append(image)
+    return [JobView(rows[i], images.get(i, [])) for i in job_ids if i in rows]
+
+
+def load_job(session: Session, job_id: uuid.UUID, scope: str | None) -> JobView:
+    """The job as its owner (or an admin, ``scope=None``) sees it; JobNotFound otherwise, as
+    ``core.jobs.get_job`` answers."""
+    views = job_views(session, [job_id])
+    if not views or (scope is not None and views[0].job.owner != scope):
+        raise JobNotFound(f"no job {job_id}")
+    return views[0]
+
+
+def iso(moment: datetime | None) -> str | None:
+    """ISO 8601 with the UTC offset, e.g. 2025-01-31T12:00:00.123456+00:00."""
+    return None if moment is None else moment.isoformat()
+
+
+def job_resource(view: JobView, storage: Storage) -> dict[str, Any]:
+    job = view.job
+    running = job.status is JobStatus.RUNNING
+    return {
+        "id": str(job.id),
+        "status": job.status.value,
+        "progress": {
+            "step": job.progress_step,
+            "total": job.progress_total,
+            "preview_url": storage.url(job.preview_key) if running and job.preview_key else None,
+        },
+        "queue_position": view.queue_position,
+        "created_at": iso(job.created_at),
+        "started_at": iso(job.started_at),
+        "finished_at": iso(job.finished_at),
+        "params": {
+            "prompt": job.prompt,
+            "negative_prompt": job.negative_prompt,
+            "steps": job.steps,
+            "guidance": job.guidance,
+            "sampler": job.sampler,
+            "seed": job.seed,
+            "num_images": job.num_images,
+            "size": job.width,
+            "model": view.model_name,
+        },
+        "images": [
+            {
+                "url": storage.url(image.storage_key),
+                "width": image.width,
+                "height": image.height,
+                "seed": image.seed,
+            }
+            for image in view.images
+        ],
+        "error": job.error,
+    }
+
+
+def list_versions(session: Session, kind: ModelKind | None = None) -> list[ModelVersion]:
+    """Model versions, newest first, of one kind or all."""
+    query = select(ModelVersion).order_by(ModelVersion.created_at.desc())
+    if kind is not None:
+        query = query.where(ModelVersion.kind == kind)
+    return list(session.scalars(query))
+
+
+def serving_resource(model: ServingModel) -> dict[str, Any]:
+    return model.as_dict()
+
+
+def model_version_resource(version: ModelVersion) -> dict[str, Any]:
+    return {
+        "id": str(version.id),
+        "name": version.name,
+        "kind": version.kind.value,
+        "is_active": version.is_active,
+        "metrics": version.metrics or {},
+        "created_at": iso(version.created_at),
+        "activated_at": iso(version.activated_at),
+    }
+
+
+def samples_key(run_id: Any) -> str:
+    """Where the worker writes a denoiser run's sample grid."""
+    return f"runs/{run_id}/samples.png"
+
+
+def run_resource(
+    run: TrainingRun,
+    *,
+    metrics: dict[str, list[tuple[int, float]]] | None = None,
+    samples_url: str | None = None,
+    detail: bool = False,
+) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "id": str(run.id),
+        "status": run.status.value,
+        "kind": run.kind.value,
+        "dataset": run.dataset,
+        "config": run.config,
+        "step": run.step,
+        "total_steps": run.total_steps,
+        "cancel_requested": run.cancel_requested,
+        "created_by": run.created_by,
+        "created_at": iso(run.created_at),
+        "started_at": iso(run.started_at),
+        "finished_at": iso(run.finished_at),
+        "error": run.error,
+        "model_version_id": str(run.model_version_id) if run.model_version_id else None,
+    }
+    if detail:
+        out["metrics"] = {
+            # A diverged run logs NaN or inf, which JSON cannot carry: null stands for them.
+            name: [
+                {"step": step, "value": value if math.isfinite(value) else None}
+                for step, value in series
+            ]
+            for name, series in (metrics or {}).items()
+        }
+        out["samples_url"] = samples_url
+    return out

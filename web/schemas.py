@@ -1,0 +1,416 @@
+"""The REST API's request and response bodies as marshmallow schemas: apiflask validates requests
+with them and writes the OpenAPI document from them.
+
+Requests are strict JSON: a string is not a number, 1 is not true, unknown fields are refused.
+Limits that come from the settings (DQ_MAX_STEPS, DQ_MAX_IMAGES_PER_JOB, DQ_MAX_PROMPT_CHARS)
+and from the serving model (size) are checked by ``core.jobs``; :func:`web.openapi` writes their
+current values into the served document.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from apiflask import Schema
+from apiflask.fields import UUID, Boolean, DateTime, Dict, Float, Integer, List, Nested, String
+from apiflask.validators import Length, OneOf, Range, Regexp
+from marshmallow import ValidationError
+
+from core.db.models import JobStatus, ModelKind
+from core.jobs import MAX_GUIDANCE, MAX_SEED, SAMPLER_NAMES
+from core.training_runs import MODEL_TABLES, TRAIN_KEYS
+
+STATUSES = [s.value for s in JobStatus]
+
+
+class JsonNumber(Float):
+    """A JSON number: ints and floats, not "4.0" or true."""
+
+    def __init__(self, **kwargs: Any):
+        super().__init__(error_messages={"invalid": "must be a number"}, **kwargs)
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise self.make_error("invalid")
+        return super()._deserialize(value, attr, data, **kwargs)
+
+
+class JsonInteger(Integer):
+    """A JSON integer: not 2.5, "2" or true."""
+
+    def __init__(self, **kwargs: Any):
+        super().__init__(strict=True, error_messages={"invalid": "must be an integer"}, **kwargs)
+
+
+class JsonBoolean(Boolean):
+    """true or false, not 1 or "yes"."""
+
+    def __init__(self, **kwargs: Any):
+        super().__init__(error_messages={"invalid": "must be true or false"}, **kwargs)
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> bool:
+        if not isinstance(value, bool):
+            raise self.make_error("invalid")
+        return value
+
+
+class JsonText(String):
+    """A string that the database can store: valid Unicode (no lone surrogates such as the JSON
+    escape \\ud800) without NUL characters."""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> str:
+        text = super()._deserialize(value, attr, data, **kwargs)
+        _check_text(text, self)
+        return text
+
+
+class JsonObject(Dict):
+    """A JSON object whose every string is storable and every number finite (PostgreSQL's JSON
+    refuses NaN, and JSON itself has no such token)."""
+
+    def __init__(self, **kwargs: Any):
+        super().__init__(error_messages={"invalid": "must be a JSON object"}, **kwargs)
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> Any:
+        result = super()._deserialize(value, attr, data, **kwargs)
+        _check_json(result, self)
+        return result
+
+
+def _check_text(text: str, field: Any) -> None:
+    if "\x00" in text:
+        raise ValidationError("must not contain NUL characters")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValidationError("must be valid Unicode text (no lone surrogates)") from None
+
+
+def _check_json(value: Any, field: Any) -> None:
+    if isinstance(value, str):
+        _check_text(value, field)
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise ValidationError("must not contain NaN or infinity")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_json(key, field)
+            _check_json(item, field)
+    elif isinstance(value, list):
+        for item in value:
+            _check_json(item, field)
+
+
+def _range(lo: float, hi: float | None = None) -> Range:
+    if hi is None:
+        return Range(min=lo, error="must be at least {min}")
+    return Range(min=lo, max=hi, error="must be from {min} to {max}")
+
+
+# --- errors -------------------------------------------------------------------------------
+
+
+class FieldError(Schema):
+    field = String(required=True, metadata={"description": "e.g. steps, or dataset.uri"})
+    message = String(required=True)
+
+
+class Problem(Schema):
+    """An RFC 9457 problem: what went wrong, in a sentence a person understands."""
+
+    type = String(required=True, metadata={"description": "A URI naming the kind of problem."})
+    title = String(required=True, metadata={"description": "The HTTP status phrase."})
+    status = Integer(required=True)
+    detail = String(required=True, metadata={"description": "What went wrong and what to do."})
+    instance = String(metadata={"description": "The path that was requested."})
+    errors = List(Nested(FieldError), metadata={"description": "For 422: the fields at fault."})
+
+
+# --- jobs -----------------------------------------------------------------------------------
+
+
+class JobIn(Schema):
+    prompt = JsonText(
+        required=True,
+        validate=Regexp(r"\S", error="must not be empty"),
+        metadata={"description": "What the image should show.", "example": "a red circle"},
+    )
+    negative_prompt = JsonText(
+        load_default="", metadata={"description": "What the image should not show."}
+    )
+    steps = JsonInteger(
+        allow_none=True,
+        validate=_range(1),
+        metadata={"description": "Denoising steps; null or absent: the serving model's."},
+    )
+    guidance = JsonNumber(
+        allow_none=True,
+        validate=_range(0, MAX_GUIDANCE),
+        metadata={"description": "Classifier-free guidance scale; 1 turns it off."},
+    )
+    sampler = String(
+        allow_none=True,
+        validate=OneOf(SAMPLER_NAMES, error="must be one of {choices}"),
+        metadata={"description": "null or absent: the serving model's default."},
+    )
+    seed = JsonInteger(
+        allow_none=True,
+        validate=_range(0, MAX_SEED),
+        metadata={
+            "description": "Seed of the first image (image i uses seed + i); random if null."
+        },
+    )
+    num_images = JsonInteger(load_default=1, validate=_range(1))
+    size = JsonInteger(
+        allow_none=True,
+        validate=_range(1),
+        metadata={"description": "Side in pixels, a multiple of the model's; null: the model's."},
+    )
+
+
+class IdempotencyHeaders(Schema):
+    idempotency_key = String(
+        data_key="Idempotency-Key",
+        validate=Length(min=1, max=255, error="must be {min} to {max} characters"),
+        metadata={
+            "description": "Retry-safe submission: the same key with the same body returns the "
+            "same job; with a different body, 409."
+        },
+    )
+
+
+class PageQuery(Schema):
+    # Query strings are text: "20" is read as 20 here, unlike in a JSON body.
+    status = String(validate=OneOf(STATUSES, error="must be one of {choices}"))
+    limit = Integer(load_default=20, validate=_range(1, 100))
+    offset = Integer(load_default=0, validate=_range(0, 1_000_000))
+
+
+class Progress(Schema):
+    step = Integer(required=True)
+    total = Integer(required=True)
+    preview_url = String(
+        required=True, allow_none=True, metadata={"description": "While the job runs."}
+    )
+
+
+class ImageOut(Schema):
+    url = String(required=True, metadata={"description": "Presigned on S3; expires in an hour."})
+    width = Integer(required=True)
+    height = Integer(required=True)
+    seed = Integer(required=True)
+
+
+class JobParams(Schema):
+    prompt = String(required=True)
+    negative_prompt = String(required=True)
+    steps = Integer(required=True)
+    guidance = Float(required=True)
+    sampler = String(required=True)
+    seed = Integer(required=True, metadata={"description": "The seed actually used."})
+    num_images = Integer(required=True)
+    size = Integer(required=True)
+    model = String(required=True, metadata={"description": "Model version name, or default."})
+
+
+class JobOut(Schema):
+    id = UUID(required=True)
+    status = String(required=True, validate=OneOf(STATUSES))
+    progress = Nested(Progress, required=True)
+    queue_position = Integer(
+        required=True,
+        allow_none=True,
+        metadata={"description": "Jobs ahead of this one; null once it is no longer queued."},
+    )
+    created_at = DateTime(required=True)
+    started_at = DateTime(required=True, allow_none=True)
+    finished_at = DateTime(required=True, allow_none=True)
+    params = Nested(JobParams, required=True)
+    images = List(Nested(ImageOut), required=True)
+    error = String(required=True, allow_none=True)
+
+
+class JobPage(Schema):
+    jobs = List(Nested(JobOut), required=True)
+    total = Integer(required=True, metadata={"description": "Jobs matching the filter."})
+    limit = Integer(required=True)
+    offset = Integer(required=True)
+
+
+class LocationHeader(Schema):
+    location = String(
+        data_key="Location", required=True, metadata={"description": "Where to poll."}
+    )
+
+
+# --- models ---------------------------------------------------------------------------------
+
+
+class ModelDefaults(Schema):
+    steps = Integer(required=True)
+    guidance = Float(required=True)
+    sampler = String(required=True)
+
+
+class ServingOut(Schema):
+    id = UUID(required=True, allow_none=True, metadata={"description": "null: shipped default."})
+    name = String(required=True)
+    defaults = Nested(ModelDefaults, required=True)
+    image_size = Integer(required=True)
+
+
+class ModelVersionOut(Schema):
+    id = UUID(required=True)
+    name = String(required=True)
+    kind = String(required=True, validate=OneOf([k.value for k in ModelKind]))
+    is_active = Boolean(required=True)
+    metrics = Dict(required=True, metadata={"description": "Evaluation metrics of the version."})
+    created_at = DateTime(required=True)
+    activated_at = DateTime(required=True, allow_none=True)
+
+
+class ModelsOut(Schema):
+    serving = Nested(ServingOut, required=True)
+    versions = List(Nested(ModelVersionOut), required=True)
+
+
+# --- training runs --------------------------------------------------------------------------
+
+
+def _dataset_document() -> dict[str, Any]:
+    """The dataset variants, for the document (core.training_runs.validate_dataset checks them)."""
+
+    def variant(kind: str, properties: dict[str, Any], required: list[str]) -> dict[str, Any]:
+        return {
+            "type": "object",
+            "properties": {"kind": {"type": "string", "enum": [kind]}, **properties},
+            "required": ["kind", *required],
+            "additionalProperties": False,
+        }
+
+    return {
+        "oneOf": [
+            variant(
+                "shapes",
+                {
+                    "seed": {"type": "integer", "minimum": 0, "maximum": 2**31},
+                    "image_size": {
+                        "type": "integer",
+                        "minimum": 16,
+                        "maximum": 256,
+                        "multipleOf": 16,
+                    },
+                    "max_objects": {"type": "integer", "minimum": 1, "maximum": 2},
+                    "held_out": {
+                        "type": "array",
+                        "description": 'Color-shape pairs to leave out, e.g. ["orange", "square"].',
+                        "items": {
+                            "type": "array",
+                            "items": {"type": "string"},
+                            "minItems": 2,
+                            "maxItems": 2,
+                        },
+                    },
+                },
+                [],
+            ),
+            variant(
+                "s3",
+                {"uri": {"type": "string", "pattern": "^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]/"}},
+                ["uri"],
+            ),
+            variant(
+                "path",
+                {"path": {"type": "string", "minLength": 1, "description": "Under DQ_DATA_ROOT."}},
+                ["path"],
+            ),
+        ]
+    }
+
+
+def _train_document() -> dict[str, Any]:
+    """The training hyperparameters and their ranges, from core.training_runs.TRAIN_KEYS."""
+    properties = {}
+    for key, (kind, lo, hi, open_lo) in TRAIN_KEYS.items():
+        bound = {"exclusiveMinimum": lo} if open_lo else {"minimum": lo}
+        properties[key] = {"type": "integer" if kind is int else "number", **bound, "maximum": hi}
+    return {"type": "object", "properties": properties, "additionalProperties": False}
+
+
+class TrainingRunIn(Schema):
+    kind = String(
+        required=True,
+        validate=OneOf([k.value for k in ModelKind], error="must be one of {choices}"),
+    )
+    dataset = JsonObject(
+        required=True,
+        metadata={
+            "description": "The data: the built-in shapes with its options, an s3:// prefix, or "
+            "a folder under DQ_DATA_ROOT; never an arbitrary URL.",
+            "example": {"kind": "shapes", "seed": 0},
+            **_dataset_document(),
+        },
+    )
+    config = JsonObject(
+        allow_none=True,
+        metadata={
+            "description": "Overrides of the committed config (configs/KIND.toml): the "
+            '"train" hyperparameters and, per kind, the model tables (autoencoder: model; '
+            "denoiser: text, unet, schedule).",
+            "example": {"train": {"steps": 1000, "lr": 0.0002}},
+            "properties": {
+                "train": _train_document(),
+                **{
+                    table: {"type": "object"}
+                    for tables in MODEL_TABLES.values()
+                    for table in tables
+                },
+            },
+            "additionalProperties": False,
+        },
+    )
+    autoencoder_version_id = UUID(
+        allow_none=True, metadata={"description": "Denoiser runs: train on this autoencoder."}
+    )
+    activate = JsonBoolean(
+        load_default=False, metadata={"description": "Serve the resulting version at once."}
+    )
+
+
+class MetricPoint(Schema):
+    step = Integer(required=True)
+    value = Float(required=True, allow_none=True, metadata={"description": "null: NaN or inf"})
+
+
+class TrainingRunOut(Schema):
+    id = UUID(required=True)
+    status = String(required=True, validate=OneOf(STATUSES))
+    kind = String(required=True)
+    dataset = Dict(required=True)
+    config = Dict(required=True)
+    step = Integer(required=True)
+    total_steps = Integer(required=True)
+    cancel_requested = Boolean(required=True)
+    created_by = String(required=True)
+    created_at = DateTime(required=True)
+    started_at = DateTime(required=True, allow_none=True)
+    finished_at = DateTime(required=True, allow_none=True)
+    error = String(required=True, allow_none=True)
+    model_version_id = UUID(
+        required=True, allow_none=True, metadata={"description": "The version it produced."}
+    )
+    metrics = Dict(
+        keys=String(),
+        values=List(Nested(MetricPoint)),
+        metadata={"description": "Detail only: every metric's series, by name."},
+    )
+    samples_url = String(
+        allow_none=True, metadata={"description": "Detail only: the sample grid, once written."}
+    )
+
+
+class RunPage(Schema):
+    runs = List(Nested(TrainingRunOut), required=True)
+    total = Integer(required=True)
+    limit = Integer(required=True)
+    offset = Integer(required=True)

@@ -1,0 +1,37 @@
+"""What one app instance talks to: its settings, database engine, object store, broker and rate
+limiter, built once by :func:`web.create_app` and reached from a request by :func:`services`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from flask import current_app
+from sqlalchemy.engine import Engine
+
+from core.dispatch import Publisher
+from core.settings import Settings
+from core.storage import Storage
+
+if TYPE_CHECKING:
+    from flask_limiter import Limiter
+
+    from web.auth import TokenCache
+
+
+@dataclass
+class Services:
+    settings: Settings
+    engine: Engine
+    storage: Storage
+    publisher: Publisher
+    token_cache: TokenCache
+    # GET requests read through this one: the same pool (see web.db).
+    read_engine: Engine
+    limiter: Limiter | None = None
+
+
+def services() -> Services:
+    """The services of the app handling the current request."""
+    found: Services = current_app.extensions["dq"]
+    return found

@@ -1,0 +1,91 @@
+"""Submitting work: record it, commit, then hand its message to the broker.
+
+The order is the guarantee. The job (or training run) is committed first; only then is its task
+message published (:func:`core.dispatch.publish_job`). So:
+
+- the database is down: the commit fails, nothing is written, the caller gets 503;
+- the broker is down: the row is committed but unpublished, which makes it an outbox entry that
+  the relay (``dq reaper``) publishes once the broker is back. The submission has succeeded and
+  is durable, so the caller gets 202 like any other; the failure is logged.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from core.db.models import Job, TrainingRun
+from core.dispatch import publish_job, publish_run
+from core.jobs import JobRequest, submit_job
+from core.training_runs import submit_training_run
+from web.resources import JobView, job_views
+from web.services import services
+
+log = logging.getLogger(__name__)
+
+
+def _publish(what: str, send: Callable[[], bool]) -> None:
+    try:
+        send()
+    except Exception as e:  # the broker: its client raises many kinds of errors
+        log.warning("%s is committed but not yet published (the relay will send it): %s", what, e)
+
+
+def submit_and_publish(
+    session: Session, request: JobRequest, owner: str, idempotency_key: str | None = None
+) -> tuple[Job, JobView]:
+    """``core.jobs.submit_job``, committed, then published. Returns the job, and the job as the
+    API shows it, read in the same transaction (on SQLite, each one takes the write lock).
+
+    JobRequestError and IdempotencyConflict propagate with nothing written.
+    """
+    svc = services()
+    try:
+        job, _created = submit_job(session, request, owner, svc.settings, idempotency_key)
+        (view,) = job_views(session, [job.id])
+        session.commit()
+    except Exception:
+        session.rollback()
+        raise
+    # A replay of an idempotent request publishes too, in case the first try never got its
+    # message out; publish_job sends only while the job is queued and unpublished.
+    _publish(f"job {job.id}", lambda: publish_job(svc.engine, svc.publisher, job.id))
+    return job, view
+
+
+def start_training_run(
+    session: Session,
+    *,
+    kind: Any,
+    dataset: Any,
+    config: Any,
+    created_by: str,
+    autoencoder_version_id: uuid.UUID | None = None,
+    activate: bool = False,
+) -> TrainingRun:
+    """``core.training_runs.submit_training_run``, committed, then published.
+
+    TrainingRequestError propagates with nothing written.
+    """
+    svc = services()
+    try:
+        run = submit_training_run(
+            session,
+            svc.settings,
+            kind=kind,
+            dataset=dataset,
+            config=config,
+            created_by=created_by,
+            autoencoder_version_id=autoencoder_version_id,
+            activate=activate,
+        )
+        session.commit()
+    except Exception:
+        session.rollback()
+        raise
+    _publish(f"training run {run.id}", lambda: publish_run(svc.engine, svc.publisher, run.id))
+    return run
