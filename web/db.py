@@ -8,8 +8,8 @@ cheap:
 
 - on PostgreSQL they run in autocommit mode: each statement sees what was committed, and no
   BEGIN and ROLLBACK round trips are paid;
-- on SQLite they begin a deferred transaction, which under WAL takes no lock that a writer
-  waits for; a read-only view still ends it as soon as it has what it needs (:func:`end_reads`).
+- on SQLite likewise (no BEGIN, so no lock that a writer waits for under WAL); a read-only view
+  still ends its session's transaction as soon as it has what it needs (:func:`end_reads`).
 """
 
 from __future__ import annotations

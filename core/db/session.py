@@ -60,10 +60,9 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
 def _sqlite_begin_immediate(conn: Any) -> None:
     # BEGIN IMMEDIATE takes the write lock at the start, so two processes that read then write
     # wait for each other instead of failing with "database is locked" at the write. Read-only
-    # work (see read_only_engine) begins deferred and, under WAL, never waits for a writer.
-    if conn.get_execution_options().get(READ_ONLY_OPTION):
-        conn.exec_driver_sql("BEGIN")
-    else:
+    # work (see read_only_engine) runs in autocommit, like PostgreSQL's read engine: each
+    # statement reads a consistent, committed snapshot and, under WAL, never waits for a writer.
+    if not conn.get_execution_options().get(READ_ONLY_OPTION):
         conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
@@ -71,8 +70,9 @@ READ_ONLY_OPTION = "dq_read_only"
 
 
 def read_only_engine(engine: Engine) -> Engine:
-    """The same pool for work that only reads, such as polling a job: autocommit on PostgreSQL
-    (no BEGIN/ROLLBACK round trips), a deferred transaction on SQLite (no write lock)."""
+    """The same pool for work that only reads, such as polling a job: autocommit on both
+    backends, so no BEGIN/ROLLBACK round trips and, on SQLite, no write lock. Each statement
+    sees committed data; do not write through it."""
     if engine.dialect.name == "postgresql":
         return engine.execution_options(isolation_level="AUTOCOMMIT")
     return engine.execution_options(**{READ_ONLY_OPTION: True})
