@@ -1,0 +1,406 @@
+"""``dq eval``: FID and prompt adherence of a checkpoint, at its default settings and in sweeps.
+
+What is measured (every number depends only on the checkpoint, the classifier and the seed):
+
+- **Default settings** (the checkpoint's sampler, steps and guidance) on N prompts (see
+  :mod:`.scenes`): FID of the N generated images against N real images, the real-against-real
+  floor from two disjoint real samples of N, prompt adherence per group (seen or held-out pairs,
+  one or two objects) and per attribute, and the classifier's reading of the prompts' own real
+  renderings (what a perfect generator would score).
+- **Sampler sweep** (DDPM 1000, DDIM 50, DPM-Solver++ 20 and 10 steps, default guidance) on the
+  first ``sweep_n`` prompts, the same prompts and seeds in every row, with the floor at that N.
+  DDPM at 1000 steps costs 50× the default, so this sweep has its own, smaller N.
+- **Guidance sweep** (1, 2, 4, 7) at the default sampler and steps, on all N prompts unless
+  ``guidance_n`` says fewer.
+
+Every FID is reported with its floor at the same N: FID's estimate is biased upwards by roughly
+a constant over N, so numbers are only comparable at equal N.
+- The autoencoder's reconstruction PSNR on held-out-pair images.
+
+Image i of the prompts always gets seed ``seed·10⁶ + i``; an image depends only on its prompt,
+settings and seed (the pipeline is batch-invariant), so rows that share settings share images and
+a smaller N reuses a prefix of a larger one.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from core.diffusion.checkpoint import read_config
+from core.diffusion.data.captioned import images_to_tensor
+from core.diffusion.eval.classifier import AttributeClassifier, Scene, attribute_accuracy
+from core.diffusion.eval.fid import GaussianStats, frechet_distance, gaussian_stats
+from core.diffusion.eval.scenes import (
+    HELD_OUT,
+    SEEN,
+    EvalScene,
+    grid_label,
+    grid_scenes,
+    held_out_pairs,
+    scene_stream,
+)
+from core.diffusion.pipeline import LatentDiffusion
+from core.diffusion.sample_grid import save_grid
+
+SAMPLER_NAMES = {"ddpm": "DDPM", "ddim": "DDIM", "dpmpp-2m": "DPM-Solver++(2M)"}
+GROUPS = (
+    f"{SEEN}, 1 object",
+    f"{HELD_OUT}, 1 object",
+    f"{SEEN}, 2 objects",
+    f"{HELD_OUT}, 2 objects",
+)
+GRID_SEED_OFFSET = 500_000  # grid images' seeds, apart from the prompts' seeds
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    n: int = 2000
+    sweep_n: int = 256
+    guidance_n: int | None = None  # None: n
+    seed: int = 0
+    batch_size: int = 32
+    sweeps: bool = True
+    sampler_sweep: tuple[tuple[str, int], ...] = (
+        ("ddpm", 1000),
+        ("ddim", 50),
+        ("dpmpp-2m", 20),
+        ("dpmpp-2m", 10),
+    )
+    guidance_sweep: tuple[float, ...] = (1.0, 2.0, 4.0, 7.0)
+    grid_columns: int = 6
+    psnr_images: int = 256
+
+    def validate(self) -> None:
+        if self.n < 4 or self.sweep_n < 2 or (self.guidance_n is not None and self.guidance_n < 2):
+            raise ValueError(
+                "n must be at least 4, sweep_n and guidance_n at least 2 (FID needs 2 images)"
+            )
+        if self.batch_size < 1:
+            raise ValueError("batch_size must be at least 1")
+        if self.seed < 0 or self.seed >= 2**40:
+            raise ValueError("seed must be from 0 to 2^40")
+
+
+QUICK = EvalSettings(n=32, sweep_n=4, grid_columns=3, psnr_images=32)
+"""Settings of ``dq eval --quick``: a smoke run, its numbers are not meaningful."""
+
+
+@dataclass(frozen=True)
+class Sampling:
+    sampler: str
+    steps: int
+    guidance: float
+
+    @property
+    def label(self) -> str:
+        name = SAMPLER_NAMES.get(self.sampler, self.sampler)
+        return f"{name}, {self.steps} steps, guidance {self.guidance:g}"
+
+
+@dataclass(frozen=True)
+class Adherence:
+    matched: int
+    total: int
+
+    @property
+    def rate(self) -> float | None:
+        return self.matched / self.total if self.total else None
+
+
+@dataclass
+class Row:
+    """One setting's results on its first ``n`` prompts."""
+
+    sampling: Sampling
+    n: int
+    fid: float
+    floor: float  # real against real, two disjoint samples of n
+    adherence: dict[str, Adherence]
+    seconds: float  # generation wall-clock; 0 when the images were made for an earlier row
+
+
+@dataclass
+class EvalResult:
+    checkpoint: str
+    classifier: str
+    settings: EvalSettings
+    defaults: Sampling
+    main: Row
+    attribute_accuracy: dict[str, dict[str, float]]  # group → attribute → share (default row)
+    real_adherence: dict[str, Adherence]  # the classifier on the prompts' real renderings
+    sampler_rows: list[Row]
+    guidance_rows: list[Row]
+    autoencoder_psnr_db: float
+    autoencoder_psnr_images: int
+    classifier_info: dict[str, Any]
+    grid_rows: list[tuple[str, str, int]]  # caption, pairs, images read as the prompt
+    environment: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def numbers(self) -> dict[str, Any]:
+        """Every measured number, timings left out: two runs with one seed give equal dicts."""
+
+        def row(r: Row) -> dict[str, Any]:
+            return {
+                "sampling": vars(r.sampling),
+                "n": r.n,
+                "fid": r.fid,
+                "floor": r.floor,
+                "adherence": {k: vars(a) for k, a in r.adherence.items()},
+            }
+
+        return {
+            "main": row(self.main),
+            "attribute_accuracy": self.attribute_accuracy,
+            "real_adherence": {k: vars(a) for k, a in self.real_adherence.items()},
+            "sampler_sweep": [row(r) for r in self.sampler_rows],
+            "guidance_sweep": [row(r) for r in self.guidance_rows],
+            "autoencoder_psnr_db": self.autoencoder_psnr_db,
+            "autoencoder_psnr_images": self.autoencoder_psnr_images,
+            "grid_rows": self.grid_rows,
+        }
+
+    def to_json(self) -> dict[str, Any]:
+        timings = {
+            "seconds_total": self.seconds,
+            "main_seconds": self.main.seconds,
+            "sampler_sweep_seconds": [r.seconds for r in self.sampler_rows],
+            "guidance_sweep_seconds": [r.seconds for r in self.guidance_rows],
+        }
+        return {
+            "checkpoint": self.checkpoint,
+            "classifier": self.classifier,
+            "settings": {**vars(self.settings)},
+            "environment": self.environment,
+            "classifier_info": self.classifier_info,
+            **self.numbers(),
+            "timings": timings,
+        }
+
+
+def pil_to_tensor(images: Sequence[Image.Image]) -> torch.Tensor:
+    return images_to_tensor([np.asarray(im.convert("RGB")) for im in images])
+
+
+@dataclass
+class _Generated:
+    features: torch.Tensor  # (n, d)
+    scenes: list[Scene]  # the classifier's readings
+    seconds: float
+
+
+class _Generations:
+    """Generates the prompts' images under each setting once, judged and featurised as they
+    come; a row with fewer prompts reuses a prefix."""
+
+    def __init__(
+        self,
+        model: LatentDiffusion,
+        classifier: AttributeClassifier,
+        prompts: Sequence[EvalScene],
+        seed: int,
+        batch_size: int,
+        progress: bool,
+    ) -> None:
+        self.model = model
+        self.classifier = classifier
+        self.prompts = prompts
+        self.seed = seed
+        self.batch_size = batch_size
+        self.progress = progress
+        self.cache: dict[Sampling, _Generated] = {}
+
+    def get(self, sampling: Sampling, n: int) -> _Generated:
+        """The first ``n`` prompts' results; ``seconds`` is 0 when an earlier call made them."""
+        done = self.cache.get(sampling)
+        if done is not None and len(done.scenes) >= n:
+            return _Generated(done.features[:n], done.scenes[:n], 0.0)
+        captions = [p.caption for p in self.prompts[:n]]
+        seeds = [image_seed(self.seed, i) for i in range(n)]
+        t0 = time.perf_counter()
+        features, scenes = [], []
+        bar = tqdm(
+            total=n * sampling.steps,
+            desc=f"{sampling.label}, N={n}",
+            unit="img-step",
+            unit_scale=True,
+            disable=not self.progress,
+            dynamic_ncols=True,
+        )
+        with bar:
+            for i in range(0, n, self.batch_size):
+                batch = captions[i : i + self.batch_size]
+
+                def on_step(step: int, total: int, x0: torch.Tensor, k: int = len(batch)) -> None:
+                    bar.update(k)
+
+                images = self.model.generate(
+                    batch,
+                    steps=sampling.steps,
+                    guidance=sampling.guidance,
+                    sampler=sampling.sampler,
+                    seeds=seeds[i : i + self.batch_size],
+                    on_step=on_step,
+                )
+                x = pil_to_tensor(images)
+                features.append(self.classifier.features(x))
+                scenes += self.classifier.read(x)
+        result = _Generated(torch.cat(features), scenes, time.perf_counter() - t0)
+        self.cache[sampling] = result
+        return result
+
+
+def image_seed(seed: int, index: int) -> int:
+    return seed * 1_000_000 + index
+
+
+def adherence_by_group(read: Sequence[Scene], prompts: Sequence[EvalScene]) -> dict[str, Adherence]:
+    """Per group, how many images the classifier reads as exactly the prompt's scene: every
+    object's shape, color, size and position, the background, and no other object."""
+    counts = {g: [0, 0] for g in GROUPS}
+    for r, p in zip(read, prompts, strict=True):
+        c = counts.setdefault(p.group, [0, 0])
+        c[0] += r == p.scene
+        c[1] += 1
+    return {g: Adherence(m, t) for g, (m, t) in counts.items()}
+
+
+def _stats(features: torch.Tensor) -> GaussianStats:
+    return gaussian_stats(features.double().numpy())
+
+
+class _Judge:
+    """FID and adherence of generated images against the real ones, at any prefix N."""
+
+    def __init__(
+        self, prompts: Sequence[EvalScene], prompt_features: torch.Tensor, real: torch.Tensor
+    ) -> None:
+        self.prompts = prompts
+        self.prompt_features = prompt_features  # the prompts' own real renderings
+        self.real = real  # the disjoint real sample
+        self.floors: dict[int, float] = {}
+
+    def floor(self, n: int) -> float:
+        if n not in self.floors:
+            self.floors[n] = frechet_distance(
+                _stats(self.real[:n]), _stats(self.prompt_features[:n])
+            )
+        return self.floors[n]
+
+    def row(self, gens: _Generations, sampling: Sampling, n: int) -> Row:
+        g = gens.get(sampling, n)
+        fid = frechet_distance(_stats(self.real[:n]), _stats(g.features))
+        adherence = adherence_by_group(g.scenes, self.prompts[:n])
+        return Row(sampling, n, fid, self.floor(n), adherence, g.seconds)
+
+
+@torch.no_grad()
+def autoencoder_psnr(model: LatentDiffusion, scenes: Sequence[EvalScene]) -> float:
+    """Reconstruction PSNR of the autoencoder (decode of the encoder's mean) on real images."""
+    from core.diffusion.training.autoencoder import reconstruction_psnr
+
+    images = images_to_tensor([s.image for s in scenes])
+    return reconstruction_psnr(model.autoencoder, images)
+
+
+def evaluate(
+    checkpoint: str | Path,
+    classifier_dir: str | Path,
+    settings: EvalSettings,
+    out_dir: str | Path | None = None,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+) -> EvalResult:
+    """Runs the whole evaluation; with ``out_dir``, writes ``samples.png`` there."""
+    settings.validate()
+    t_start = time.perf_counter()
+    model = LatentDiffusion.load(checkpoint, device=device)
+    classifier = AttributeClassifier.load(classifier_dir, model.device)
+    classifier_config = read_config(classifier_dir)
+    held_out = held_out_pairs(read_config(checkpoint))
+    d = model.defaults
+    defaults = Sampling(d.sampler, d.steps, d.guidance)
+    n = settings.n
+    sweep_n = settings.sweep_n if settings.sweeps else 0
+    guidance_n = (settings.guidance_n or n) if settings.sweeps else 0
+    total = max(n, sweep_n, guidance_n)
+
+    prompts = scene_stream(settings.seed, 0, total, model.image_size, held_out)
+    reals = scene_stream(settings.seed, total, total, model.image_size, held_out)
+    prompt_images = images_to_tensor([s.image for s in prompts])
+    real_features = classifier.features(images_to_tensor([s.image for s in reals]))
+    prompt_features = classifier.features(prompt_images)
+    real_read = classifier.read(prompt_images)
+
+    gens = _Generations(model, classifier, prompts, settings.seed, settings.batch_size, progress)
+    judge = _Judge(prompts, prompt_features, real_features)
+    main = judge.row(gens, defaults, n)
+    main_read = gens.get(defaults, n).scenes
+    accuracy = {}
+    for group in GROUPS:
+        idx = [i for i, p in enumerate(prompts[:n]) if p.group == group]
+        if idx:
+            truth = [prompts[i].scene for i in idx]
+            accuracy[group] = attribute_accuracy([main_read[i] for i in idx], truth)
+
+    sampler_rows: list[Row] = []
+    guidance_rows: list[Row] = []
+    if settings.sweeps:
+        for g in settings.guidance_sweep:
+            guidance_rows.append(judge.row(gens, Sampling(d.sampler, d.steps, g), guidance_n))
+        # Fewest steps first, so that the long DDPM run comes last.
+        for sampler, steps in sorted(settings.sampler_sweep, key=lambda s: s[1]):
+            sampling = Sampling(sampler, steps, d.guidance)
+            sampler_rows.append(judge.row(gens, sampling, sweep_n))
+        order = {s: i for i, s in enumerate(settings.sampler_sweep)}
+        sampler_rows.sort(key=lambda r: order[(r.sampling.sampler, r.sampling.steps)])
+
+    grid = grid_scenes(prompts[:n]) or list(prompts[:1])
+    cols = settings.grid_columns
+    grid_images = model.generate(
+        [s.caption for s in grid for _ in range(cols)],
+        seeds=[image_seed(settings.seed, GRID_SEED_OFFSET + i) for i in range(len(grid) * cols)],
+    )
+    grid_read = classifier.read(pil_to_tensor(grid_images))
+    grid_rows = [
+        (s.caption, s.pairs, sum(r == s.scene for r in grid_read[k * cols : (k + 1) * cols]))
+        for k, s in enumerate(grid)
+    ]
+    if out_dir is not None:
+        save_grid(
+            [grid_images[k * cols : (k + 1) * cols] for k in range(len(grid))],
+            Path(out_dir) / "samples.png",
+            row_labels=[grid_label(s) for s in grid],
+        )
+
+    psnr_scenes = [s for s in prompts if s.pairs == HELD_OUT][: settings.psnr_images]
+    training = classifier_config.get("training", {})
+    return EvalResult(
+        checkpoint=str(checkpoint),
+        classifier=str(classifier_dir),
+        settings=settings,
+        defaults=defaults,
+        main=main,
+        attribute_accuracy=accuracy,
+        real_adherence=adherence_by_group(real_read[:n], prompts[:n]),
+        sampler_rows=sampler_rows,
+        guidance_rows=guidance_rows,
+        autoencoder_psnr_db=autoencoder_psnr(model, psnr_scenes),
+        autoencoder_psnr_images=len(psnr_scenes),
+        classifier_info={
+            "parameters": classifier.num_parameters(),
+            "feature_dim": classifier.config.feature_dim,
+            "accuracy": training.get("accuracy"),
+        },
+        grid_rows=grid_rows,
+        seconds=time.perf_counter() - t_start,
+    )

@@ -1,0 +1,256 @@
+"""The markdown report of ``dq eval``: the tables, the machine and the command."""
+
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from core.diffusion.eval.evaluate import GROUPS, SAMPLER_NAMES, Adherence, EvalResult, Row
+from core.diffusion.eval.scenes import HELD_OUT, SEEN
+
+TARGET_SEEN = 0.90
+TARGET_HELD_OUT = 0.70
+TARGET_FID_RATIO = 1.15
+TARGET_PSNR_DB = 30.0
+ONE_SEEN, ONE_HELD_OUT = f"{SEEN}, 1 object", f"{HELD_OUT}, 1 object"
+
+
+def cpu_name() -> str:
+    """The CPU's model name and its widest vector ISA (as in bench/bench_core.py)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or "unknown CPU"
+    names = [ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")]
+    isa = "AVX-512" if "avx512f" in info else "AVX2" if "avx2" in info else "no AVX2"
+    bf16 = " + bf16" if "avx512_bf16" in info else ""
+    return f"{names[0] if names else 'unknown CPU'} ({isa}{bf16})"
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
+    return {
+        "device": name,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu_cores": os.cpu_count(),
+    }
+
+
+def _shown(path: str) -> str:
+    """A path relative to the working directory when it lies below it."""
+    p = Path(path).resolve()
+    try:
+        return str(p.relative_to(Path.cwd()))
+    except ValueError:
+        return str(p)
+
+
+def _pct(a: Adherence | None) -> str:
+    if a is None or a.rate is None:
+        return "–"
+    return f"{a.rate:.1%}"
+
+
+def _minutes(seconds: float) -> str:
+    if seconds == 0:
+        return "(reused)"
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+
+
+def _group_sizes(row: Row) -> str:
+    return ", ".join(f"{g}: {row.adherence[g].total}" for g in GROUPS if g in row.adherence)
+
+
+def _sweep_table(first: str, rows: list[tuple[str, Row]], ratio_to: float | None) -> list[str]:
+    """One line per row: FID, its floor and excess at the row's N, the FID ratio to a
+    reference row (when given), adherence per group and wall-clock."""
+    ratio_head, ratio_rule = (" FID / FID(DDPM 1000) |", "---:|") if ratio_to else ("", "")
+    out = [
+        f"| {first} | FID | floor | FID − floor |{ratio_head} seen, 1 obj | held-out, 1 obj "
+        "| seen, 2 obj | held-out, 2 obj | wall-clock |",
+        f"|---|---:|---:|---:|{ratio_rule}---:|---:|---:|---:|---:|",
+    ]
+    for label, r in rows:
+        ratio = f" {r.fid / ratio_to:.3f} |" if ratio_to else ""
+        cells = " | ".join(_pct(r.adherence.get(g)) for g in GROUPS)
+        out.append(
+            f"| {label} | {r.fid:.2f} | {r.floor:.2f} | {r.fid - r.floor:.2f} |{ratio} {cells} "
+            f"| {_minutes(r.seconds)} |"
+        )
+    return out
+
+
+def targets(result: EvalResult) -> list[tuple[str, str, bool | None]]:
+    """(target, result, met) rows; met is None where the run did not measure it."""
+    main = result.main
+    seen, held = main.adherence[ONE_SEEN].rate, main.adherence[ONE_HELD_OUT].rate
+    out: list[tuple[str, str, bool | None]] = [
+        (
+            f"prompt adherence ≥ {TARGET_SEEN:.0%}, seen pairs (1 object, N = {main.n})",
+            _pct(main.adherence[ONE_SEEN]),
+            None if seen is None else seen >= TARGET_SEEN,
+        ),
+        (
+            f"prompt adherence ≥ {TARGET_HELD_OUT:.0%}, held-out pairs (1 object, N = {main.n})",
+            _pct(main.adherence[ONE_HELD_OUT]),
+            None if held is None else held >= TARGET_HELD_OUT,
+        ),
+    ]
+    ratio = fid_ratio(result)
+    label = (
+        f"FID DPM-Solver++ 20 ≤ {TARGET_FID_RATIO} × FID DDPM 1000 (N = {result.settings.sweep_n})"
+    )
+    out.append(
+        (
+            label,
+            "–" if ratio is None else f"{ratio:.3f} ×",
+            None if ratio is None else ratio <= TARGET_FID_RATIO,
+        )
+    )
+    psnr = result.autoencoder_psnr_db
+    out.append(
+        (
+            f"autoencoder PSNR ≥ {TARGET_PSNR_DB:g} dB (held-out pairs)",
+            f"{psnr:.2f} dB",
+            psnr >= TARGET_PSNR_DB,
+        )
+    )
+    return out
+
+
+def _fid_of(result: EvalResult, sampler: str, steps: int) -> float | None:
+    for r in result.sampler_rows:
+        if (r.sampling.sampler, r.sampling.steps) == (sampler, steps):
+            return r.fid
+    return None
+
+
+def _ddpm_fid(result: EvalResult) -> float | None:
+    return _fid_of(result, "ddpm", 1000) or None
+
+
+def _short(r: Row) -> str:
+    return f"{SAMPLER_NAMES.get(r.sampling.sampler, r.sampling.sampler)}, {r.sampling.steps}"
+
+
+def fid_ratio(result: EvalResult) -> float | None:
+    """FID at DPM-Solver++ 20 steps over FID at DDPM 1000 steps, both at the sweep's N."""
+    ddpm, dpm = _ddpm_fid(result), _fid_of(result, "dpmpp-2m", 20)
+    return None if ddpm is None or dpm is None else dpm / ddpm
+
+
+def markdown(result: EvalResult, command: str = "") -> str:
+    s, env, main = result.settings, result.environment, result.main
+    lines = [f"# Evaluation of `{_shown(result.checkpoint)}`", ""]
+    if command:
+        lines += [f"Command: `{command}`", ""]
+    lines += [
+        f"Machine: {env.get('device', '?')}; torch {env.get('torch', '?')} with "
+        f"{env.get('threads', '?')} thread(s). Seed {s.seed}. "
+        f"Wall-clock {_minutes(result.seconds)} in all.",
+        "",
+    ]
+    info = result.classifier_info
+    lines += [
+        f"Judge and FID feature network: the attribute classifier `{_shown(result.classifier)}` "
+        f"({info['parameters']:,} parameters, {info['feature_dim']}-d penultimate features), "
+        "standing in for Inception, whose weights cannot be had here.",
+    ]
+    acc = (info.get("accuracy") or {}).get("all_pairs")
+    if acc:
+        parts = ", ".join(f"{k} {v:.2%}" for k, v in acc.items() if k != "images")
+        lines += [f"Its accuracy on {acc['images']} real images of another seed: {parts}."]
+    lines += [""]
+
+    lines += [
+        f"## Default settings: {main.sampling.label}; N = {main.n}",
+        "",
+        "| measure | value |",
+        "|---|---:|",
+        f"| FID, {main.n} generated vs {main.n} real images | {main.fid:.3f} |",
+        f"| FID floor, real vs real (two disjoint samples of {main.n}) | {main.floor:.3f} |",
+        f"| autoencoder reconstruction PSNR, {result.autoencoder_psnr_images} "
+        f"held-out-pair images | {result.autoencoder_psnr_db:.2f} dB |",
+        f"| generation wall-clock | {_minutes(main.seconds)} |",
+        "",
+        "Prompt adherence: the share of images whose classifier-read scene is exactly the "
+        "prompt's (every object's shape, color, size and position, the background, and no other "
+        "object). *Real* is the classifier on the prompts' own real renderings: what a perfect "
+        "generator would score.",
+        "",
+        "| prompts | N | generated | real |",
+        "|---|---:|---:|---:|",
+    ]
+    for g in GROUPS:
+        if g in main.adherence and main.adherence[g].total:
+            lines.append(
+                f"| {g} | {main.adherence[g].total} | {_pct(main.adherence[g])} "
+                f"| {_pct(result.real_adherence.get(g))} |"
+            )
+    lines += [
+        "",
+        "Per attribute (default settings): shape, color and size per object (read at its "
+        "position); position = exactly the prompt's positions are occupied; background per image.",
+        "",
+        "| prompts | shape | color | size | position | background | all |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for g, a in result.attribute_accuracy.items():
+        cells = " | ".join(
+            f"{a[k]:.1%}" for k in ("shape", "color", "size", "position", "background", "scene")
+        )
+        lines.append(f"| {g} | {cells} |")
+    lines.append("")
+
+    if result.sampler_rows:
+        sweep_n = result.sampler_rows[0].n
+        lines += [
+            f"## Sampler sweep: guidance {result.defaults.guidance:g}; N = {sweep_n} per row",
+            "",
+            f"The same {sweep_n} prompts and seeds in every row (the first {sweep_n} of the "
+            f"prompts above), FID against the same {sweep_n} real images. Adherence is the share "
+            f"read as the prompt, by group ({_group_sizes(result.sampler_rows[0])}).",
+            "",
+            *_sweep_table(
+                "sampler, steps",
+                [(_short(r), r) for r in result.sampler_rows],
+                _ddpm_fid(result),
+            ),
+            "",
+        ]
+    if result.guidance_rows:
+        guidance_n = result.guidance_rows[0].n
+        d = result.defaults
+        lines += [
+            f"## Guidance sweep: {d.label.rsplit(',', 1)[0]}; N = {guidance_n} per row",
+            "",
+            f"Adherence by group ({_group_sizes(result.guidance_rows[0])}).",
+            "",
+            *_sweep_table(
+                "guidance", [(f"{r.sampling.guidance:g}", r) for r in result.guidance_rows], None
+            ),
+            "",
+        ]
+
+    lines += ["## Targets", "", "| target | result | met |", "|---|---:|---|"]
+    for name, value, met in targets(result):
+        lines.append(f"| {name} | {value} | {'–' if met is None else 'yes' if met else 'no'} |")
+    lines += [
+        "",
+        f"## Sample grid (`samples.png`): {s.grid_columns} seeds per prompt, default settings",
+        "",
+        "In the grid's two-object labels TL, TR, BL, BR are the corners, C the center, and * marks "
+        "a held-out pair.",
+        "",
+        "| row | prompt | pairs | read as the prompt |",
+        "|---:|---|---|---:|",
+    ]
+    for k, (caption, pairs, hits) in enumerate(result.grid_rows, 1):
+        lines.append(f"| {k} | {caption} | {pairs} | {hits}/{s.grid_columns} |")
+    lines.append("")
+    return "\n".join(lines)
