@@ -11,11 +11,9 @@ ours and the reference are timed interleaved, round by round, and compared as a 
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -27,17 +25,7 @@ from core.diffusion.schedule import NoiseSchedule
 from core.diffusion.text import TextEncoder, TextEncoderConfig, WordTokenizer
 from core.diffusion.training.denoiser import diffusion_loss
 from core.diffusion.unet import UNet, UNetConfig
-
-
-def cpu_name() -> str:
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor() or "unknown CPU"
-    names = [ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")]
-    isa = "AVX-512" if "avx512f" in info else "AVX2" if "avx2" in info else "no AVX2"
-    bf16 = " + bf16" if "avx512_bf16" in info else ""
-    return f"{names[0] if names else 'unknown CPU'} ({isa}{bf16})"
+from core.machine import cpu_name
 
 
 def timed(fn: Callable[[], object], repeats: int) -> list[float]:

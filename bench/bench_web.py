@@ -36,21 +36,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from core.db import JobStatus
+from core.machine import cpu_name
 
 REPO = Path(__file__).resolve().parents[1]
 POSTGRES_URL = os.environ.get(
     "DQ_BENCH_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 )
 REDIS_URL = os.environ.get("DQ_BENCH_REDIS_URL", "redis://127.0.0.1:6379/14")
-
-
-def cpu_name() -> str:
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor() or "unknown CPU"
-    names = [ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")]
-    return f"{names[0] if names else 'unknown CPU'} × {os.cpu_count()}"
 
 
 def free_port() -> int:

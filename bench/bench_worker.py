@@ -33,11 +33,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.bench_core import cpu_name  # noqa: E402
 from core.db import Base, Job, JobStatus, make_engine  # noqa: E402
 from core.db.session import session_scope  # noqa: E402
 from core.dispatch import publish_job  # noqa: E402
 from core.jobs import JobRequest, submit_job  # noqa: E402
+from core.machine import cpu_name  # noqa: E402
 from core.settings import Settings  # noqa: E402
 
 COLORS = ["red", "blue", "green", "white", "yellow", "purple", "orange", "black"]

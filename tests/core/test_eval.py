@@ -198,3 +198,43 @@ def test_dq_eval_refuses_bad_options_in_one_line(
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("dq: error: n must be at least 4") and err.count("\n") == 1
+
+
+def test_dq_train_classifier_saves_a_loadable_classifier_and_resumes_after_a_crash(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import core.diffusion.eval.train_classifier as tc
+    from core.diffusion.training.loop import TrainLoop
+
+    # The final accuracy check scores thousands of images; a few are enough to test the plumbing.
+    monkeypatch.setattr(tc, "ACCURACY_SAMPLES", 16)
+    monkeypatch.setattr(tc, "ACCURACY_HELD_OUT_SAMPLES", 8)
+    out = tmp_path / "classifier"
+    args = ["train", "classifier", "--config", "configs/classifier.toml", "--out", str(out)]
+    args += ["--steps", "4", "--batch-size", "8", "--checkpoint-every", "2", "--quiet"]
+
+    save_state = TrainLoop.save_state
+
+    def crash_after_saving(loop: TrainLoop) -> None:
+        save_state(loop)
+        raise RuntimeError("the machine went away")
+
+    with monkeypatch.context() as m:
+        m.setattr(TrainLoop, "save_state", crash_after_saving)
+        with pytest.raises(RuntimeError, match="went away"):
+            main(args)
+    first_lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert len(first_lines) == 2 and read_config(out)["training"]["step"] == 2
+
+    main(args)  # the same command again: resumes at step 2
+    assert "classifier saved to" in capsys.readouterr().out
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 4]
+    assert lines[:2] == first_lines  # kept as written; a restart from 0 would rewrite them
+    saved = read_config(out)
+    assert saved["kind"] == "attribute-classifier" and saved["training"]["steps"] == 4
+    assert saved["training"]["accuracy"]["held_out_pairs"]["images"] == 8
+    classifier = AttributeClassifier.load(out)
+    dataset = ShapesDataset(seed=9, split="all", image_size=64)
+    images = images_to_tensor([dataset[i].image for i in range(4)])
+    assert classifier.features(images).shape == (4, classifier.config.feature_dim)

@@ -12,10 +12,10 @@ What is measured (every number depends only on the checkpoint, the classifier an
   DDPM at 1000 steps costs 50× the default, so this sweep has its own, smaller N.
 - **Guidance sweep** (1, 2, 4, 7) at the default sampler and steps, on all N prompts unless
   ``guidance_n`` says fewer.
+- The autoencoder's reconstruction PSNR on held-out-pair images.
 
 Every FID is reported with its floor at the same N: FID's estimate is biased upwards by roughly
 a constant over N, so numbers are only comparable at equal N.
-- The autoencoder's reconstruction PSNR on held-out-pair images.
 
 Image i of the prompts always gets seed ``seed·10⁶ + i``; an image depends only on its prompt,
 settings and seed (the pipeline is batch-invariant), so rows that share settings share images and

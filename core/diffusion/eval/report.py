@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import platform
 from pathlib import Path
 from typing import Any
 
@@ -11,24 +10,13 @@ import torch
 
 from core.diffusion.eval.evaluate import GROUPS, SAMPLER_NAMES, Adherence, EvalResult, Row
 from core.diffusion.eval.scenes import HELD_OUT, SEEN
+from core.machine import cpu_name
 
 TARGET_SEEN = 0.90
 TARGET_HELD_OUT = 0.70
 TARGET_FID_RATIO = 1.15
 TARGET_PSNR_DB = 30.0
 ONE_SEEN, ONE_HELD_OUT = f"{SEEN}, 1 object", f"{HELD_OUT}, 1 object"
-
-
-def cpu_name() -> str:
-    """The CPU's model name and its widest vector ISA (as in bench/bench_core.py)."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor() or "unknown CPU"
-    names = [ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")]
-    isa = "AVX-512" if "avx512f" in info else "AVX2" if "avx2" in info else "no AVX2"
-    bf16 = " + bf16" if "avx512_bf16" in info else ""
-    return f"{names[0] if names else 'unknown CPU'} ({isa}{bf16})"
 
 
 def environment(device: torch.device) -> dict[str, Any]:
