@@ -83,6 +83,7 @@ def create_app(
             {"name": "Admin", "description": "Training runs and model versions (admin tokens)."},
         ],
     )
+    ops.use_local_docs_assets(app)
     if settings.debug:
         logging.getLogger("web").setLevel(logging.DEBUG)
 

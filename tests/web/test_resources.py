@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 import uuid
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -91,3 +93,31 @@ def test_docs_page_and_document_are_public(client: FlaskClient) -> None:
     assert job_in["steps"]["maximum"] == 200 and job_in["num_images"]["maximum"] == 8
     docs = client.get("/api/v1/docs")
     assert docs.status_code == 200 and "/api/v1/openapi.json" in docs.get_data(as_text=True)
+
+
+def test_docs_page_loads_swagger_ui_from_this_app_not_a_cdn(client: FlaskClient) -> None:
+    page = client.get("/api/v1/docs").get_data(as_text=True)
+    assets = re.findall(r'(?:href|src)="([^"]+)"', page)
+    assert len(assets) >= 4 and not [a for a in assets if "://" in a], assets
+    kinds = {".css": "text/css", ".js": "javascript", ".png": "image/png"}
+    for url in assets:
+        asset = client.get(url)
+        assert asset.status_code == 200 and len(asset.data) > 100, url
+        assert kinds[Path(url).suffix] in asset.content_type, (url, asset.content_type)
+    assert client.get("/api/v1/docs/assets/index.html").status_code == 404
+    assert client.get("/api/v1/docs/assets/..%2Fsettings.py").status_code == 404
+    document = client.get("/api/v1/openapi.json").get_json()
+    assert not [p for p in document["paths"] if p.startswith("/api/v1/docs")]
+
+
+def test_every_operation_is_tagged_so_the_docs_page_groups_them(client: FlaskClient) -> None:
+    document: dict[str, Any] = client.get("/api/v1/openapi.json").get_json()
+    tags = {
+        (method, path): operation["tags"]
+        for path, operations in document["paths"].items()
+        for method, operation in operations.items()
+    }
+    assert tags[("post", "/api/v1/jobs")] == ["Jobs"]
+    assert tags[("get", "/api/v1/models")] == ["Jobs"]
+    assert tags[("post", "/api/v1/admin/training-runs")] == ["Admin"]
+    assert {t for ts in tags.values() for t in ts} == {t["name"] for t in document["tags"]}
