@@ -8,7 +8,7 @@ what the generator was never shown.
 Objects sit at one of five positions (``POSITIONS``, jittered by at most 2 px), so the
 network reads one slot per position:
 
-    image (B, 3, 64, 64) → stem conv → [↓ conv, ResBlock] × 3 → feature map (B, C, 8, 8)
+    image (B, 3, 64, 64) → stem conv → [↓ conv, ConvResBlock] × 3 → feature map (B, C, 8, 8)
     slot p = Σ_ij softmax(w_p)_ij · map[:, :, i, j] + e_p     (learned pooling per position)
     slot hidden h_p = SiLU(Linear(slot p))                   (B, 5, slot_width)
         → presence (2), shape (3), color (7), size (2)       (one head shared by all slots)
@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from core.diffusion.autoencoder import ConvResBlock
 from core.diffusion.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from core.diffusion.data.shapes import (
     BACKGROUNDS,
@@ -102,21 +103,6 @@ class ClassifierConfig:
         return cls(**{**d, "channels": tuple(d["channels"])})
 
 
-class ResBlock(nn.Module):
-    """GroupNorm → SiLU → conv, twice, plus the identity."""
-
-    def __init__(self, channels: int, groups: int) -> None:
-        super().__init__()
-        self.norm1 = nn.GroupNorm(groups, channels)
-        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
-        self.norm2 = nn.GroupNorm(groups, channels)
-        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        return x + self.conv2(F.silu(self.norm2(h)))
-
-
 def _slot_prior(size: int) -> torch.Tensor:
     """(P, size·size) pooling logits that start as a Gaussian bump (σ = one cell) on each
     position's center, so that every slot first looks where its objects are drawn."""
@@ -139,7 +125,10 @@ class AttributeClassifier(nn.Module):
         self.stem = nn.Conv2d(3, c.channels[0], 3, padding=1)
         levels: list[nn.Module] = []
         for c_in, c_out in pairwise(c.channels):
-            levels += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1), ResBlock(c_out, c.groups)]
+            levels += [
+                nn.Conv2d(c_in, c_out, 3, stride=2, padding=1),
+                ConvResBlock(c_out, c_out, c.groups),
+            ]
         self.levels = nn.Sequential(*levels)
         width = c.channels[-1]
         self.norm_out = nn.GroupNorm(c.groups, width)
