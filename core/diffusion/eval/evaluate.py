@@ -287,18 +287,23 @@ class _Judge:
         self.prompts = prompts
         self.prompt_features = prompt_features  # the prompts' own real renderings
         self.real = real  # the disjoint real sample
+        self.real_stats: dict[int, GaussianStats] = {}
         self.floors: dict[int, float] = {}
+
+    def real_at(self, n: int) -> GaussianStats:
+        """The Gaussian of the first ``n`` real images, fitted once per N."""
+        if n not in self.real_stats:
+            self.real_stats[n] = _stats(self.real[:n])
+        return self.real_stats[n]
 
     def floor(self, n: int) -> float:
         if n not in self.floors:
-            self.floors[n] = frechet_distance(
-                _stats(self.real[:n]), _stats(self.prompt_features[:n])
-            )
+            self.floors[n] = frechet_distance(self.real_at(n), _stats(self.prompt_features[:n]))
         return self.floors[n]
 
     def row(self, gens: _Generations, sampling: Sampling, n: int) -> Row:
         g = gens.get(sampling, n)
-        fid = frechet_distance(_stats(self.real[:n]), _stats(g.features))
+        fid = frechet_distance(self.real_at(n), _stats(g.features))
         adherence = adherence_by_group(g.scenes, self.prompts[:n])
         return Row(sampling, n, fid, self.floor(n), adherence, g.seconds)
 
