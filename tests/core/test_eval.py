@@ -238,3 +238,15 @@ def test_dq_train_classifier_saves_a_loadable_classifier_and_resumes_after_a_cra
     dataset = ShapesDataset(seed=9, split="all", image_size=64)
     images = images_to_tensor([dataset[i].image for i in range(4)])
     assert classifier.features(images).shape == (4, classifier.config.feature_dim)
+
+
+def test_dq_train_classifier_refuses_an_image_folder_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["train", "classifier", "--config", "configs/classifier.toml"]
+    with pytest.raises(SystemExit) as e:
+        main([*args, "--out", str(tmp_path / "c"), "--data", str(tmp_path)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("dq: error: the classifier trains on the shapes dataset only")
+    assert err.count("\n") == 1 and not (tmp_path / "c").exists()
