@@ -33,7 +33,8 @@ from tests.conftest import make_tiny_pipeline
 from tests.services import postgres_schema, require_redis
 
 ROOT = Path(__file__).resolve().parents[2]
-REDIS_TEST_URL = "redis://127.0.0.1:6379/15"
+# A database of its own, so that a parallel run can pick another one.
+REDIS_TEST_URL = os.environ.get("DQ_TEST_WORKER_REDIS_URL", "redis://127.0.0.1:6379/15")
 
 
 @dataclass
