@@ -264,10 +264,12 @@ def seeds_of(job: Job) -> list[int]:
     return [job.seed + i for i in range(job.num_images)]
 
 
-def image_key(job_id: uuid.UUID, index: int) -> str:
-    """Where image ``index`` of a job lives: deterministic, so a retry overwrites."""
-    return f"images/{job_id}/{index}.png"
+def image_key(job_id: uuid.UUID, attempt: int, index: int) -> str:
+    """Where image ``index`` of a job's attempt lives. Each claim writes under its own attempt,
+    so a worker that lost the job while stalled can never replace the holder's objects; the
+    committing transaction points the image rows at the winner's keys."""
+    return f"images/{job_id}/{attempt}/{index}.png"
 
 
-def preview_key(job_id: uuid.UUID) -> str:
-    return f"previews/{job_id}.png"
+def preview_key(job_id: uuid.UUID, attempt: int) -> str:
+    return f"previews/{job_id}/{attempt}.png"

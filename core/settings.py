@@ -99,10 +99,32 @@ class Settings:
         _positive_float,
     )
     job_time_limit_seconds: int = _setting(
-        1800, "Hard time limit of one generation task; the broker's visibility timeout is longer."
+        1800,
+        "A generation job still running this long after its claim fails, naming the limit.",
     )
     train_time_limit_seconds: int = _setting(
-        6 * 3600, "Hard time limit of one training task before it is redelivered and resumes."
+        6 * 3600,
+        "A training run still running this long after its claim checkpoints and goes back to "
+        "the queue, to resume from that checkpoint.",
+    )
+    worker_hang_grace_seconds: float = _setting(
+        30.0,
+        "Seconds past a time limit that a task may take to stop on its own. After that the "
+        "worker's watchdog records the outcome and exits the process (status 70), so that its "
+        "supervisor (Kubernetes, dq serve) starts a fresh one.",
+        _positive_float,
+    )
+    worker_liveness_file: str | None = _setting(
+        None,
+        "A file the worker's watchdog touches every few seconds while no task is past its time "
+        "limit; probe it with `dq worker-alive FILE` (empty: none).",
+        _optional,
+    )
+    db_connect_timeout_seconds: int = _setting(
+        10, "PostgreSQL: give up connecting after this long, so a dead database cannot hang us."
+    )
+    db_statement_timeout_seconds: int = _setting(
+        30, "PostgreSQL: cancel any statement running longer than this (0: no limit)."
     )
     data_root: str = _setting(
         "var/datasets", "Training runs may read local image folders only under this directory."
@@ -180,9 +202,16 @@ class Settings:
         for name in ("max_steps", "max_images_per_job", "max_prompt_chars", "max_batch_size"):
             if getattr(self, name) < 1:
                 raise SettingsError(f"{env_var(name)} must be a positive integer")
-        for name in ("job_max_attempts", "job_time_limit_seconds", "train_time_limit_seconds"):
+        for name in (
+            "job_max_attempts",
+            "job_time_limit_seconds",
+            "train_time_limit_seconds",
+            "db_connect_timeout_seconds",
+        ):
             if getattr(self, name) < 1:
                 raise SettingsError(f"{env_var(name)} must be a positive integer")
+        if self.db_statement_timeout_seconds < 0:
+            raise SettingsError("DQ_DB_STATEMENT_TIMEOUT_SECONDS must be 0 or more")
 
     # --- derived values -------------------------------------------------------------------
 
@@ -214,7 +243,8 @@ class Settings:
     @property
     def broker_visibility_timeout(self) -> int:
         """Longer than any task's hard time limit, so Redis never redelivers a running task."""
-        return max(self.job_time_limit_seconds, self.train_time_limit_seconds) + 600
+        limit = max(self.job_time_limit_seconds, self.train_time_limit_seconds)
+        return int(limit + self.worker_hang_grace_seconds) + 600
 
     def local_paths(self) -> list[Path]:
         """Directories the embedded defaults write into, to create at start-up."""

@@ -8,7 +8,17 @@ size, up to DQ_MAX_BATCH_SIZE images. Their own messages, when they arrive, find
 
 Each image is bit-identical to what it would be alone: every image has its own seed and noise
 generator, and the model is batch-invariant (tests/core/test_pipeline.py). Each job keeps its
-own progress, cancel, result and failure.
+own progress, cancel, result and failure:
+
+- every write carries the job's fencing token (its claim's attempt number); a write that changes
+  no row means this worker lost the job (it stalled past its lease and the job went to another
+  worker): the job leaves the batch at once and nothing more is written for it, and its images go
+  under attempt-scoped keys, so they can never replace the holder's;
+- progress and preview writes are best effort: a failed one is logged and tried again at the
+  next tick;
+- out of memory splits the batch in halves and runs them one after the other, down to one job;
+  an error that a job's own input causes is found the same way, so only that job fails;
+- past DQ_JOB_TIME_LIMIT_SECONDS the batch's jobs fail naming the limit (``worker.watchdog``).
 """
 
 from __future__ import annotations
@@ -22,16 +32,27 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
-from core.db.models import Image, Job, JobStatus, utcnow
+from core.db.models import Image, Job, JobStatus
 from core.db.session import session_scope
-from core.db.transitions import transition_job
+from core.db.transitions import (
+    Lease,
+    LeaseLost,
+    claim,
+    db_now,
+    finish,
+    requeue,
+    still_held,
+    time_limit_error,
+    update_held,
+)
 from core.dispatch import publish_job
 from core.jobs import image_key, preview_key
 from core.storage import StorageError
+from worker import faults
 from worker.context import WorkerContext
 from worker.models import ModelUnavailable
 
@@ -45,19 +66,30 @@ PROGRESS_EVERY_S = 0.25  # progress writes and cancel checks: at most four a sec
 PREVIEW_EVERY_S = 1.0
 PREVIEW_SIZE = 128  # previews larger than this are shrunk; the page scales them up
 TRANSIENT = (StorageError, SQLAlchemyError, ConnectionError, TimeoutError)
+OUT_OF_MEMORY = "the GPU ran out of memory for this job; try fewer images or a smaller size"
+
+
+class TimeLimitExceeded(Exception):
+    pass
 
 
 @dataclass
 class BatchJob:
     """What the worker needs of one claimed job, detached from the session."""
 
-    id: uuid.UUID
+    lease: Lease
     prompt: str
     negative_prompt: str
     guidance: float
     seeds: list[int]
-    attempts: int
-    rows: list[int] = field(default_factory=list)  # this job's rows in the batch
+
+    @property
+    def id(self) -> uuid.UUID:
+        return self.lease.id
+
+    @property
+    def attempts(self) -> int:
+        return self.lease.token
 
     @property
     def num_images(self) -> int:
@@ -71,35 +103,37 @@ class Batch:
     sampler: str
     steps: int
     size: int
+    rows: dict[uuid.UUID, list[int]] = field(default_factory=dict)  # set per generate call
 
     @property
     def ids(self) -> list[uuid.UUID]:
         return [j.id for j in self.jobs]
 
 
-def _claim_values(ctx: WorkerContext) -> dict[str, Any]:
-    return dict(
-        worker_host=ctx.host,
-        started_at=utcnow(),
-        attempts=Job.attempts + 1,
-        lease_expires_at=ctx.heartbeat.lease_expiry(),
+def _claim(ctx: WorkerContext, s: Session, job_id: uuid.UUID) -> Lease | None:
+    return claim(
+        s,
+        Job,
+        job_id,
+        host=ctx.host,
+        lease_seconds=ctx.settings.job_lease_seconds,
+        time_limit_seconds=ctx.settings.job_time_limit_seconds,
+        started_at=db_now(),
         progress_step=0,
         preview_key=None,
-        error=None,
     )
 
 
 def claim_batch(ctx: WorkerContext, job_id: uuid.UUID) -> Batch | None:
     """Claim ``job_id`` and compatible queued jobs; None when ``job_id`` is not ours to run."""
     with session_scope(ctx.engine) as s:
-        if not transition_job(
-            s, job_id, JobStatus.RUNNING, expected=JobStatus.QUEUED, **_claim_values(ctx)
-        ):
+        first_lease = _claim(ctx, s, job_id)
+        if first_lease is None:
             return None
         first = s.get(Job, job_id)
         assert first is not None
         budget = ctx.settings.max_batch_size - first.num_images
-        claimed = [first]
+        claimed = [(first_lease, first)]
         if budget > 0:
             candidates = s.execute(
                 select(Job.id, Job.num_images)
@@ -118,54 +152,40 @@ def claim_batch(ctx: WorkerContext, job_id: uuid.UUID) -> Batch | None:
             for cid, n in candidates:
                 if n > budget:
                     continue
-                if transition_job(
-                    s, cid, JobStatus.RUNNING, expected=JobStatus.QUEUED, **_claim_values(ctx)
-                ):
+                lease = _claim(ctx, s, cid)
+                if lease is not None:
                     job = s.get(Job, cid)
                     assert job is not None
-                    claimed.append(job)
+                    claimed.append((lease, job))
                     budget -= n
                 if budget == 0:
                     break
-        batch = Batch(
+        return Batch(
             jobs=[
                 BatchJob(
-                    id=j.id,
+                    lease=lease,
                     prompt=j.prompt,
                     negative_prompt=j.negative_prompt,
                     guidance=j.guidance,
                     seeds=[j.seed + i for i in range(j.num_images)],
-                    attempts=j.attempts,
                 )
-                for j in claimed
+                for lease, j in claimed
             ],
             model_version_id=first.model_version_id,
             sampler=first.sampler,
             steps=first.steps,
             size=first.width,
         )
-    row = 0
-    for j in batch.jobs:
-        j.rows = list(range(row, row + j.num_images))
-        row += j.num_images
-    return batch
 
 
 # --- outcomes --------------------------------------------------------------------------------
 
 
-def fail_jobs(ctx: WorkerContext, job_ids: list[uuid.UUID], message: str) -> None:
+def fail_jobs(ctx: WorkerContext, jobs: list[BatchJob], message: str) -> None:
     with session_scope(ctx.engine) as s:
-        for job_id in job_ids:
-            transition_job(
-                s,
-                job_id,
-                JobStatus.FAILED,
-                expected=JobStatus.RUNNING,
-                error=message,
-                finished_at=utcnow(),
-                lease_expires_at=None,
-            )
+        for job in jobs:
+            if not finish(s, job.lease, JobStatus.FAILED, error=message):
+                log.warning("lost job %s before it could be failed: %s", job.id, message)
 
 
 def retry_or_fail(ctx: WorkerContext, jobs: list[BatchJob], error: Exception) -> None:
@@ -174,35 +194,19 @@ def retry_or_fail(ctx: WorkerContext, jobs: list[BatchJob], error: Exception) ->
     with session_scope(ctx.engine) as s:
         for job in jobs:
             if job.attempts >= ctx.settings.job_max_attempts:
-                transition_job(
+                finish(
                     s,
-                    job.id,
+                    job.lease,
                     JobStatus.FAILED,
-                    expected=JobStatus.RUNNING,
-                    finished_at=utcnow(),
-                    lease_expires_at=None,
                     error=f"failed after {job.attempts} attempts: {error}",
                 )
-            elif transition_job(
-                s,
-                job.id,
-                JobStatus.QUEUED,
-                expected=JobStatus.RUNNING,
-                worker_host=None,
-                lease_expires_at=None,
-                published_at=None,
-                progress_step=0,
-            ):
+            elif requeue(s, job.lease):
                 requeued.append((job.id, job.attempts))
     for job_id, attempts in requeued:
         try:
             publish_job(ctx.engine, ctx.publisher, job_id, countdown=min(2.0**attempts, 60.0))
         except Exception:  # the relay publishes it once the broker is back
             log.warning("could not re-publish job %s; the relay will", job_id, exc_info=True)
-
-
-class _NoLongerRunning(Exception):
-    pass
 
 
 def encode_png(image: PILImage.Image, prompt: str, seed: int) -> bytes:
@@ -217,12 +221,17 @@ def encode_png(image: PILImage.Image, prompt: str, seed: int) -> bytes:
 
 
 def store_results(ctx: WorkerContext, job: BatchJob, images: list[PILImage.Image]) -> None:
-    """Write the PNGs under deterministic keys (a retry overwrites), then the image rows and the
-    job's success in one transaction."""
+    """Write the PNGs under this attempt's keys, then the job's success and its image rows in one
+    transaction fenced by the attempt. Raises :class:`LeaseLost` when the job is no longer ours:
+    nothing is written to the database, and the objects under this attempt's keys point nowhere.
+    """
+    with session_scope(ctx.engine) as s:
+        if not still_held(s, job.lease):  # don't even upload: the job went elsewhere
+            raise LeaseLost(job.lease)
     rows = []
     for index, (img, seed) in enumerate(zip(images, job.seeds, strict=True)):
         data = encode_png(img, job.prompt, seed)
-        key = image_key(job.id, index)
+        key = image_key(job.id, job.attempts, index)
         ctx.storage.put(key, data, "image/png")
         rows.append(
             Image(
@@ -236,30 +245,23 @@ def store_results(ctx: WorkerContext, job: BatchJob, images: list[PILImage.Image
                 bytes=len(data),
             )
         )
-    try:
-        with session_scope(ctx.engine) as s:
-            s.execute(delete(Image).where(Image.job_id == job.id))
-            s.add_all(rows)
-            s.flush()
-            if not transition_job(
-                s,
-                job.id,
-                JobStatus.SUCCEEDED,
-                expected=JobStatus.RUNNING,
-                finished_at=utcnow(),
-                lease_expires_at=None,
-                progress_step=Job.progress_total,
-            ):
-                raise _NoLongerRunning
-    except _NoLongerRunning:  # canceled or reaped meanwhile: the transaction rolled back
-        log.info("job %s was no longer running at the end; its result is dropped", job.id)
+    with session_scope(ctx.engine) as s:
+        # The fenced UPDATE first: it locks the job's row, so two writers cannot interleave.
+        if not finish(s, job.lease, JobStatus.SUCCEEDED, progress_step=Job.progress_total):
+            raise LeaseLost(job.lease)  # canceled or lost meanwhile: nothing is written
+        s.execute(delete(Image).where(Image.job_id == job.id))
+        s.add_all(rows)
 
 
 # --- the batch ---------------------------------------------------------------------------------
 
 
 class BatchWatcher:
-    """Progress, previews and cancel requests of a running batch, throttled.
+    """Progress, previews, cancel requests, lost leases and the time limit of a running batch.
+
+    Every database write here is fenced by the job's attempt and best effort: a failed write is
+    logged and tried again at the next tick, and never costs the batch. A job that was canceled,
+    or that this worker lost, leaves ``live`` and is written no more.
 
     Previews use the model's cheap latent-to-RGB map (``LatentDiffusion.fast_preview``), not the
     decoder, so a batch of 16 spends milliseconds on them rather than a tenth of a second.
@@ -269,24 +271,45 @@ class BatchWatcher:
         self.ctx = ctx
         self.batch = batch
         self.live = {j.id: j for j in batch.jobs}
+        self.active: set[uuid.UUID] = set(self.live)  # the jobs of the rows being denoised
         self.preview = preview
         self._last_progress = 0.0
         self._last_preview = time.monotonic()  # the first preview after a second of work
 
+    def drop(self, job_id: uuid.UUID, why: str) -> None:
+        job = self.live.pop(job_id, None)
+        if job is not None and why == "lost":
+            log.warning(
+                "lost job %s (attempt %d): another claim holds it now, so this worker "
+                "stops it and writes nothing more for it",
+                job_id,
+                job.attempts,
+            )
+
+    def running(self) -> list[BatchJob]:
+        return [j for i, j in self.live.items() if i in self.active]
+
     def on_step(self, step: int, total: int, x0: torch.Tensor) -> None:
+        faults.at_step(step)
+        if self.ctx.watchdog.past_deadline():
+            raise TimeLimitExceeded
+        for job_id in self.ctx.heartbeat.lost():
+            self.drop(job_id, "lost")
         now = time.monotonic()
         if now - self._last_progress >= PROGRESS_EVERY_S or step == total:
             self._last_progress = now
-            # One short transaction a tick: write progress, read cancel requests.
-            with session_scope(self.ctx.engine) as s:
-                s.execute(
-                    update(Job)
-                    .where(Job.id.in_(list(self.live)), Job.status == JobStatus.RUNNING)
-                    .values(progress_step=step, progress_total=total)
-                    .execution_options(synchronize_session=False)
-                )
-                self._apply_cancels(s)
-        if now - self._last_preview >= PREVIEW_EVERY_S and step < total and self.live:
+            try:
+                if faults.countdown("progress_write_fails"):
+                    raise SQLAlchemyError("injected: the progress write was lost")
+                # One short transaction a tick: read cancel requests, write progress.
+                with session_scope(self.ctx.engine) as s:
+                    self._apply_cancels(s)
+                    for job in self.running():
+                        if not update_held(s, job.lease, progress_step=step, progress_total=total):
+                            self.drop(job.id, "lost")
+            except SQLAlchemyError as e:
+                log.warning("progress write failed (%s); trying again at the next tick", e)
+        if now - self._last_preview >= PREVIEW_EVERY_S and step < total and self.running():
             self._last_preview = now
             try:
                 self._write_previews(x0)
@@ -294,8 +317,8 @@ class BatchWatcher:
                 log.warning("preview failed", exc_info=True)
 
     def _write_previews(self, x0: torch.Tensor) -> None:
-        jobs = list(self.live.values())
-        first_rows = [j.rows[0] for j in jobs]
+        jobs = self.running()
+        first_rows = [self.batch.rows[j.id][0] for j in jobs]
         images = self.preview(x0[first_rows])
         keys = {}
         for job, img in zip(jobs, images, strict=True):
@@ -303,77 +326,139 @@ class BatchWatcher:
                 img = img.resize((PREVIEW_SIZE, PREVIEW_SIZE))
             buf = io.BytesIO()
             img.save(buf, format="PNG", compress_level=1)  # fast; a preview lives seconds
-            key = preview_key(job.id)
+            key = preview_key(job.id, job.attempts)
             self.ctx.storage.put(key, buf.getvalue(), "image/png")
             keys[job.id] = key
         with session_scope(self.ctx.engine) as s:
-            for job_id, key in keys.items():
-                s.execute(
-                    update(Job)
-                    .where(Job.id == job_id, Job.status == JobStatus.RUNNING)
-                    .values(preview_key=key)
-                    .execution_options(synchronize_session=False)
-                )
+            for job in jobs:
+                if not update_held(s, job.lease, preview_key=keys[job.id]):
+                    self.drop(job.id, "lost")
 
     def _apply_cancels(self, s: Session) -> None:
         rows = s.execute(
-            select(Job.id, Job.status, Job.cancel_requested).where(Job.id.in_(list(self.live)))
+            select(Job.id, Job.status, Job.attempts, Job.cancel_requested).where(
+                Job.id.in_(list(self.live))
+            )
         ).all()
-        for job_id, status, cancel in rows:
-            if status is not JobStatus.RUNNING:
-                self.live.pop(job_id, None)  # canceled or reaped elsewhere
-            elif cancel and transition_job(
-                s,
-                job_id,
-                JobStatus.CANCELED,
-                expected=JobStatus.RUNNING,
-                finished_at=utcnow(),
-                lease_expires_at=None,
-            ):
+        for job_id, status, attempts, cancel in rows:
+            job = self.live[job_id]
+            if status is not JobStatus.RUNNING or attempts != job.attempts:
+                # Canceled while queued and re-claimed, failed by the reaper, or re-queued
+                # after this worker stalled: not ours any more.
+                self.drop(job_id, "lost" if attempts != job.attempts else "ended")
+            elif cancel and finish(s, job.lease, JobStatus.CANCELED):
                 log.info("job %s canceled", job_id)
-                self.live.pop(job_id, None)
+                self.drop(job_id, "canceled")
 
     def poll_cancels(self) -> None:
-        if self.live:
+        if not self.live:
+            return
+        try:
             with session_scope(self.ctx.engine) as s:
                 self._apply_cancels(s)
+        except SQLAlchemyError as e:
+            log.warning("cancel check failed (%s); storing the results anyway", e)
 
     def should_stop(self) -> bool:
         """Polled between steps; the cancel requests were read by the last progress tick."""
-        return not self.live
+        return not self.running()
+
+
+def _halves(jobs: list[BatchJob]) -> list[list[BatchJob]]:
+    mid = len(jobs) // 2
+    return [jobs[:mid], jobs[mid:]]
 
 
 def run_batch(ctx: WorkerContext, batch: Batch) -> None:
-    import torch
-
-    from core.diffusion.samplers import SamplingCanceled
-
+    """Denoise the batch and record each job's outcome. A part that runs out of memory, or that
+    an error breaks, is split in halves that run one after the other, down to one job: only a
+    job that fails alone is failed."""
     try:
         model = ctx.models.get(batch.model_version_id)
     except ModelUnavailable as e:
-        fail_jobs(ctx, batch.ids, str(e))
+        fail_jobs(ctx, batch.jobs, str(e))
         return
     except TRANSIENT as e:
         retry_or_fail(ctx, batch.jobs, e)
         return
 
-    prompts, negatives, guidance, seeds = [], [], [], []
-    for job in batch.jobs:
+    watcher = BatchWatcher(ctx, batch, model.fast_preview)
+    parts = [list(batch.jobs)]
+    while parts:
+        part = [j for j in parts.pop(0) if j.id in watcher.live]
+        if not part:
+            continue
+        try:
+            images = _generate(ctx, model, batch, part, watcher)
+        except TimeLimitExceeded:
+            message = time_limit_error(ctx.settings.job_time_limit_seconds)
+            log.warning("batch of %d job(s) %s", len(watcher.live), message)
+            fail_jobs(ctx, list(watcher.live.values()), message)
+            return
+        except _SplitOrFail as e:
+            if len(part) > 1:
+                log.warning("%s with %d job(s); trying them in halves", e.what, len(part))
+                parts = [*_halves(part), *parts]
+            else:
+                log.warning("job %s failed alone: %s", part[0].id, e.message)
+                fail_jobs(ctx, part, e.message)
+            continue
+        except TRANSIENT as e:
+            retry_or_fail(ctx, [j for j in part if j.id in watcher.live], e)
+            continue
+        if images is None:
+            continue  # every job of this part was canceled or lost
+        watcher.poll_cancels()  # a cancel during the last step still wins
+        for job in part:
+            if job.id not in watcher.live:
+                continue
+            try:
+                store_results(ctx, job, [images[r] for r in batch.rows[job.id]])
+            except LeaseLost:
+                watcher.drop(job.id, "lost")
+            except TRANSIENT as e:
+                log.warning("storing job %s failed: %s", job.id, e)
+                retry_or_fail(ctx, [job], e)
+
+
+class _SplitOrFail(Exception):
+    """Generation of a part failed in a way that splitting may cure."""
+
+    def __init__(self, what: str, message: str):
+        super().__init__(message)
+        self.what = what
+        self.message = message
+
+
+def _generate(
+    ctx: WorkerContext, model: Any, batch: Batch, part: list[BatchJob], watcher: BatchWatcher
+) -> list[PILImage.Image] | None:
+    import torch
+
+    from core.diffusion.samplers import SamplingCanceled
+
+    prompts: list[str] = []
+    negatives: list[str] = []
+    guidance: list[float] = []
+    seeds: list[int] = []
+    for job in part:
+        batch.rows[job.id] = list(range(len(prompts), len(prompts) + job.num_images))
         prompts += [job.prompt] * job.num_images
         negatives += [job.negative_prompt] * job.num_images
         guidance += [job.guidance] * job.num_images
         seeds += job.seeds
-    watcher = BatchWatcher(ctx, batch, model.fast_preview)
+    watcher.active = {j.id for j in part}
     log.info(
         "running %d job(s), %d image(s): %s × %d steps",
-        len(batch.jobs),
+        len(part),
         len(prompts),
         batch.sampler,
         batch.steps,
     )
     t0 = time.perf_counter()
     try:
-        images = model.generate(
+        faults.before_generate(prompts)
+        images: list[PILImage.Image] = model.generate(
             prompts,
             negatives,
             steps=batch.steps,
@@ -385,35 +470,23 @@ def run_batch(ctx: WorkerContext, batch: Batch) -> None:
             should_stop=watcher.should_stop,
         )
     except SamplingCanceled:
-        return  # every job of the batch was canceled
-    except torch.cuda.OutOfMemoryError:
-        torch.cuda.empty_cache()
-        fail_jobs(
-            ctx,
-            list(watcher.live),
-            "the GPU ran out of memory for this batch; try fewer images or a smaller size",
-        )
-        return
-    except TRANSIENT as e:
-        retry_or_fail(ctx, list(watcher.live.values()), e)
-        return
+        return None
+    except torch.cuda.OutOfMemoryError as e:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        raise _SplitOrFail("out of memory", OUT_OF_MEMORY) from e
+    except (TimeLimitExceeded, *TRANSIENT):
+        raise
     except ValueError as e:  # the model refused the parameters (e.g. a size it cannot make)
-        fail_jobs(ctx, list(watcher.live), f"the model refused this job: {e}")
-        return
-
-    t1 = time.perf_counter()
-    watcher.poll_cancels()  # a cancel during the last step still wins
-    for job in list(watcher.live.values()):
-        try:
-            store_results(ctx, job, [images[r] for r in job.rows])
-        except TRANSIENT as e:
-            log.warning("storing job %s failed: %s", job.id, e)
-            retry_or_fail(ctx, [job], e)
-    log.info(
-        "batch done: denoising and decoding %.2f s, storing %.2f s",
-        t1 - t0,
-        time.perf_counter() - t1,
-    )
+        raise _SplitOrFail("the model refused a job", f"the model refused this job: {e}") from e
+    except Exception as e:
+        log.exception("generation failed")
+        raise _SplitOrFail(
+            "generation failed",
+            f"generation failed for this job: {type(e).__name__}: {e}",
+        ) from e
+    log.info("part done: denoising and decoding %.2f s", time.perf_counter() - t0)
+    return images
 
 
 def run_generation(ctx: WorkerContext, job_id: uuid.UUID) -> bool:
@@ -422,12 +495,20 @@ def run_generation(ctx: WorkerContext, job_id: uuid.UUID) -> bool:
     if batch is None:
         log.info("job %s is not queued; message acknowledged without work", job_id)
         return False
-    ctx.heartbeat.hold(Job, *batch.ids)
+    leases = [j.lease for j in batch.jobs]
+    ctx.heartbeat.hold(*leases)
+    limit = ctx.settings.job_time_limit_seconds
+
+    def on_hang() -> None:  # from the watchdog's thread, when this task is stuck for good
+        fail_jobs(ctx, batch.jobs, time_limit_error(limit))
+
+    ctx.watchdog.begin(f"the batch of job {job_id}", limit, on_hang)
     try:
         run_batch(ctx, batch)
     except Exception as e:
         log.exception("batch of job %s failed", job_id)
-        fail_jobs(ctx, batch.ids, f"internal error in the worker: {type(e).__name__}: {e}")
+        fail_jobs(ctx, batch.jobs, f"internal error in the worker: {type(e).__name__}: {e}")
     finally:
+        ctx.watchdog.end()
         ctx.heartbeat.release(*batch.ids)
     return True

@@ -1,8 +1,14 @@
 """Lease renewal: a thread that keeps the jobs and runs this process holds marked as alive.
 
-Every claim sets ``lease_expires_at``; this thread pushes it forward every third of the lease.
-If the process dies (SIGKILL, OOM killer, power), renewals stop, the lease runs out, and the
-reaper (``core.dispatch.relay_once``) puts the work back in the queue.
+Every claim sets ``lease_expires_at``; this thread pushes it forward every third of the lease,
+by the database's clock and fenced by the claim's token (``core.db.transitions.renew``). If the
+process dies (SIGKILL, OOM killer, power), renewals stop, the lease runs out, and the reaper puts
+the work back in the queue. Past a claim's deadline renewals stop too, so a worker stuck in a
+task cannot keep its work forever.
+
+A renewal that finds the row no longer held (the reaper re-queued it while this process was
+stalled, and another worker claimed it) marks the lease lost: the task polls :meth:`lost` and
+stops that work at once.
 """
 
 from __future__ import annotations
@@ -10,40 +16,47 @@ from __future__ import annotations
 import logging
 import threading
 import uuid
-from datetime import datetime, timedelta
+from datetime import timedelta
 
-from sqlalchemy import update
 from sqlalchemy.engine import Engine
 
-from core.db.models import Job, JobStatus, TrainingRun, utcnow
 from core.db.session import session_scope
+from core.db.transitions import Lease, renew
 
 log = logging.getLogger(__name__)
 
 
 class Heartbeat:
-    def __init__(self, engine: Engine, lease_seconds: float, host: str):
+    def __init__(self, engine: Engine, lease_seconds: float):
         self.engine = engine
         self.lease = timedelta(seconds=lease_seconds)
-        self.host = host
-        self._held: dict[uuid.UUID, type[Job] | type[TrainingRun]] = {}
+        self._held: dict[uuid.UUID, Lease] = {}
+        self._lost: set[uuid.UUID] = set()
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def lease_expiry(self) -> datetime:
-        return utcnow() + self.lease
+    @property
+    def lease_seconds(self) -> float:
+        return self.lease.total_seconds()
 
-    def hold(self, model: type[Job] | type[TrainingRun], *ids: uuid.UUID) -> None:
+    def hold(self, *leases: Lease) -> None:
         with self._lock:
-            for i in ids:
-                self._held[i] = model
+            for lease in leases:
+                self._held[lease.id] = lease
+                self._lost.discard(lease.id)
         self._ensure_thread()
 
     def release(self, *ids: uuid.UUID) -> None:
         with self._lock:
             for i in ids:
                 self._held.pop(i, None)
+                self._lost.discard(i)
+
+    def lost(self) -> set[uuid.UUID]:
+        """Ids whose lease a renewal found gone since they were held."""
+        with self._lock:
+            return set(self._lost)
 
     def _ensure_thread(self) -> None:
         if self._thread is None or not self._thread.is_alive():
@@ -53,19 +66,24 @@ class Heartbeat:
 
     def beat(self) -> None:
         with self._lock:
-            held = dict(self._held)
+            held = list(self._held.values())
         if not held:
             return
-        expires = self.lease_expiry()
+        lost = []
         with session_scope(self.engine) as session:
-            for model in (Job, TrainingRun):
-                ids = [i for i, m in held.items() if m is model]
-                if ids:
-                    session.execute(
-                        update(model)
-                        .where(model.id.in_(ids), model.status == JobStatus.RUNNING)
-                        .values(lease_expires_at=expires)
-                        .execution_options(synchronize_session=False)
+            for lease in held:
+                if renew(session, lease, self.lease_seconds) is False:
+                    lost.append(lease)
+        with self._lock:
+            for lease in lost:
+                if self._held.pop(lease.id, None) is not None:
+                    self._lost.add(lease.id)
+                    log.warning(
+                        "lost %s %s: it is no longer held by attempt %d of this worker "
+                        "(re-queued while this worker was stalled?); stopping its work",
+                        lease.noun,
+                        lease.id,
+                        lease.token,
                     )
 
     def _run(self) -> None:

@@ -1,10 +1,16 @@
 """Running training runs: claim, fetch data, train with checkpoints in object storage, register
 the result as a model version.
 
-A run checkpoints to ``runs/<id>/train_state/`` in object storage as it goes. When its worker
-dies, the reaper re-queues it and the next worker, on any machine, fetches that state and goes on
-from the last checkpoint, not from step 0; the batches it then sees are exactly those an
-unbroken run would have seen (core/diffusion/training/datasets.py).
+A run checkpoints to ``runs/<id>/<attempt>/train_state/`` in object storage as it goes, and
+points the run's ``checkpoint_keys`` at it. When its worker dies, the reaper re-queues it and the
+next worker, on any machine, fetches that state and goes on from the last checkpoint, not from
+step 0; the batches it then sees are exactly those an unbroken run would have seen
+(core/diffusion/training/datasets.py). A run past DQ_TRAIN_TIME_LIMIT_SECONDS checkpoints and
+goes back to the queue the same way.
+
+Every write carries the claim's fencing token (``core.db.transitions``). A trainer that stalled
+past its lease and lost the run writes no metric, no checkpoint pointer and no model version; its
+files go under its own attempt's keys and directory, so they never replace the holder's.
 """
 
 from __future__ import annotations
@@ -17,11 +23,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, func, select, update
 
-from core.db.models import JobStatus, ModelKind, ModelVersion, TrainingMetric, TrainingRun, utcnow
+from core.db.models import JobStatus, ModelKind, ModelVersion, TrainingMetric, TrainingRun
 from core.db.session import session_scope
-from core.db.transitions import transition_run
+from core.db.transitions import (
+    Lease,
+    LeaseLost,
+    claim,
+    db_now,
+    finish,
+    requeue,
+    still_held,
+    update_held,
+)
 from core.dispatch import publish_run
 from core.model_versions import DEFAULT_MODEL_DIR, activate_version
 from core.storage import S3Storage, Storage
@@ -42,44 +57,51 @@ class TrainingCanceled(Exception):
 
 @dataclass
 class RunSpec:
-    id: uuid.UUID
+    lease: Lease
     kind: ModelKind
     config: dict[str, Any]
     dataset: dict[str, Any]
     autoencoder_version_id: uuid.UUID | None
-    attempts: int
     total_steps: int
+    checkpoint_keys: list[str]
+
+    @property
+    def id(self) -> uuid.UUID:
+        return self.lease.id
+
+    @property
+    def attempts(self) -> int:
+        return self.lease.token
 
     @property
     def prefix(self) -> str:
-        return f"runs/{self.id}"
+        """This attempt's objects: a trainer that lost the run cannot touch the holder's."""
+        return f"runs/{self.id}/{self.attempts}"
 
 
 def claim_run(ctx: WorkerContext, run_id: uuid.UUID) -> RunSpec | None:
     with session_scope(ctx.engine) as s:
-        if not transition_run(
+        lease = claim(
             s,
+            TrainingRun,
             run_id,
-            JobStatus.RUNNING,
-            expected=JobStatus.QUEUED,
-            worker_host=ctx.host,
-            attempts=TrainingRun.attempts + 1,
-            lease_expires_at=ctx.heartbeat.lease_expiry(),
-            error=None,
-        ):
+            host=ctx.host,
+            lease_seconds=ctx.settings.job_lease_seconds,
+            time_limit_seconds=ctx.settings.train_time_limit_seconds,
+            started_at=func.coalesce(TrainingRun.started_at, db_now()),
+        )
+        if lease is None:
             return None
         run = s.get(TrainingRun, run_id)
         assert run is not None
-        if run.started_at is None:
-            run.started_at = utcnow()
         return RunSpec(
-            id=run.id,
+            lease=lease,
             kind=run.kind,
             config=dict(run.config),
             dataset=dict(run.dataset),
             autoencoder_version_id=run.autoencoder_version_id,
-            attempts=run.attempts,
             total_steps=run.total_steps,
+            checkpoint_keys=list(run.checkpoint_keys or []),
         )
 
 
@@ -147,7 +169,12 @@ class RunRecorder:
         self.every = every
         self.pending: list[TrainingMetric] = []
 
+    def _check_lease(self) -> None:
+        if self.spec.id in self.ctx.heartbeat.lost():
+            raise LeaseLost(self.spec.lease)
+
     def on_metrics(self, last: dict[str, float]) -> None:
+        self._check_lease()
         step = int(last["step"])
         if step % self.every and step != self.spec.total_steps:
             return
@@ -157,20 +184,24 @@ class RunRecorder:
             if name in last
         ]
         with session_scope(self.ctx.engine) as s:
+            if not update_held(s, self.spec.lease, step=step):
+                raise LeaseLost(self.spec.lease)  # rolls back: no metric rows either
             s.add_all(rows)
-            s.execute(
-                update(TrainingRun)
-                .where(TrainingRun.id == self.spec.id)
-                .values(step=step)
-                .execution_options(synchronize_session=False)
-            )
             cancel = s.scalar(
                 select(TrainingRun.cancel_requested).where(TrainingRun.id == self.spec.id)
             )
         if cancel:
             raise TrainingCanceled
 
+    def pause_requested(self) -> bool:
+        """Past the time limit: the loop checkpoints, and the run goes back to the queue."""
+        return self.ctx.watchdog.past_deadline()
+
     def on_checkpoint(self, step: int) -> None:
+        self._check_lease()
+        with session_scope(self.ctx.engine) as s:
+            if not still_held(s, self.spec.lease):
+                raise LeaseLost(self.spec.lease)
         storage = self.ctx.storage
         keys = []
         for rel in (*STATE_FILES, *CHECKPOINT_FILES):
@@ -180,23 +211,21 @@ class RunRecorder:
                 storage.put(key, path.read_bytes())
                 keys.append(key)
         with session_scope(self.ctx.engine) as s:
-            s.execute(
-                update(TrainingRun)
-                .where(TrainingRun.id == self.spec.id)
-                .values(checkpoint_keys=keys, step=step)
-                .execution_options(synchronize_session=False)
-            )
+            # The pointer moves only while this attempt holds the run.
+            if not update_held(s, self.spec.lease, checkpoint_keys=keys, step=step):
+                raise LeaseLost(self.spec.lease)
         log.info("run %s: checkpoint at step %d uploaded", self.spec.id, step)
 
 
 def fetch_state(ctx: WorkerContext, spec: RunSpec, out: Path) -> int:
-    """Bring the run's last checkpoint from storage to ``out`` (another machine may have made it).
-    Returns the step it holds, 0 when there is none."""
+    """Bring the run's last checkpoint from storage to ``out`` (another machine may have made it),
+    from where the run's ``checkpoint_keys`` point. Returns the step it holds, 0 when none."""
     state = out / "train_state" / "model.json"
-    if not state.is_file() and ctx.storage.exists(f"{spec.prefix}/{STATE_FILES[0]}"):
+    pointed = {key.split("/", 3)[3]: key for key in spec.checkpoint_keys if key.count("/") >= 3}
+    if not state.is_file() and all(rel in pointed for rel in STATE_FILES):
         for rel in STATE_FILES:
             (out / rel).parent.mkdir(parents=True, exist_ok=True)
-            (out / rel).write_bytes(ctx.storage.get(f"{spec.prefix}/{rel}"))
+            (out / rel).write_bytes(ctx.storage.get(pointed[rel]))
     if not state.is_file():
         return 0
     return int(json.loads(state.read_text()).get("step", 0))
@@ -211,10 +240,14 @@ def train(ctx: WorkerContext, spec: RunSpec) -> None:
         load_config,
     )
 
-    out = Path(ctx.settings.work_dir) / "runs" / str(spec.id)
+    # A directory per attempt: a stalled trainer of an earlier attempt on this machine never
+    # writes into the holder's files.
+    out = Path(ctx.settings.work_dir) / "runs" / str(spec.id) / str(spec.attempts)
     out.mkdir(parents=True, exist_ok=True)
     resumed_at = fetch_state(ctx, spec, out)
     with session_scope(ctx.engine) as s:
+        if not update_held(s, spec.lease, step=resumed_at):
+            raise LeaseLost(spec.lease)
         # Metrics past the checkpoint are recorded again as the run repeats those steps.
         s.execute(
             delete(TrainingMetric).where(
@@ -234,6 +267,7 @@ def train(ctx: WorkerContext, spec: RunSpec) -> None:
         progress=False,
         device=device,
         on_checkpoint=recorder.on_checkpoint,
+        pause_requested=recorder.pause_requested,
     )
     if spec.kind is ModelKind.AUTOENCODER:
         from core.diffusion.training.autoencoder import train_autoencoder
@@ -266,7 +300,10 @@ def train(ctx: WorkerContext, spec: RunSpec) -> None:
 def register(ctx: WorkerContext, spec: RunSpec, out: Path, summary: dict[str, Any]) -> None:
     """Upload the final checkpoint as a model version and finish the run."""
     name = f"{spec.kind.value}-{spec.id.hex[:8]}"
-    prefix = f"models/{name}"
+    prefix = f"models/{name}/{spec.attempts}"
+    with session_scope(ctx.engine) as s:
+        if not still_held(s, spec.lease):
+            raise LeaseLost(spec.lease)
     for f in CHECKPOINT_FILES:
         ctx.storage.put(f"{prefix}/{f}", (out / f).read_bytes())
     if (out / "samples.png").is_file():
@@ -276,6 +313,10 @@ def register(ctx: WorkerContext, spec: RunSpec, out: Path, summary: dict[str, An
     config = json.loads((out / "model.json").read_text())
     try:
         with session_scope(ctx.engine) as s:
+            # The fenced UPDATE first: it locks the run's row, so of two trainers that both
+            # reach the end, only the holder registers a version.
+            if not finish(s, spec.lease, JobStatus.SUCCEEDED, step=spec.total_steps):
+                raise _NotRegistered
             version = s.scalar(select(ModelVersion).where(ModelVersion.name == name))
             if version is None:  # a retry after a crash right here finds it registered
                 version = ModelVersion(
@@ -290,50 +331,32 @@ def register(ctx: WorkerContext, spec: RunSpec, out: Path, summary: dict[str, An
                 s.flush()
             if spec.config.get("activate"):
                 activate_version(s, version.id)
-            if not transition_run(
-                s,
-                spec.id,
-                JobStatus.SUCCEEDED,
-                expected=JobStatus.RUNNING,
-                finished_at=utcnow(),
-                lease_expires_at=None,
-                model_version_id=version.id,
-                step=spec.total_steps,
-            ):
-                raise TrainingCanceled
-    except TrainingCanceled:
-        log.info("run %s was canceled at the very end; no version kept", spec.id)
+            s.execute(
+                update(TrainingRun)
+                .where(TrainingRun.id == spec.id)
+                .values(model_version_id=version.id)
+                .execution_options(synchronize_session=False)
+            )
+    except _NotRegistered:
+        log.info("run %s was canceled or lost at the very end; no version kept", spec.id)
         return
     log.info("run %s registered model version %s", spec.id, name)
 
 
+class _NotRegistered(Exception):
+    pass
+
+
 def finish_run(ctx: WorkerContext, spec: RunSpec, status: JobStatus, error: str | None) -> None:
     with session_scope(ctx.engine) as s:
-        transition_run(
-            s,
-            spec.id,
-            status,
-            expected=JobStatus.RUNNING,
-            finished_at=utcnow(),
-            lease_expires_at=None,
-            error=error,
-        )
+        if not finish(s, spec.lease, status, error=error):
+            log.warning("lost run %s before it could be marked %s", spec.id, status.value)
 
 
-def retry_or_fail_run(ctx: WorkerContext, spec: RunSpec, error: Exception) -> None:
-    if spec.attempts >= ctx.settings.job_max_attempts:
-        finish_run(ctx, spec, JobStatus.FAILED, f"failed after {spec.attempts} attempts: {error}")
-        return
+def requeue_run(ctx: WorkerContext, spec: RunSpec) -> None:
+    """Back to the queue, to resume from the checkpoint its ``checkpoint_keys`` point at."""
     with session_scope(ctx.engine) as s:
-        moved = transition_run(
-            s,
-            spec.id,
-            JobStatus.QUEUED,
-            expected=JobStatus.RUNNING,
-            worker_host=None,
-            lease_expires_at=None,
-            published_at=None,
-        )
+        moved = requeue(s, spec.lease)
     if moved:
         try:
             publish_run(ctx.engine, ctx.publisher, spec.id)
@@ -341,17 +364,38 @@ def retry_or_fail_run(ctx: WorkerContext, spec: RunSpec, error: Exception) -> No
             log.warning("could not re-publish run %s; the relay will", spec.id, exc_info=True)
 
 
+def retry_or_fail_run(ctx: WorkerContext, spec: RunSpec, error: Exception) -> None:
+    if spec.attempts >= ctx.settings.job_max_attempts:
+        finish_run(ctx, spec, JobStatus.FAILED, f"failed after {spec.attempts} attempts: {error}")
+    else:
+        requeue_run(ctx, spec)
+
+
 def run_training(ctx: WorkerContext, run_id: uuid.UUID) -> bool:
     """The body of the ``dq.train`` task. Returns False when the message had nothing to do."""
     from core.diffusion.checkpoint import CheckpointError
+    from core.diffusion.training.loop import TrainingPaused
 
     spec = claim_run(ctx, run_id)
     if spec is None:
         log.info("run %s is not queued; message acknowledged without work", run_id)
         return False
-    ctx.heartbeat.hold(TrainingRun, spec.id)
+    ctx.heartbeat.hold(spec.lease)
+    limit = ctx.settings.train_time_limit_seconds
+    # Stuck for good past the limit: back to the queue from the last checkpoint.
+    ctx.watchdog.begin(f"training run {spec.id}", limit, lambda: requeue_run(ctx, spec))
     try:
         train(ctx, spec)
+    except LeaseLost as e:
+        log.warning("%s: another worker holds the run now; this one stops and writes nothing", e)
+    except TrainingPaused as e:
+        log.warning(
+            "run %s ran past its %d s time limit; checkpointed at step %d and re-queued",
+            spec.id,
+            limit,
+            e.step,
+        )
+        requeue_run(ctx, spec)
     except TrainingCanceled:
         finish_run(ctx, spec, JobStatus.CANCELED, None)
     except TRANSIENT as e:
@@ -369,5 +413,6 @@ def run_training(ctx: WorkerContext, run_id: uuid.UUID) -> bool:
             ctx, spec, JobStatus.FAILED, f"internal error in the worker: {type(e).__name__}: {e}"
         )
     finally:
+        ctx.watchdog.end()
         ctx.heartbeat.release(spec.id)
     return True

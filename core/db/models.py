@@ -118,7 +118,32 @@ def _enum(cls: type[enum.Enum], name: str) -> Enum:
     )
 
 
-class Job(Base):
+class LeasedWork:
+    """The lease lifecycle shared by generation jobs and training runs (columns only).
+
+    A worker claims a queued row by raising ``attempts`` by one: that number is the claim's
+    fencing token. Every later write of that worker names it in its ``WHERE`` clause
+    (``core.db.transitions``), so a worker that stalled past its lease and lost the row to another
+    cannot write to it again. Lease and deadline times come from the database's clock.
+    """
+
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # Renewed by the worker's heartbeat; a running row past it is re-queued by the reaper.
+    lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # The claim's time limit (DQ_JOB_TIME_LIMIT_SECONDS / DQ_TRAIN_TIME_LIMIT_SECONDS): the
+    # heartbeat stops renewing past it, and the reaper ends the row.
+    deadline_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # When the task message was last handed to the broker (None: not yet, or lost).
+    published_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    worker_host: Mapped[str | None] = mapped_column(String(255))
+    # Claims so far; the current claim's fencing token.
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    error: Mapped[str | None] = mapped_column(Text)
+
+
+class Job(LeasedWork, Base):
     """One generation request: a prompt, its parameters, and where it stands."""
 
     __tablename__ = "jobs"
@@ -143,17 +168,7 @@ class Job(Base):
     progress_step: Mapped[int] = mapped_column(Integer, default=0)
     progress_total: Mapped[int] = mapped_column(Integer, default=0)
     preview_key: Mapped[str | None] = mapped_column(String(512))
-    error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
-    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
-    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
-    # Renewed by the worker's heartbeat; a running job past it is re-queued by the reaper.
-    lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
-    # When the job's task message was last handed to the broker (None: not yet, or lost).
-    published_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
-    worker_host: Mapped[str | None] = mapped_column(String(255))
-    attempts: Mapped[int] = mapped_column(Integer, default=0)
-    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     # "token:<id>" for API callers, "session:<random>" for anonymous form users.
     owner: Mapped[str] = mapped_column(String(80), index=True)
     idempotency_key: Mapped[str | None] = mapped_column(String(255))
@@ -225,7 +240,7 @@ class ModelVersion(Base):
     )
 
 
-class TrainingRun(Base):
+class TrainingRun(LeasedWork, Base):
     """An admin's request to train an autoencoder or a denoiser, and its outcome."""
 
     __tablename__ = "training_runs"
@@ -247,14 +262,6 @@ class TrainingRun(Base):
     step: Mapped[int] = mapped_column(Integer, default=0)
     total_steps: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
-    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
-    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
-    lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
-    published_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
-    worker_host: Mapped[str | None] = mapped_column(String(255))
-    attempts: Mapped[int] = mapped_column(Integer, default=0)
-    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
-    error: Mapped[str | None] = mapped_column(Text)
     model_version_id: Mapped[uuid.UUID | None] = mapped_column(
         ForeignKey("model_versions.id", ondelete="SET NULL")
     )

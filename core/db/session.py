@@ -18,9 +18,12 @@ _engines: dict[str, Engine] = {}
 _lock = threading.Lock()
 
 
-def make_engine(url: str) -> Engine:
+def make_engine(url: str, connect_timeout: int = 10, statement_timeout: int = 30) -> Engine:
     """A new engine for ``url``. SQLite gets WAL, foreign keys and a busy timeout, so that the
-    web process and a worker process can share one file."""
+    web process and a worker process can share one file. PostgreSQL connections give up
+    connecting after ``connect_timeout`` seconds and cancel statements running longer than
+    ``statement_timeout`` seconds (0: none), so a dead or wedged database cannot hang a worker
+    or a web request forever."""
     try:
         parsed = make_url(url)
     except ArgumentError:
@@ -35,6 +38,15 @@ def make_engine(url: str) -> Engine:
         # Connections die when PostgreSQL restarts; test them on checkout rather than failing
         # the first request after.
         kwargs["pool_pre_ping"] = True
+        kwargs["pool_timeout"] = max(connect_timeout, 5)
+        # TCP keepalives notice a server that vanished without closing the connection.
+        kwargs["connect_args"] = {
+            "connect_timeout": connect_timeout,
+            "keepalives": 1,
+            "keepalives_idle": 30,
+            "keepalives_interval": 10,
+            "keepalives_count": 3,
+        }
     try:
         engine = create_engine(url, **kwargs)
     except ModuleNotFoundError as e:
@@ -44,7 +56,21 @@ def make_engine(url: str) -> Engine:
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas)
         event.listen(engine, "begin", _sqlite_begin_immediate)
+    elif statement_timeout:
+        event.listen(engine, "connect", _statement_timeout(statement_timeout))
     return engine
+
+
+def _statement_timeout(seconds: int) -> Any:
+    def on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # A session setting, not part of the URL: the URL's own `options` stay as they are.
+        autocommit = dbapi_connection.autocommit
+        dbapi_connection.autocommit = True
+        with dbapi_connection.cursor() as cursor:
+            cursor.execute(f"SET statement_timeout = {int(seconds * 1000)}")
+        dbapi_connection.autocommit = autocommit
+
+    return on_connect
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -81,11 +107,17 @@ def read_only_engine(engine: Engine) -> Engine:
 def get_engine(settings: Settings | None = None, url: str | None = None) -> Engine:
     """The process-wide engine for the settings' database URL (or ``url``)."""
     if url is None:
-        url = (settings or Settings.from_env()).database_url
+        settings = settings or Settings.from_env()
+        url = settings.database_url
+    timeouts = (
+        (settings.db_connect_timeout_seconds, settings.db_statement_timeout_seconds)
+        if settings is not None
+        else ()
+    )
     with _lock:
         engine = _engines.get(url)
         if engine is None:
-            engine = _engines[url] = make_engine(url)
+            engine = _engines[url] = make_engine(url, *timeouts)
         return engine
 
 

@@ -72,7 +72,7 @@ def test_dq_db_upgrade_creates_the_embedded_database_under_var(tmp_path: Path) -
         timeout=120,
     )
     assert result.returncode == 0, result.stderr
-    assert "revision 0001" in result.stdout
+    assert "revision 0002" in result.stdout
     db = tmp_path / "var" / "dq.sqlite3"
     assert db.is_file()
     assert tables(f"sqlite:///{db}") == TABLES | {"alembic_version"}

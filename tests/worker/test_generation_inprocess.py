@@ -115,9 +115,103 @@ def test_out_of_memory_is_reported_in_words(
     run_generation(ctx, job_id)
     got = job(engine, job_id)
     assert got.status is JobStatus.FAILED
-    assert (
-        got.error == "the GPU ran out of memory for this batch; try fewer images or a smaller size"
-    )
+    assert got.error == "the GPU ran out of memory for this job; try fewer images or a smaller size"
+    assert got.attempts == 1  # not retried: the same job would run out again
+
+
+def inject(monkeypatch: pytest.MonkeyPatch, faults_spec: str) -> None:
+    from worker import faults
+
+    monkeypatch.setenv(faults.ENV, faults_spec)
+    faults._faults.cache_clear()
+    faults._counts.clear()
+    monkeypatch.setattr(faults, "_counts", {})
+
+
+def test_out_of_memory_splits_the_batch_so_only_a_job_too_big_alone_fails(
+    engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    inject(monkeypatch, "oom_over_rows=2")
+    ctx = context(engine, tmp_path)
+    small = [submit(ctx, seed=i) for i in range(3)]  # one image each
+    big = submit(ctx, num_images=3, seed=9)  # never fits
+    assert run_generation(ctx, small[0])  # claims all four as one batch of 6 rows
+    outcomes = {j: job(engine, j) for j in [*small, big]}
+    for j in small:
+        assert outcomes[j].status is JobStatus.SUCCEEDED, outcomes[j].error
+        assert outcomes[j].attempts == 1 and len(outcomes[j].images) == 1
+    assert outcomes[big].status is JobStatus.FAILED
+    assert outcomes[big].error is not None and "ran out of memory" in outcomes[big].error
+
+
+def test_a_job_whose_input_breaks_the_model_fails_alone(
+    engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    inject(monkeypatch, "poison=zebra")
+    ctx = context(engine, tmp_path)
+    with session_scope(ctx.engine) as s:
+        jobs = [
+            submit_job(s, JobRequest(prompt=p, steps=3), "token:1", ctx.settings)[0].id
+            for p in ("a red circle", "a zebra circle", "a blue square", "a green circle")
+        ]
+    run_generation(ctx, jobs[0])
+    got = [job(engine, j) for j in jobs]
+    assert [g.status for g in got] == [
+        JobStatus.SUCCEEDED,
+        JobStatus.FAILED,
+        JobStatus.SUCCEEDED,
+        JobStatus.SUCCEEDED,
+    ]
+    assert got[1].error is not None and "cannot take 'zebra'" in got[1].error
+
+
+def test_a_failed_progress_write_costs_nothing(
+    engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import worker.generation as generation
+
+    inject(monkeypatch, "progress_write_fails=2")
+    monkeypatch.setattr(generation, "PROGRESS_EVERY_S", 0.0)  # a write every step
+    ctx = context(engine, tmp_path)
+    jobs = [submit(ctx, seed=i) for i in range(4)]
+    run_generation(ctx, jobs[0])
+    for j in jobs:
+        got = job(engine, j)
+        assert (got.status, got.attempts, got.progress_step) == (JobStatus.SUCCEEDED, 1, 3)
+
+
+def test_a_job_lost_while_the_worker_stalled_gets_nothing_written(
+    engine: Engine, tmp_path: Path
+) -> None:
+    """The worker claimed the job, stalled; the reaper re-queued it and another claim took it.
+    The stalled worker then finishes: it writes no row and no object under the holder's keys."""
+    from core.db.transitions import requeue
+
+    ctx = context(engine, tmp_path)
+    job_id = submit(ctx, seed=4)
+    batch = generation_claim(ctx, job_id)
+    with session_scope(engine) as s:  # the reaper, then a second worker's claim
+        assert requeue(s, batch.jobs[0].lease)
+    other = generation_claim(ctx, job_id)
+    assert other.jobs[0].attempts == 2
+    from worker.generation import run_batch
+
+    run_batch(ctx, batch)  # the stalled worker wakes and runs its (lost) batch
+    got = job(engine, job_id)
+    assert (got.status, got.images, got.progress_step) == (JobStatus.RUNNING, [], 0)
+    assert list(ctx.storage.list(f"images/{job_id}/")) == []
+    run_batch(ctx, other)  # the holder finishes
+    got = job(engine, job_id)
+    assert got.status is JobStatus.SUCCEEDED
+    assert [im.storage_key for im in got.images] == [f"images/{job_id}/2/0.png"]
+
+
+def generation_claim(ctx: WorkerContext, job_id: uuid.UUID) -> Any:
+    from worker.generation import claim_batch
+
+    batch = claim_batch(ctx, job_id)
+    assert batch is not None
+    return batch
 
 
 def test_a_job_lost_when_the_broker_restarted_empty_is_republished_and_runs(

@@ -52,6 +52,7 @@ def train_autoencoder(
     progress: bool = True,
     device: torch.device | None = None,
     on_checkpoint: Callable[[int], None] | None = None,
+    pause_requested: Callable[[], bool] | None = None,
 ) -> tuple[LoopResult, dict[str, Any]]:
     """Trains, then measures the latent scale factor and the held-out PSNR, and saves
     ``out_dir/model.{safetensors,json}`` (EMA weights). Returns the loop result and the summary."""
@@ -84,6 +85,7 @@ def train_autoencoder(
         progress,
         device,
         on_checkpoint=on_checkpoint,
+        pause_requested=pause_requested,
     )
     result = loop.run(resume=resume)
 

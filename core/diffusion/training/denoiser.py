@@ -91,6 +91,7 @@ def train_denoiser(
     progress: bool = True,
     device: torch.device | None = None,
     on_checkpoint: Callable[[int], None] | None = None,
+    pause_requested: Callable[[], bool] | None = None,
 ) -> tuple[LoopResult, dict[str, Any]]:
     device = device or pick_device()
     if cfg.train.threads:
@@ -144,6 +145,7 @@ def train_denoiser(
         progress,
         device,
         on_checkpoint=on_checkpoint,
+        pause_requested=pause_requested,
     )
     result = loop.run(resume=resume)
 

@@ -32,6 +32,15 @@ MetricsCallback = Callable[[dict[str, float]], None]
 StepFn = Callable[[int, torch.Generator], tuple[torch.Tensor, dict[str, float], int]]
 
 
+class TrainingPaused(Exception):
+    """The loop stopped on request after writing a checkpoint at ``step``; resuming goes on
+    from there."""
+
+    def __init__(self, step: int):
+        super().__init__(f"paused at step {step} after a checkpoint")
+        self.step = step
+
+
 def lr_at(step: int, cfg: LoopConfig) -> float:
     """Linear warm-up to cfg.lr, then cosine decay to cfg.lr·min_lr_ratio at cfg.steps."""
     if step < cfg.warmup_steps:
@@ -124,6 +133,7 @@ class TrainLoop:
         progress: bool = True,
         device: torch.device | None = None,
         on_checkpoint: Callable[[int], None] | None = None,
+        pause_requested: Callable[[], bool] | None = None,
     ) -> None:
         self.model = model
         self.cfg = cfg
@@ -134,6 +144,9 @@ class TrainLoop:
         self.on_metrics = on_metrics
         # Runs after each checkpoint is on disk, e.g. to copy it to object storage.
         self.on_checkpoint = on_checkpoint
+        # Polled after each step; when it says so, the loop checkpoints and raises
+        # TrainingPaused (e.g. a worker's time limit: the run resumes elsewhere).
+        self.pause_requested = pause_requested
         self.progress = progress
         self.device = device or torch.device("cpu")
         params = [p for p in model.parameters() if p.requires_grad]
@@ -248,7 +261,8 @@ class TrainLoop:
                 bar.set_postfix(
                     loss=f"{last['loss']:.4f}", lr=f"{lr:.2e}", sps=f"{last['samples_per_s']:.1f}"
                 )
-                if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
+                pause = self.pause_requested is not None and self.pause_requested()
+                if pause or self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
                     mlog.flush()
                     run_s = time.perf_counter() - t0
                     self.elapsed_s += run_s - counted
@@ -257,5 +271,8 @@ class TrainLoop:
                     self.save_state()
                     if self.on_checkpoint is not None:
                         self.on_checkpoint(self.step)
+                if pause and self.step < cfg.steps:
+                    bar.close()
+                    raise TrainingPaused(self.step)
         bar.close()
         return LoopResult(self.step - start, start, time.perf_counter() - t0, self.elapsed_s, last)
