@@ -68,6 +68,9 @@ def _statement_timeout(seconds: int) -> Any:
         dbapi_connection.autocommit = True
         with dbapi_connection.cursor() as cursor:
             cursor.execute(f"SET statement_timeout = {int(seconds * 1000)}")
+            # A process frozen inside a transaction (SIGSTOP, a VM pause) would hold its row
+            # locks, and block the reaper, until it woke; the server ends such a session.
+            cursor.execute(f"SET idle_in_transaction_session_timeout = {int(seconds * 2000)}")
         dbapi_connection.autocommit = autocommit
 
     return on_connect
