@@ -116,13 +116,12 @@ def run_jobs(settings: Settings, engine, publisher, reqs: list[JobRequest]) -> l
 def service(
     env: dict[str, str], tmp: Path, batch: int, n: int, steps: int, seed0: int
 ) -> dict[str, float]:
-    from worker.app import make_celery
-    from worker.publisher import CeleryPublisher
+    from core.broker import CeleryPublisher
 
     settings = Settings.from_env({**env, "DQ_MAX_BATCH_SIZE": str(batch)})
     engine = make_engine(settings.database_url)
     Base.metadata.create_all(engine)
-    publisher = CeleryPublisher(make_celery(settings))
+    publisher = CeleryPublisher.from_settings(settings)
     proc = start_worker(env, tmp, batch)
     try:
         # Warm-up: the worker loads the model on its first job.

@@ -690,7 +690,7 @@ def reaper_cmd(interval: float, once: bool) -> None:
     """Re-queue work of lost workers and publish messages the broker never got."""
     import logging
 
-    from worker.reaper import run_reaper
+    from core.reaper import run_reaper
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     run_reaper(_settings(), interval=interval, once=once)

@@ -50,9 +50,9 @@ def create_app(
             f"DQ_RATE_LIMIT={settings.rate_limit!r} is not valid: use e.g. 60/minute"
         ) from None
     if publisher is None:
-        from web.queue import CeleryPublisher
+        from core.broker import CeleryPublisher
 
-        publisher = CeleryPublisher(settings)
+        publisher = CeleryPublisher.from_settings(settings)
 
     app = APIFlask(
         __name__,

@@ -1,8 +1,9 @@
 """The Celery app: ``celery -A worker.app worker`` (``dq worker`` wraps it).
 
-Its configuration comes from ``core.dispatch.celery_config``: JSON only, late acks, a lost
-worker's message re-queued, prefetch of one, and a visibility timeout longer than any task's
-time limit. The tasks are thin wrappers around ``worker.generation`` and ``worker.training``.
+It is built by ``core.broker.make_celery``, as every process's publisher is, with the
+configuration of ``core.dispatch.celery_config``: JSON only, late acks, a lost worker's message
+re-queued, prefetch of one, and a visibility timeout longer than any task's time limit. The
+tasks are thin wrappers around ``worker.generation`` and ``worker.training``.
 """
 
 from __future__ import annotations
@@ -10,29 +11,16 @@ from __future__ import annotations
 import logging
 import uuid
 
-from celery import Celery
 from celery.signals import worker_process_init
 
-from core.dispatch import TASK_GENERATE, TASK_TRAIN, celery_config
+from core.broker import make_celery
+from core.dispatch import TASK_GENERATE, TASK_TRAIN
 from core.settings import Settings
 
 log = logging.getLogger("worker")
 
-
-def make_celery(settings: Settings) -> Celery:
-    if settings.broker_url.startswith("sqla+"):
-        # kombu's SQLAlchemy transport polls the table once a second by default and hands its
-        # transport options to create_engine, so the interval can only be set on the class.
-        from kombu.transport import sqlalchemy as sqla_transport
-
-        sqla_transport.Transport.polling_interval = 0.05
-    app = Celery("diffusion-queue")
-    app.conf.update(celery_config(settings))
-    return app
-
-
 settings = Settings.from_env()
-app = make_celery(settings)
+app = make_celery(settings, set_as_current=True)
 
 
 @worker_process_init.connect

@@ -56,12 +56,13 @@ def build_context(settings: Settings, publisher: Publisher, **overrides: Any) ->
 
 
 def get_context() -> WorkerContext:
-    """The process-wide context of a Celery worker (``worker.app`` supplies the publisher)."""
+    """The process-wide context of a Celery worker. Its publisher is a Celery app of its own,
+    built by ``core.broker``, so this module never imports the tasks in ``worker.app``."""
     global _context
     with _lock:
         if _context is None:
-            from worker.app import app
-            from worker.publisher import CeleryPublisher
+            from core.broker import CeleryPublisher, make_celery
 
-            _context = build_context(Settings.from_env(), CeleryPublisher(app))
+            settings = Settings.from_env()
+            _context = build_context(settings, CeleryPublisher(make_celery(settings)))
         return _context

@@ -135,10 +135,9 @@ class Stack:
     # --- jobs -----------------------------------------------------------------------------
 
     def publisher(self) -> Any:
-        from worker.app import make_celery
-        from worker.publisher import CeleryPublisher
+        from core.broker import CeleryPublisher
 
-        return CeleryPublisher(make_celery(self.settings))
+        return CeleryPublisher.from_settings(self.settings)
 
     def submit(
         self, prompt: str = "a small red circle in the center", publish: bool = True, **kw: Any

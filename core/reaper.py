@@ -3,6 +3,9 @@
 Every few seconds it runs :func:`core.dispatch.relay_once`: re-queue work whose lease expired,
 publish what was committed but never sent, re-publish queued work whose message was lost. Any
 number of reapers may run; every move they make is a conditional UPDATE.
+
+It needs only ``core``: the broker is reached through :mod:`core.broker`, which sends tasks by
+name, so ``dq reaper`` imports neither the web app nor the worker's tasks.
 """
 
 from __future__ import annotations
@@ -16,15 +19,14 @@ from core.db.session import get_engine
 from core.dispatch import relay_once
 from core.settings import Settings
 
-log = logging.getLogger("worker.reaper")
+log = logging.getLogger("core.reaper")
 
 
 def run_reaper(settings: Settings, interval: float = 2.0, once: bool = False) -> None:
-    from worker.app import make_celery
-    from worker.publisher import CeleryPublisher
+    from core.broker import CeleryPublisher
 
     engine = get_engine(settings)
-    publisher = CeleryPublisher(make_celery(settings))
+    publisher = CeleryPublisher.from_settings(settings)
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
