@@ -7,12 +7,21 @@ between commit and send). The relay also
 
 - re-queues running jobs and runs whose lease expired (their worker died), or fails them once
   they have used up their attempts;
-- re-publishes queued work whose message seems lost (the broker restarted empty). A duplicate
-  message is harmless: the worker's claim is a conditional UPDATE, so a second delivery finds the
-  job no longer queued and does nothing.
+- re-publishes queued work whose message can really be gone, and no more. The broker's queue
+  should hold one message per queued item that has been published. When it is empty (Redis
+  deletes a list with its last message, and forgets them all when it restarts without
+  persistence) every queued item published a few seconds ago is sent again. When it holds fewer
+  messages than there are such items, the difference is sent again, oldest first. When the
+  broker cannot say how many it holds, nothing is. So the queue never grows with the backlog,
+  and an autoscaler reading its length sees the work there is. A duplicate message is harmless:
+  the worker's claim is a conditional UPDATE, so a second delivery finds the job no longer
+  queued and does nothing.
 
-The broker is reached through a :class:`Publisher`, so this module imports no Celery; the worker
-and the web app each pass one (``worker/publisher.py``, ``web/queue.py``).
+Every query reads a bounded batch (``LIMIT``), and a pass sends a bounded number of messages, so
+a pass stays short whatever the backlog; the next pass goes on where this one stopped.
+
+The broker is reached through a :class:`Publisher`, so this module imports no Celery; every
+process passes the one in ``core/broker.py`` (tests pass fakes).
 """
 
 from __future__ import annotations
@@ -23,7 +32,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Protocol
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
@@ -40,9 +49,18 @@ QUEUE_GENERATE = "generate"
 QUEUE_TRAIN = "train"
 
 # A queued item whose message went out this long ago, while the broker's queue is empty, is
-# published again: its message was lost. With messages waiting, only after the long delay.
+# published again: its message was lost.
 REPUBLISH_WHEN_QUEUE_EMPTY = timedelta(seconds=10)
-REPUBLISH_ALWAYS = timedelta(minutes=10)
+# With messages waiting but fewer than the published queued items, the oldest items published
+# this long ago are sent again, one per missing message. A message can be out of the list for a
+# while without being lost: a worker has taken it and is about to claim the job (milliseconds),
+# or holds it until its countdown is due (a minute at most). One taken by a worker that died
+# before claiming comes back by itself after the broker's visibility timeout, but that is hours:
+# waiting for it would strand lost jobs behind a busy queue, and a duplicate costs one no-op.
+REPUBLISH_WHEN_MISSING = timedelta(minutes=5)
+# Rows read per query, and messages sent per queue and per reason in one pass.
+RELAY_BATCH = 500
+RELAY_MAX_PER_PASS = 5000
 
 
 class Publisher(Protocol):
@@ -103,6 +121,7 @@ def _publish(
     *,
     force: bool,
     countdown: float | None = None,
+    published_before: datetime | None = None,
 ) -> bool:
     """Stamp ``published_at``, commit, then send the message.
 
@@ -121,6 +140,8 @@ def _publish(
         where = [model.id == row_id, model.status == JobStatus.QUEUED]
         if not force:
             where.append(model.published_at.is_(None))
+        elif published_before is not None:  # of two relays re-publishing, only one sends
+            where.append(model.published_at < published_before)
         stamped = session.execute(
             update(model)
             .where(*where)
@@ -234,36 +255,84 @@ def relay_once(
         reap_expired(session, Job, settings, now, report)
         reap_expired(session, TrainingRun, settings, now, report)
     for model, queue in ((Job, QUEUE_GENERATE), (TrainingRun, QUEUE_TRAIN)):
+        if _publish_unpublished(engine, publisher, model, report):
+            _republish_lost(engine, publisher, model, queue, now, report)
+    return report
+
+
+def _publish_unpublished(
+    engine: Engine,
+    publisher: Publisher,
+    model: type[Job] | type[TrainingRun],
+    report: RelayReport,
+) -> bool:
+    """Send the messages of queued rows that have none yet, oldest first. False when the broker
+    refused one: the rest wait for the next pass."""
+    tried = 0
+    while tried < RELAY_MAX_PER_PASS:
         with session_scope(engine) as session:
-            unpublished = session.scalars(
+            batch = session.scalars(
                 select(model.id)
                 .where(model.status == JobStatus.QUEUED, model.published_at.is_(None))
-                .order_by(model.created_at)
+                .order_by(model.created_at, model.id)
+                .limit(RELAY_BATCH)
             ).all()
-        for row_id in unpublished:
+        for row_id in batch:  # each one sent leaves the outbox, so the next batch is new rows
             try:
                 if _publish(engine, publisher, model, row_id, force=False):
                     report.published.append(row_id)
             except Exception as e:  # the broker is down: try again next pass
                 report.errors.append(f"publishing {row_id}: {e}")
-                break
-        try:
-            depth = publisher.queue_depth(queue)
-        except Exception as e:
-            report.errors.append(f"queue depth of {queue}: {e}")
-            continue
-        cutoff = now - (REPUBLISH_WHEN_QUEUE_EMPTY if depth == 0 else REPUBLISH_ALWAYS)
+                return False
+        tried += len(batch)
+        if len(batch) < RELAY_BATCH:
+            break
+    return True
+
+
+def _republish_lost(
+    engine: Engine,
+    publisher: Publisher,
+    model: type[Job] | type[TrainingRun],
+    queue: str,
+    now: datetime,
+    report: RelayReport,
+) -> None:
+    """Send again as many queued rows as ``queue`` lacks messages for, oldest stamp first."""
+    # Rows stamped from here on are not counted: their messages may or may not be in the depth
+    # read next, and counting them could only make messages look missing that are not.
+    started = utcnow()
+    try:
+        depth = publisher.queue_depth(queue)
+    except Exception as e:
+        report.errors.append(f"queue depth of {queue}: {e}")
+        return
+    if depth is None:  # the broker cannot tell what it holds: sending more could only duplicate
+        return
+    waiting = [model.status == JobStatus.QUEUED, model.published_at < started]
+    with session_scope(engine) as session:
+        published = session.scalar(select(func.count()).select_from(model).where(*waiting)) or 0
+    missing = min(published - depth, RELAY_MAX_PER_PASS)
+    # A re-published row is stamped after ``started``, so it drops out of the next batch.
+    cutoff = min(
+        now - (REPUBLISH_WHEN_QUEUE_EMPTY if depth == 0 else REPUBLISH_WHEN_MISSING), started
+    )
+    while missing > 0:
+        limit = min(missing, RELAY_BATCH)
         with session_scope(engine) as session:
-            stale = session.scalars(
+            batch = session.scalars(
                 select(model.id)
                 .where(model.status == JobStatus.QUEUED, model.published_at < cutoff)
-                .order_by(model.created_at)
+                .order_by(model.published_at, model.id)
+                .limit(limit)
             ).all()
-        for row_id in stale:
+        for row_id in batch:
             try:
-                if _publish(engine, publisher, model, row_id, force=True):
+                if _publish(engine, publisher, model, row_id, force=True, published_before=cutoff):
                     report.republished.append(row_id)
             except Exception as e:
                 report.errors.append(f"re-publishing {row_id}: {e}")
-                break
-    return report
+                return
+        if len(batch) < limit:
+            break
+        missing -= len(batch)

@@ -10,7 +10,7 @@ import os
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import pytest
 
@@ -69,3 +69,19 @@ def require_redis(url: str = REDIS_URL) -> str:
     except redis.RedisError as e:
         unavailable("Redis", e)
     return url
+
+
+@contextmanager
+def empty_redis(url: str = REDIS_URL) -> Iterator[Any]:
+    """A client on ``url``'s database, flushed before and after. The tests that need a broker
+    use the database DQ_TEST_REDIS_URL names, so that parallel runs can each pick their own."""
+    import redis
+
+    require_redis(url)
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    try:
+        yield client
+    finally:
+        client.flushdb()
+        client.close()

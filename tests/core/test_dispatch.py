@@ -1,10 +1,13 @@
 """The outbox relay and reaper (core/dispatch.py), with a recording publisher, on SQLite and
-PostgreSQL; and the Celery configuration every process shares."""
+PostgreSQL, and with the real publisher on Redis; and the Celery configuration every process
+shares."""
 
 from __future__ import annotations
 
+import base64
+import json
 import uuid
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
@@ -12,9 +15,17 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 from core.db import Job, JobStatus, TrainingRun, session_scope, transition_job, utcnow
-from core.dispatch import celery_config, publish_job, relay_once
+from core.dispatch import (
+    REPUBLISH_WHEN_MISSING,
+    REPUBLISH_WHEN_QUEUE_EMPTY,
+    RelayReport,
+    celery_config,
+    publish_job,
+    relay_once,
+)
 from core.jobs import JobRequest, submit_job
 from core.settings import Settings
+from tests.services import REDIS_URL, empty_redis
 
 SETTINGS = Settings.from_env({}, job_max_attempts=2)
 
@@ -36,10 +47,31 @@ class Recorder:
         return self.depth
 
 
+class Queue(Recorder):
+    """A broker queue that nobody consumes: its depth is the number of messages sent to it."""
+
+    def queue_depth(self, queue: str) -> int | None:
+        return sum(1 for _, q, _ in self.sent if q == queue)
+
+
 def new_job(engine: Engine) -> uuid.UUID:
+    return new_jobs(engine, 1)[0]
+
+
+def new_jobs(engine: Engine, n: int) -> list[uuid.UUID]:
+    """``n`` committed, queued jobs whose messages are still to be sent."""
     with session_scope(engine) as s:
-        job, _ = submit_job(s, JobRequest(prompt="a blue square"), "token:1", SETTINGS)
-        return job.id
+        jobs = [submit_job(s, JobRequest(prompt="a blue square"), "token:1", SETTINGS)[0]
+                for _ in range(n)]  # fmt: skip
+        s.flush()
+        return [job.id for job in jobs]
+
+
+def cycles(n: int) -> list[datetime]:
+    """The clock of ``n`` relay passes, each past every re-publishing delay since the last."""
+    step = max(REPUBLISH_WHEN_MISSING, REPUBLISH_WHEN_QUEUE_EMPTY) + timedelta(minutes=1)
+    start = utcnow()
+    return [start + i * step for i in range(n)]
 
 
 def job(engine: Engine, job_id: uuid.UUID) -> Job:
@@ -103,6 +135,72 @@ def test_queued_jobs_whose_message_was_lost_are_republished(engine: Engine) -> N
     empty = Recorder(depth=0)  # the broker restarted empty
     assert relay_once(engine, empty, SETTINGS, now=soon).republished == [job_id]
     assert empty.sent == [("dq.generate", "generate", {"job_id": str(job_id)})]
+
+
+def test_500_waiting_jobs_over_5_relay_cycles_leave_at_most_500_messages(engine: Engine) -> None:
+    ids = new_jobs(engine, 500)
+    queue = Queue()
+    for i, now in enumerate(cycles(5)):
+        report = relay_once(engine, queue, SETTINGS, now=now)
+        assert len(report.published) == (500 if i == 0 else 0)
+        assert report.republished == []
+    assert len(queue.sent) == 500  # one message per job, however long they wait
+    assert sorted(kwargs["job_id"] for _, _, kwargs in queue.sent) == sorted(map(str, ids))
+
+
+def test_a_busy_queue_short_of_messages_gets_the_oldest_ones_back(engine: Engine) -> None:
+    new_jobs(engine, 10)
+    first = Recorder(depth=10)
+    relay_once(engine, first, SETTINGS)
+    ids = [uuid.UUID(kwargs["job_id"]) for _, _, kwargs in first.sent]  # in order of stamps
+    short = Recorder(depth=3)  # e.g. Redis restarted empty, then three new jobs were sent
+    soon = utcnow() + timedelta(seconds=30)
+    # A message out of the list for a few seconds may just be on its way to a worker.
+    assert relay_once(engine, short, SETTINGS, now=soon).republished == []
+    later = utcnow() + REPUBLISH_WHEN_MISSING + timedelta(seconds=1)
+    report = relay_once(engine, short, SETTINGS, now=later)
+    assert report.republished == ids[:7]  # as many as are missing, oldest stamp first
+    assert [kwargs["job_id"] for _, _, kwargs in short.sent] == [str(i) for i in ids[:7]]
+    full = Recorder(depth=10)
+    assert relay_once(engine, full, SETTINGS, now=later + REPUBLISH_WHEN_MISSING).republished == []
+
+
+def test_nothing_is_republished_when_the_broker_cannot_tell_its_depth(engine: Engine) -> None:
+    new_jobs(engine, 3)
+    relay_once(engine, Recorder(depth=3), SETTINGS)
+    unknown = Recorder(depth=None)
+    assert relay_once(engine, unknown, SETTINGS, now=utcnow() + timedelta(days=1)) == RelayReport()
+    assert unknown.sent == []
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+def test_redis_holds_one_message_per_waiting_job_and_gets_them_back_once_flushed(
+    engine: Engine,
+) -> None:
+    from core.broker import CeleryPublisher
+
+    settings = Settings.from_env({}, job_max_attempts=2, broker_url=REDIS_URL)
+    publisher = CeleryPublisher.from_settings(settings)
+    with empty_redis() as redis:
+
+        def queued_ids() -> list[str]:
+            bodies = (json.loads(m)["body"] for m in redis.lrange("generate", 0, -1))
+            return sorted(json.loads(base64.b64decode(b))[1]["job_id"] for b in bodies)
+
+        ids = sorted(map(str, new_jobs(engine, 500)))
+        clock = cycles(7)
+        for now in clock[:5]:
+            relay_once(engine, publisher, settings, now=now)
+            assert redis.llen("generate") == 500
+        assert queued_ids() == ids  # every job has a message, and only one
+
+        redis.flushdb()  # Redis restarted without persistence: the queue is forgotten
+        assert publisher.queue_depth("generate") == 0
+        report = relay_once(engine, publisher, settings, now=clock[5])
+        assert sorted(map(str, report.republished)) == ids
+        assert queued_ids() == ids
+        assert relay_once(engine, publisher, settings, now=clock[6]).republished == []
+        assert redis.llen("generate") == 500
 
 
 def test_training_runs_go_through_the_same_relay(engine: Engine) -> None:
