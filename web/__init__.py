@@ -1,6 +1,6 @@
 """The Flask front end: the generation form and live job pages, REST API v1 with its OpenAPI
 document, admin pages and API for training runs and model versions, and the operations
-endpoints (/healthz, /readyz, /metrics).
+endpoints (/healthz, /readyz, /readyz/dependencies, /metrics).
 
 It records work in the database and sends task messages by name; it never imports torch or the
 ``worker`` package, so it starts fast and its image stays small. Serve it with ``dq web``

@@ -1,22 +1,30 @@
 """Prometheus metrics, read from the database and the broker at each scrape.
 
 The database is the source of truth, so the numbers are the same whichever gunicorn process
-answers the scrape, and no process has to count anything itself.
+answers the scrape, and no process has to count anything itself. ``dq_dependency_up`` says
+whether the database, the broker and storage answer, from a probe at most 10 s old
+(:class:`web.dependencies.CachedProbe`). When the database is down the scrape still answers,
+with that gauge and without the figures read from the database.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from core.db.models import Job, JobStatus, TrainingRun
 from core.dispatch import QUEUE_GENERATE, QUEUE_TRAIN
+from web.dependencies import CachedProbe
 from web.services import Services
+
+log = logging.getLogger(__name__)
 
 # Seconds from submission to the last image: a few seconds on a GPU, minutes on a busy CPU.
 LATENCY_BUCKETS = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800)
@@ -35,25 +43,10 @@ class QueueCollector(Collector):
         return counts
 
     def collect(self) -> Iterator[Metric]:
-        with Session(self.svc.engine) as session:
-            jobs = self._by_status(session, Job)
-            runs = self._by_status(session, TrainingRun)
-            finished = session.execute(
-                select(Job.created_at, Job.finished_at)
-                .where(Job.status == JobStatus.SUCCEEDED, Job.finished_at.is_not(None))
-                .order_by(Job.finished_at.desc())
-                .limit(LATENCY_WINDOW)
-            ).all()
-
-        gauge = GaugeMetricFamily("dq_jobs", "Generation jobs by status.", labels=["status"])
-        for status, count in jobs.items():
-            gauge.add_metric([status], count)
-        yield gauge
-
-        gauge = GaugeMetricFamily("dq_training_runs", "Training runs by status.", labels=["status"])
-        for status, count in runs.items():
-            gauge.add_metric([status], count)
-        yield gauge
+        try:
+            yield from self._from_database()
+        except SQLAlchemyError as e:  # dq_dependency_up says so; the rest of the scrape stands
+            log.warning("metrics: the database did not answer: %s", e)
 
         gauge = GaugeMetricFamily(
             "dq_queue_depth",
@@ -66,6 +59,26 @@ class QueueCollector(Collector):
                 gauge.add_metric([queue], depth)
         yield gauge
 
+    def _from_database(self) -> list[Metric]:
+        with Session(self.svc.engine) as session:
+            jobs = self._by_status(session, Job)
+            runs = self._by_status(session, TrainingRun)
+            finished = session.execute(
+                select(Job.created_at, Job.finished_at)
+                .where(Job.status == JobStatus.SUCCEEDED, Job.finished_at.is_not(None))
+                .order_by(Job.finished_at.desc())
+                .limit(LATENCY_WINDOW)
+            ).all()
+
+        job_gauge = GaugeMetricFamily("dq_jobs", "Generation jobs by status.", labels=["status"])
+        for status, count in jobs.items():
+            job_gauge.add_metric([status], count)
+        run_gauge = GaugeMetricFamily(
+            "dq_training_runs", "Training runs by status.", labels=["status"]
+        )
+        for status, count in runs.items():
+            run_gauge.add_metric([status], count)
+
         latencies = sorted(
             (done - created).total_seconds() for created, done in finished if done and created
         )
@@ -73,16 +86,33 @@ class QueueCollector(Collector):
         for bound in LATENCY_BUCKETS:
             buckets.append((str(float(bound)), sum(1 for s in latencies if s <= bound)))
         buckets.append(("+Inf", len(latencies)))
-        yield HistogramMetricFamily(
+        latency = HistogramMetricFamily(
             "dq_job_latency_seconds",
             f"Submission to finish of the last {LATENCY_WINDOW} succeeded jobs "
             "(recomputed from the database at each scrape).",
             buckets=buckets,
             sum_value=sum(latencies),
         )
+        return [job_gauge, run_gauge, latency]
+
+
+class DependencyCollector(Collector):
+    def __init__(self, probe: CachedProbe):
+        self.probe = probe
+
+    def collect(self) -> Iterator[Metric]:
+        gauge = GaugeMetricFamily(
+            "dq_dependency_up",
+            "1 when the dependency answered its last probe (at most 10 s old), else 0.",
+            labels=["dependency"],
+        )
+        for name, state in self.probe.get().items():
+            gauge.add_metric([name], 1 if state.ok else 0)
+        yield gauge
 
 
 def make_registry(svc: Services) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(QueueCollector(svc))
+    registry.register(DependencyCollector(CachedProbe(svc)))
     return registry

@@ -145,3 +145,15 @@ def test_no_secret_is_committed() -> None:
 def test_the_deploy_guide_documents_every_setting() -> None:
     guide = (ROOT / "docs" / "DEPLOY.md").read_text()
     assert all(f"`{name}`" in guide for name in setting_names())
+
+
+def test_web_readiness_is_the_database_only_endpoint() -> None:
+    # /readyz asks the database alone; /readyz/dependencies would pull every web pod out of the
+    # load balancer when Redis is down, though submits still succeed through the outbox.
+    web = next(
+        d for d in k8s_docs() if d["kind"] == "Deployment" and d["metadata"]["name"] == "dq-web"
+    )
+    probes = containers(web)[0]
+    assert probes["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert probes["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert "/readyz'" in " ".join(compose()["services"]["web"]["healthcheck"]["test"])

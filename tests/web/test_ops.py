@@ -1,4 +1,4 @@
-"""/healthz, /readyz and /metrics."""
+"""/healthz, /readyz, /readyz/dependencies and /metrics."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from sqlalchemy.engine import Engine
 
 from core.db import JobStatus
 from core.storage import StorageError
-from tests.web.conftest import RecordingPublisher, add_job, make_settings
+from tests.web.conftest import RecordingPublisher, add_job, bearer, make_settings
 from tests.web.test_admin_api import add_run
 
 
@@ -34,42 +34,63 @@ def test_healthz_is_200_without_touching_anything(tmp_path: Path) -> None:
     assert r.status_code == 200 and r.get_json() == {"status": "ok"}
 
 
-def test_readyz_is_200_when_everything_answers(client: FlaskClient) -> None:
+def test_readyz_is_200_when_the_database_answers(client: FlaskClient) -> None:
     r = client.get("/readyz")
     assert r.status_code == 200
+    assert r.get_json() == {"status": "ready", "down": [], "checks": {"database": "ok"}}
+
+
+def test_dependencies_are_200_when_everything_answers(client: FlaskClient) -> None:
+    r = client.get("/readyz/dependencies")
+    assert r.status_code == 200
     assert r.get_json() == {
-        "status": "ready",
-        "down": [],
-        "checks": {"database": "ok", "broker": "ok", "storage": "ok"},
+        "database": {"ok": True, "error": None},
+        "broker": {"ok": True, "error": None},
+        "storage": {"ok": True, "error": None},
     }
 
 
-def test_readyz_names_the_broker_when_it_is_down(
-    client: FlaskClient, publisher: RecordingPublisher
+def test_a_broker_outage_keeps_readyz_200_and_is_named_by_dependencies(
+    client: FlaskClient, publisher: RecordingPublisher, user_token: str
 ) -> None:
     publisher.down = True
-    r = client.get("/readyz")
+    assert client.get("/readyz").status_code == 200  # the pod stays in the load balancer
+    r = client.get("/readyz/dependencies")
     assert r.status_code == 503
     body = r.get_json()
-    assert body["down"] == ["broker"] and "refused" in body["checks"]["broker"]
-    assert body["checks"]["database"] == "ok"
+    assert body["broker"]["ok"] is False and "refused" in body["broker"]["error"]
+    assert body["database"] == {"ok": True, "error": None}
+    assert body["storage"] == {"ok": True, "error": None}
+    # ...because a submit still succeeds: the job waits in the outbox for the reaper.
+    submitted = client.post("/api/v1/jobs", json={"prompt": "x"}, headers=bearer(user_token))
+    assert submitted.status_code == 202
 
 
-def test_readyz_names_storage_when_it_is_down(app: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_storage_outage_keeps_readyz_200_and_is_named_by_dependencies(
+    app: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     def broken() -> None:
         raise StorageError("S3 bucket 'images' does not exist")
 
     monkeypatch.setattr(app.extensions["dq"].storage, "check", broken)
-    body = app.test_client().get("/readyz").get_json()
-    assert body["down"] == ["storage"] and "does not exist" in body["checks"]["storage"]
+    client = app.test_client()
+    assert client.get("/readyz").status_code == 200
+    r = client.get("/readyz/dependencies")
+    assert r.status_code == 503
+    body = r.get_json()
+    assert body["storage"]["ok"] is False and "does not exist" in body["storage"]["error"]
+    assert body["broker"]["ok"] is True
 
 
 def test_readyz_names_the_database_when_it_is_down(tmp_path: Path) -> None:
     from web import create_app
 
     down = make_settings("postgresql+psycopg://postgres@127.0.0.1:1/test", tmp_path)
-    r = create_app(down, publisher=RecordingPublisher()).test_client().get("/readyz")
+    client = create_app(down, publisher=RecordingPublisher()).test_client()
+    r = client.get("/readyz")
     assert r.status_code == 503 and r.get_json()["down"] == ["database"]
+    r = client.get("/readyz/dependencies")
+    assert r.status_code == 503 and r.get_json()["database"]["ok"] is False
 
 
 def test_metrics_count_jobs_and_runs_by_status_and_the_queue(
@@ -122,3 +143,47 @@ def test_metrics_leave_out_queue_depth_when_the_broker_cannot_tell(
     got = samples(client)
     assert not any(name == "dq_queue_depth" for name, _ in got)
     assert got[("dq_jobs", (("status", "queued"),))] == 0
+
+
+def test_metrics_say_which_dependencies_are_up(
+    client: FlaskClient, publisher: RecordingPublisher
+) -> None:
+    got = samples(client)
+    for name in ("database", "broker", "storage"):
+        assert got[("dq_dependency_up", (("dependency", name),))] == 1
+
+
+def test_metrics_probe_the_broker_at_most_every_ten_seconds(
+    client: FlaskClient, publisher: RecordingPublisher, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import web.dependencies
+
+    clock = [1000.0]
+    monkeypatch.setattr(web.dependencies, "monotonic", lambda: clock[0])
+    probes = []
+    check = publisher.check
+
+    def counted() -> None:
+        probes.append(clock[0])
+        check()
+
+    monkeypatch.setattr(publisher, "check", counted)
+    broker = ("dq_dependency_up", (("dependency", "broker"),))
+    assert samples(client)[broker] == 1
+    publisher.down = True
+    clock[0] += 9
+    assert samples(client)[broker] == 1  # the result of 9 s ago still stands
+    assert len(probes) == 1
+    clock[0] += 1
+    assert samples(client)[broker] == 0
+    assert len(probes) == 2
+
+
+def test_metrics_answer_with_the_database_down(tmp_path: Path) -> None:
+    from web import create_app
+
+    down = make_settings("postgresql+psycopg://postgres@127.0.0.1:1/test", tmp_path)
+    got = samples(create_app(down, publisher=RecordingPublisher()).test_client())
+    assert got[("dq_dependency_up", (("dependency", "database"),))] == 0
+    assert got[("dq_dependency_up", (("dependency", "broker"),))] == 1
+    assert not any(name == "dq_jobs" for name, _ in got)
