@@ -683,6 +683,33 @@ def worker_cmd(queues: str, concurrency: int, name: str | None, loglevel: str) -
     os.execv(celery, args)
 
 
+@cli.command("worker-alive")
+@click.argument("liveness_file", required=False)
+@click.option(
+    "--max-age",
+    type=click.FloatRange(min=1),
+    default=60.0,
+    show_default=True,
+    help="Seconds since the last touch after which the worker counts as hung.",
+)
+def worker_alive_cmd(liveness_file: str | None, max_age: float) -> None:
+    """Exit 0 when a worker's liveness file is fresh, 1 when it is stale or missing (for a
+    Kubernetes exec probe). The file defaults to DQ_WORKER_LIVENESS_FILE."""
+    from core.liveness import liveness_age
+
+    path = liveness_file or _settings().worker_liveness_file
+    if not path:
+        raise _fail("name the liveness file, or set DQ_WORKER_LIVENESS_FILE")
+    age = liveness_age(path)
+    if age is None:
+        click.echo(f"not alive: {path} does not exist", err=True)
+        sys.exit(1)
+    if age > max_age:
+        click.echo(f"not alive: {path} was last touched {age:.0f} s ago", err=True)
+        sys.exit(1)
+    click.echo(f"alive: {path} touched {age:.1f} s ago")
+
+
 @cli.command("reaper")
 @click.option("--interval", type=float, default=2.0, show_default=True, help="Seconds per pass.")
 @click.option("--once", is_flag=True, help="One pass, then exit.")

@@ -38,7 +38,7 @@ from sqlalchemy.orm import Session
 
 from core.db.models import Job, JobStatus, TrainingRun, utcnow
 from core.db.session import session_scope
-from core.db.transitions import transition
+from core.db.transitions import reap
 from core.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -203,46 +203,14 @@ def reap_expired(
     now: datetime,
     report: RelayReport,
 ) -> None:
-    """Running rows whose lease ran out: back to the queue, or failed after the last attempt."""
-    expired = session.execute(
-        select(model.id, model.attempts, model.worker_host).where(
-            model.status == JobStatus.RUNNING, model.lease_expires_at < now
-        )
-    ).all()
-    for row_id, attempts, host in expired:
-        if attempts >= settings.job_max_attempts:
-            noun = "job" if model is Job else "training run"
-            moved = transition(
-                session,
-                model,
-                row_id,
-                JobStatus.FAILED,
-                expected=JobStatus.RUNNING,
-                finished_at=now,
-                lease_expires_at=None,
-                error=(
-                    f"the worker running this {noun} stopped responding ({attempts} of "
-                    f"{settings.job_max_attempts} attempts used); giving up"
-                ),
-            )
-            if moved:
-                report.failed.append(row_id)
-        else:
-            moved = transition(
-                session,
-                model,
-                row_id,
-                JobStatus.QUEUED,
-                expected=JobStatus.RUNNING,
-                worker_host=None,
-                lease_expires_at=None,
-                published_at=None,
-            )
-            if moved:
-                log.warning(
-                    "re-queued %s %s: lease of %s expired", model.__tablename__, row_id, host
-                )
-                report.requeued.append(row_id)
+    """Running rows whose lease ran out by the database's clock (``now`` is not used: a
+    reaper's own clock may be off): back to the queue, failed after the last attempt, or ended
+    by their time limit (:func:`core.db.transitions.reap`)."""
+    outcome = reap(session, model, settings.job_max_attempts)
+    for row_id in outcome["requeued"]:
+        log.warning("re-queued %s %s: its lease expired", model.__tablename__, row_id)
+    report.requeued += outcome["requeued"]
+    report.failed += outcome["failed"]
 
 
 def relay_once(

@@ -30,10 +30,14 @@ import time
 import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import FrameType
 from typing import IO
 
+from core.liveness import liveness_age
+
 PR_SET_PDEATHSIG = 1
+RUN_DIR = Path("var/run")  # liveness files of the workers
 
 
 def _die_with_parent() -> None:  # runs in the child between fork and exec
@@ -50,8 +54,23 @@ class Child:
     argv: list[str]
     restart: bool = True
     grace_s: float = 30.0
+    # A worker's watchdog touches this file while the worker is healthy (DQ_WORKER_LIVENESS_FILE);
+    # a file older than ``liveness_max_age_s`` means the process is hung: it is killed and
+    # started again, as a Kubernetes liveness probe would.
+    liveness_file: Path | None = None
+    liveness_max_age_s: float = 60.0
     proc: subprocess.Popen[bytes] | None = None
+    started_at: float = 0.0
     restarts: list[float] = field(default_factory=list)
+
+    def hung_for(self) -> float | None:
+        """Seconds the liveness file has been stale past its allowance; None when healthy."""
+        if self.liveness_file is None:
+            return None
+        age = liveness_age(self.liveness_file)
+        if age is None:  # not written yet: allow the start-up as long as a stale file
+            age = time.monotonic() - self.started_at
+        return age if age > self.liveness_max_age_s else None
 
 
 class Supervisor:
@@ -73,8 +92,15 @@ class Supervisor:
         stream.close()
 
     def spawn(self, child: Child) -> None:
+        env = None
+        if child.liveness_file is not None:
+            child.liveness_file.parent.mkdir(parents=True, exist_ok=True)
+            child.liveness_file.unlink(missing_ok=True)
+            env = {**os.environ, "DQ_WORKER_LIVENESS_FILE": str(child.liveness_file)}
+        child.started_at = time.monotonic()
         child.proc = subprocess.Popen(
             child.argv,
+            env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -93,8 +119,20 @@ class Supervisor:
         for child in self.children:
             assert child.proc is not None
             code = child.proc.poll()
-            if code is None or self.stopping.is_set():
+            if self.stopping.is_set():
                 continue
+            if code is None:
+                hung = child.hung_for()
+                if hung is None:
+                    continue
+                self.say(
+                    "serve",
+                    f"{child.name} has not touched its liveness file for {hung:.0f} s; "
+                    "killing it",
+                )
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(child.proc.pid, signal.SIGKILL)
+                code = child.proc.wait(timeout=30)
             if not child.restart:
                 return f"{child.name} exited with status {code}"
             now = time.monotonic()
@@ -160,11 +198,19 @@ def serve(
                 f"worker{i + 1}",
                 [*dq, "worker", "--queues", "generate", "--name", f"generate{i + 1}@%h"],
                 grace_s=30,
+                liveness_file=RUN_DIR / f"worker{i + 1}.alive",
             )
             for i in range(workers)
         ),
         *(
-            [Child("train", [*dq, "worker", "--queues", "train", "--name", "train@%h"], grace_s=30)]
+            [
+                Child(
+                    "train",
+                    [*dq, "worker", "--queues", "train", "--name", "train@%h"],
+                    grace_s=30,
+                    liveness_file=RUN_DIR / "train.alive",
+                )
+            ]
             if train_worker
             else []
         ),

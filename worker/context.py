@@ -1,5 +1,6 @@
 """What a worker process holds for its whole life: settings, engine, storage, the model cache,
-the lease heartbeat and a publisher. Built once, on first use, in the process that runs tasks."""
+the lease heartbeat, the time-limit watchdog and a publisher. Built once, on first use, in the
+process that runs tasks."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from core.settings import Settings
 from core.storage import Storage, make_storage
 from worker.heartbeat import Heartbeat
 from worker.models import ModelCache
+from worker.watchdog import Watchdog
 
 
 @dataclass
@@ -26,6 +28,7 @@ class WorkerContext:
     storage: Storage
     models: ModelCache
     heartbeat: Heartbeat
+    watchdog: Watchdog
     publisher: Publisher
     host: str
 
@@ -49,7 +52,9 @@ def build_context(settings: Settings, publisher: Publisher, **overrides: Any) ->
         engine=engine,
         storage=storage,
         models=ModelCache(engine, storage, settings.model_cache_dir, device=settings.device),
-        heartbeat=Heartbeat(engine, settings.job_lease_seconds, host),
+        heartbeat=Heartbeat(engine, settings.job_lease_seconds),
+        watchdog=overrides.get("watchdog")
+        or Watchdog(settings.worker_hang_grace_seconds, settings.worker_liveness_file),
         publisher=publisher,
         host=host,
     )

@@ -130,10 +130,3 @@ class Watchdog:
                 log.exception("watchdog tick failed")
             time.sleep(TICK_S)
 
-
-def liveness_age(path: str | Path) -> float | None:
-    """Seconds since the liveness file was touched; None when there is none."""
-    try:
-        return time.time() - Path(path).stat().st_mtime
-    except FileNotFoundError:
-        return None

@@ -15,6 +15,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 from core.db import Job, JobStatus, TrainingRun, session_scope, transition_job, utcnow
+from core.db.transitions import Lease, db_now, transition, update_held
 from core.dispatch import (
     REPUBLISH_WHEN_MISSING,
     REPUBLISH_WHEN_QUEUE_EMPTY,
@@ -104,19 +105,25 @@ def test_a_job_committed_while_the_broker_is_down_is_published_by_the_relay(engi
 
 
 def test_expired_leases_are_requeued_then_failed_after_the_last_attempt(engine: Engine) -> None:
+    """Leases expire by the database's clock: a reaper whose own clock runs ahead (``now``)
+    re-queues nothing early."""
     job_id = new_job(engine)
     rec = Recorder(depth=1)
     relay_once(engine, rec, SETTINGS)
     for attempt in (1, 2):
         with session_scope(engine) as s:
             assert transition_job(s, job_id, JobStatus.RUNNING, attempts=attempt,
-                                  lease_expires_at=utcnow() + timedelta(seconds=30))  # fmt: skip
-        assert not relay_once(engine, rec, SETTINGS).requeued  # the lease is still good
-        later = utcnow() + timedelta(minutes=1)
-        report = relay_once(engine, rec, SETTINGS, now=later)
+                                  lease_expires_at=db_now(30), deadline_at=db_now(600))  # fmt: skip
+        skewed = utcnow() + timedelta(minutes=5)  # this reaper's clock is 5 minutes fast
+        assert not relay_once(engine, rec, SETTINGS, now=skewed).requeued  # still good
+        with session_scope(engine) as s:  # 30 s pass on the database's clock
+            assert update_held(s, Lease(Job, job_id, attempt), lease_expires_at=db_now(-1))
+        report = relay_once(engine, rec, SETTINGS)
         if attempt == 1:
             assert report.requeued == [job_id] and report.published == [job_id]
-            assert job(engine, job_id).status is JobStatus.QUEUED
+            got = job(engine, job_id)
+            assert got.status is JobStatus.QUEUED
+            assert (got.progress_step, got.lease_expires_at, got.deadline_at) == (0, None, None)
         else:
             assert report.failed == [job_id]
             got = job(engine, job_id)
@@ -124,6 +131,51 @@ def test_expired_leases_are_requeued_then_failed_after_the_last_attempt(engine: 
             assert got.error == (
                 "the worker running this job stopped responding (2 of 2 attempts used); giving up"
             )
+
+
+def test_a_job_past_its_deadline_is_failed_naming_the_limit_and_a_run_is_requeued(
+    engine: Engine,
+) -> None:
+    from core.db import ModelKind
+
+    job_id = new_job(engine)
+    with session_scope(engine) as s:
+        run = TrainingRun(kind=ModelKind.AUTOENCODER, created_by="token:1", total_steps=10)
+        s.add(run)
+        s.flush()
+        run_id = run.id
+    relay_once(engine, Recorder(depth=2), SETTINGS)
+    with session_scope(engine) as s:
+        for model, row_id in ((Job, job_id), (TrainingRun, run_id)):
+            # Claimed 30 s ago with a 20 s limit: the heartbeat stopped renewing at the deadline.
+            assert transition(s, model, row_id, JobStatus.RUNNING, attempts=1,
+                              started_at=db_now(-30), deadline_at=db_now(-10),
+                              lease_expires_at=db_now(-5))  # fmt: skip
+    report = relay_once(engine, Recorder(depth=2), SETTINGS)
+    assert report.failed == [job_id] and report.requeued == [run_id]
+    got = job(engine, job_id)
+    assert (got.status, got.error) == (JobStatus.FAILED, "ran past the 20 s time limit")
+    with Session(engine) as s:
+        again = s.get(TrainingRun, run_id)
+        assert again is not None and again.status is JobStatus.QUEUED
+
+
+def test_a_renewal_past_the_deadline_is_refused_and_a_stale_token_is_lost(engine: Engine) -> None:
+    from core.db.transitions import renew, requeue
+
+    job_id = new_job(engine)
+    with session_scope(engine) as s:
+        assert transition_job(s, job_id, JobStatus.RUNNING, attempts=1,
+                              lease_expires_at=db_now(5), deadline_at=db_now(60))  # fmt: skip
+        lease = Lease(Job, job_id, 1)
+        assert renew(s, lease, 5) is True
+        assert update_held(s, lease, deadline_at=db_now(-1))
+        assert renew(s, lease, 5) is None  # held, but past its deadline: not renewed
+        assert requeue(s, lease)
+        assert transition_job(s, job_id, JobStatus.RUNNING, attempts=2)  # another claim
+        assert renew(s, lease, 5) is False  # the first claim's token is stale
+        assert not update_held(s, lease, progress_step=7)
+        assert update_held(s, Lease(Job, job_id, 2), progress_step=7)
 
 
 def test_queued_jobs_whose_message_was_lost_are_republished(engine: Engine) -> None:

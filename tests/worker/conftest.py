@@ -8,6 +8,7 @@ Two topologies:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -118,6 +119,10 @@ class Stack:
             time.sleep(0.1)
         raise AssertionError(f"no {text!r} in {timeout} s:\n{self.log_text(proc)[-4000:]}")
 
+    def kill_group(self, proc: subprocess.Popen[bytes], sig: int) -> None:
+        """Signal the process group and return at once (SIGSTOP, SIGCONT)."""
+        os.killpg(proc.pid, sig)
+
     def kill(self, proc: subprocess.Popen[bytes], sig: int = signal.SIGKILL) -> None:
         os.killpg(proc.pid, sig)
         proc.wait(timeout=30)
@@ -125,6 +130,8 @@ class Stack:
     def stop_all(self) -> None:
         for proc in self.procs:
             if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGCONT)  # a frozen one cannot take SIGTERM
                 try:
                     os.killpg(proc.pid, signal.SIGTERM)
                     proc.wait(timeout=20)

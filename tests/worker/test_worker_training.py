@@ -69,7 +69,7 @@ def test_trained_versions_register_and_the_activated_one_serves_jobs(stack: Stac
     run = wait_run(stack, ae_run)
     assert run.status is JobStatus.SUCCEEDED, run.error
     assert metric_steps(stack, ae_run) == list(range(1, 31))  # every step of a 30-step run
-    assert f"runs/{ae_run}/train_state/model.safetensors" in run.checkpoint_keys
+    assert f"runs/{ae_run}/1/train_state/model.safetensors" in run.checkpoint_keys
     assert run.step == run.total_steps == 30 and run.attempts == 1
     with Session(stack.engine) as s:
         ae = s.get(ModelVersion, run.model_version_id)

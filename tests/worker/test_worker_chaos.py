@@ -1,0 +1,271 @@
+"""Failure as it happens in long-running production, caused from outside against real
+``dq worker``, ``dq reaper`` and ``dq web`` processes on PostgreSQL, Redis and S3: a job past its
+time limit, a worker hung where no Python check runs, a worker frozen past its lease that wakes
+up (SIGSTOP/SIGCONT), a warm shutdown (SIGTERM) mid-job, out of memory and a lost progress write
+inside a batch. Each test submits and polls through the REST API, as a client would.
+
+Faults that cannot be caused from outside (a GPU out of memory, a hung kernel) are injected into
+the worker process with ``DQ_TEST_FAULTS`` (``worker/faults.py``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import signal
+import threading
+import time
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from core.db import JobStatus, Role
+from core.db.session import session_scope
+from core.tokens import create_token
+from tests.e2e.test_embedded import free_port
+from tests.worker.conftest import Stack
+from worker.watchdog import EXIT_HUNG
+
+
+@dataclass
+class Api:
+    base: str
+    token: str
+
+    def call(self, path: str, method: str = "GET", body: Any = None) -> Any:
+        request = urllib.request.Request(
+            self.base + path,
+            method=method,
+            data=None if body is None else json.dumps(body).encode(),
+            headers={"Authorization": f"Bearer {self.token}", "Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return json.loads(response.read())
+
+    def submit(self, **body: Any) -> uuid.UUID:
+        body.setdefault("prompt", "a small red circle in the center")
+        return uuid.UUID(self.call("/api/v1/jobs", "POST", body)["id"])
+
+    def job(self, job_id: uuid.UUID) -> Any:
+        return self.call(f"/api/v1/jobs/{job_id}")
+
+    def wait(self, stack: Stack, job_id: uuid.UUID, timeout: float = 120) -> Any:
+        ended = ("succeeded", "failed", "canceled")
+        stack.wait_until(lambda: self.job(job_id)["status"] in ended, timeout, "the job to end")
+        return self.job(job_id)
+
+
+@pytest.fixture
+def api(production_stack: Stack) -> Api:
+    base = production_stack.start_web(free_port(), workers=1)
+    with session_scope(production_stack.engine) as s:
+        _, token = create_token(s, Role.USER, "chaos")
+    return Api(base, token)
+
+
+class Poller:
+    """Polls a job's progress through the API from a thread, as a client's page does."""
+
+    def __init__(self, api: Api, job_id: uuid.UUID):
+        self.api, self.job_id = api, job_id
+        self.seen: list[int] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                job = self.api.job(self.job_id)
+            except OSError:
+                continue
+            self.seen.append(job["progress"]["step"])
+            if job["status"] in ("succeeded", "failed", "canceled"):
+                return
+            time.sleep(0.02)
+
+    def __enter__(self) -> Poller:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def drops(self) -> list[tuple[int, int]]:
+        return [(a, b) for a, b in zip(self.seen, self.seen[1:], strict=False) if b < a]
+
+
+@pytest.fixture
+def stack(production_stack: Stack) -> Iterator[Stack]:
+    yield production_stack
+
+
+def test_a_job_past_its_time_limit_fails_naming_it_and_the_worker_serves_the_next(
+    stack: Stack, api: Api
+) -> None:
+    worker = stack.start_worker(extra_env={"DQ_JOB_TIME_LIMIT_SECONDS": "3"})
+    started = time.monotonic()
+    slow = api.submit(steps=1000, sampler="ddpm", num_images=8, seed=1)
+    job = api.wait(stack, slow, timeout=60)
+    assert job["status"] == "failed"
+    assert job["error"] == "ran past the 3 s time limit"
+    assert time.monotonic() - started < 20
+    nxt = api.wait(stack, api.submit(steps=4, seed=2))
+    assert nxt["status"] == "succeeded", nxt["error"]
+    assert worker.poll() is None  # the same process served it
+
+
+def test_a_worker_hung_where_no_check_runs_exits_and_its_job_fails_naming_the_limit(
+    stack: Stack, api: Api
+) -> None:
+    hung = stack.start_worker(
+        extra_env={
+            # Room for loading the model (seconds, on a busy CI machine) before the hang.
+            "DQ_JOB_TIME_LIMIT_SECONDS": "8",
+            "DQ_WORKER_HANG_GRACE_SECONDS": "2",
+            "DQ_TEST_FAULTS": "hang_at_step=2",  # blocks every signal and sleeps for good
+        }
+    )
+    job_id = api.submit(steps=50, seed=3)
+    job = api.wait(stack, job_id, timeout=60)
+    assert job["status"] == "failed" and job["error"] == "ran past the 8 s time limit"
+    stack.wait_until(lambda: hung.poll() is not None, 30, "the hung worker to exit")
+    assert hung.returncode == EXIT_HUNG  # the watchdog ended the stuck process
+    assert "is still running" in stack.log_text(hung)
+    # Its supervisor starts a fresh worker, which serves the next job.
+    stack.start_worker()
+    nxt = api.wait(stack, api.submit(steps=4, seed=4))
+    assert nxt["status"] == "succeeded", nxt["error"]
+
+
+def test_a_worker_frozen_past_its_lease_loses_the_job_and_writes_nothing_after_waking(
+    stack: Stack, api: Api
+) -> None:
+    first = stack.start_worker(extra_env={"DQ_MAX_BATCH_SIZE": "1"})
+    stack.start_reaper()
+    job_id = api.submit(steps=400, sampler="ddpm", num_images=3, seed=5)
+    with Poller(api, job_id) as poller:
+        stack.wait_until(lambda: api.job(job_id)["progress"]["step"] > 20, 60, "progress")
+        stack.kill_group(first, signal.SIGSTOP)  # a VM freeze, a GC pause
+        # The lease (2 s) runs out; the reaper re-queues; a second worker claims it.
+        stack.wait_until(lambda: stack.job(job_id).status is JobStatus.QUEUED, 30, "re-queue")
+        second = stack.start_worker(extra_env={"DQ_MAX_BATCH_SIZE": "1"})
+        stack.wait_until(lambda: stack.job(job_id).attempts == 2, 30, "the second claim")
+        stack.wait_until(lambda: api.job(job_id)["progress"]["step"] > 5, 60, "progress again")
+        stack.kill_group(first, signal.SIGCONT)  # it wakes and goes on as if nothing happened
+        stack.wait_for_log(first, f"lost job {job_id}", timeout=30)
+        job = api.wait(stack, job_id, timeout=120)
+    assert job["status"] == "succeeded", job["error"]
+    # One clean restart: progress fell once, at the re-queue, and never went back after.
+    assert len(poller.drops()) == 1, poller.seen
+    assert poller.drops()[0][1] == 0
+    row = stack.job(job_id)
+    assert row.attempts == 2 and row.worker_host is not None
+    assert [im.storage_key for im in row.images] == [f"images/{job_id}/2/{i}.png" for i in range(3)]
+    for im in row.images:  # rows and bytes both come from the second worker
+        assert hashlib.sha256(stack.storage.get(im.storage_key)).hexdigest() == im.sha256
+    assert f"images/{job_id}/1/" not in " ".join(stack.storage.list(f"images/{job_id}/"))
+    assert "running 1 job(s), 3 image(s)" in stack.log_text(second)
+    assert first.poll() is None  # the woken worker goes on serving
+
+
+def test_out_of_memory_in_a_batch_of_four_fails_only_the_job_too_big_alone(
+    stack: Stack, api: Api
+) -> None:
+    small = [api.submit(steps=6, seed=10 + i) for i in range(3)]
+    big = api.submit(steps=6, seed=20, num_images=3)
+    worker = stack.start_worker(extra_env={"DQ_TEST_FAULTS": "oom_over_rows=2"})
+    for job_id in small:
+        job = api.wait(stack, job_id)
+        assert job["status"] == "succeeded", job["error"]
+        assert stack.job(job_id).attempts == 1
+    job = api.wait(stack, big)
+    assert job["status"] == "failed"
+    assert job["error"] == (
+        "the GPU ran out of memory for this job; try fewer images or a smaller size"
+    )
+    log = stack.log_text(worker)
+    assert "running 4 job(s), 6 image(s)" in log and "out of memory with 4 job(s)" in log
+
+
+def test_failed_progress_writes_cost_the_batch_nothing(stack: Stack, api: Api) -> None:
+    jobs = [api.submit(steps=60, sampler="ddim", seed=30 + i) for i in range(4)]
+    worker = stack.start_worker(extra_env={"DQ_TEST_FAULTS": "progress_write_fails=3"})
+    for job_id in jobs:
+        job = api.wait(stack, job_id)
+        assert job["status"] == "succeeded", job["error"]
+        assert stack.job(job_id).attempts == 1  # no attempt burned, nothing re-queued
+    log = stack.log_text(worker)
+    assert log.count("progress write failed") == 3
+    assert "running 4 job(s), 4 image(s)" in log
+
+
+def test_sigterm_mid_job_finishes_it_once(stack: Stack, api: Api) -> None:
+    worker = stack.start_worker()
+    stack.start_reaper()
+    job_id = api.submit(steps=300, sampler="ddpm", num_images=2, seed=40)
+    stack.wait_until(lambda: api.job(job_id)["progress"]["step"] > 10, 60, "progress")
+    worker.send_signal(signal.SIGTERM)  # warm shutdown: Celery lets the task finish
+    assert worker.wait(timeout=120) == 0
+    stack.start_worker()  # a message handed back must find the job done, not run it again
+    job = api.wait(stack, job_id)
+    assert job["status"] == "succeeded", job["error"]
+    row = stack.job(job_id)
+    assert row.attempts == 1 and len(row.images) == 2
+    assert sorted(stack.storage.list(f"images/{job_id}/")) == [
+        f"images/{job_id}/1/{i}.png" for i in range(2)
+    ]
+
+
+def test_a_trainer_frozen_past_its_lease_registers_nothing_after_waking(stack: Stack) -> None:
+    from sqlalchemy import select
+    from sqlalchemy.orm import Session
+
+    from core.db import ModelVersion, TrainingMetric
+    from core.diffusion.checkpoint import load_checkpoint
+    from tests.worker.test_worker_training import submit_run, wait_run
+
+    first = stack.start_worker(queues="train")
+    run_id = submit_run(stack, "autoencoder", {"steps": 240, "checkpoint_every": 20})
+    stack.start_reaper()  # after the submit: its relay would publish the run first
+    stack.wait_until(lambda: stack.run(run_id).step >= 40, 120, "two checkpoints")
+    stack.kill_group(first, signal.SIGSTOP)
+    stack.wait_until(lambda: stack.run(run_id).status is JobStatus.QUEUED, 30, "re-queue")
+    second = stack.start_worker(queues="train")
+    stack.wait_until(lambda: stack.run(run_id).attempts == 2, 30, "the second claim")
+    stack.wait_for_log(second, "resumes from step", timeout=60)
+    stack.kill_group(first, signal.SIGCONT)
+    stack.wait_for_log(first, f"lost training run {run_id}", timeout=60)
+    run = wait_run(stack, run_id, timeout=300)
+    assert run.status is JobStatus.SUCCEEDED, run.error
+    assert run.attempts == 2 and run.step == 240
+    with Session(stack.engine) as s:
+        versions = s.scalars(select(ModelVersion)).all()
+        steps = list(
+            s.scalars(
+                select(TrainingMetric.step)
+                .where(TrainingMetric.run_id == run_id, TrainingMetric.name == "loss")
+                .order_by(TrainingMetric.step)
+            )
+        )
+    ours = [v for v in versions if v.name.endswith(run_id.hex[:8])]
+    assert len(ours) == 1 and ours[0].id == run.model_version_id  # one version registered
+    assert ours[0].checkpoint_key.endswith("/2")
+    assert steps == sorted(set(steps)) and steps[-1] == 240  # no step recorded twice
+    # The checkpoint the run points at is whole and is the second worker's.
+    assert all(key.startswith(f"runs/{run_id}/2/") for key in run.checkpoint_keys)
+    got = stack.tmp / "check"
+    for key in run.checkpoint_keys:
+        rel = key.split("/", 3)[3]
+        (got / rel).parent.mkdir(parents=True, exist_ok=True)
+        (got / rel).write_bytes(stack.storage.get(key))
+    _, meta = load_checkpoint(got / "train_state")
+    assert meta["step"] == 240
+    for f in ("model.json", "model.safetensors"):
+        (got / "version" / f).parent.mkdir(parents=True, exist_ok=True)
+        (got / "version" / f).write_bytes(stack.storage.get(f"{ours[0].checkpoint_key}/{f}"))
+    load_checkpoint(got / "version")
