@@ -127,8 +127,7 @@ class Supervisor:
                     continue
                 self.say(
                     "serve",
-                    f"{child.name} has not touched its liveness file for {hung:.0f} s; "
-                    "killing it",
+                    f"{child.name} has not touched its liveness file for {hung:.0f} s; killing it",
                 )
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(child.proc.pid, signal.SIGKILL)

@@ -1,26 +1,59 @@
-"""The Celery app: ``celery -A worker.app worker`` (``dq worker`` wraps it).
+"""The Celery app of ``celery -A worker.app worker`` (``dq worker`` wraps it).
 
 It is built by ``core.broker.make_celery``, as every process's publisher is, with the
 configuration of ``core.dispatch.celery_config``: JSON only, late acks, a lost worker's message
-re-queued, prefetch of one, and a visibility timeout longer than any task's time limit. The
-tasks are thin wrappers around ``worker.generation`` and ``worker.training``.
+re-queued, prefetch of one, and a visibility timeout longer than any task's time limit. The tasks
+live in ``worker.tasks``.
+
+Importing this module builds nothing: the app is made on first access to ``worker.app.app``
+(which is what ``celery -A worker.app`` does), or by :func:`create_app`.
+
+Time limits are enforced by each worker process's watchdog (``worker.watchdog``), under the solo
+pool that ``dq worker`` runs and under prefork alike. Celery's own hard limit, which only prefork
+honours, is set past the watchdog's, as a last resort.
 """
 
 from __future__ import annotations
 
 import logging
-import uuid
+from typing import TYPE_CHECKING, Any
 
-from celery.signals import worker_process_init
+from celery.signals import worker_process_init, worker_ready
 
 from core.broker import make_celery
 from core.dispatch import TASK_GENERATE, TASK_TRAIN
 from core.settings import Settings
 
+if TYPE_CHECKING:
+    from celery import Celery
+
 log = logging.getLogger("worker")
 
-settings = Settings.from_env()
-app = make_celery(settings, set_as_current=True)
+_app: Celery | None = None
+
+
+def create_app(settings: Settings) -> Celery:
+    import worker.tasks  # noqa: F401  (registers the shared tasks with the apps to come)
+
+    app = make_celery(settings, set_as_current=True)
+    backstop = settings.worker_hang_grace_seconds + 60
+    app.conf.update(
+        include=["worker.tasks"],
+        task_annotations={
+            TASK_GENERATE: {"time_limit": settings.job_time_limit_seconds + backstop},
+            TASK_TRAIN: {"time_limit": settings.train_time_limit_seconds + backstop},
+        },
+    )
+    return app
+
+
+def __getattr__(name: str) -> Any:
+    global _app
+    if name == "app":
+        if _app is None:
+            _app = create_app(Settings.from_env())
+        return _app
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @worker_process_init.connect
@@ -31,41 +64,10 @@ def _fresh_connections(**_: object) -> None:
     dispose_engines()
 
 
-def _parse_id(value: object) -> uuid.UUID | None:
-    try:
-        return uuid.UUID(str(value))
-    except ValueError:
-        log.error("message with a malformed id %r acknowledged and dropped", value)
-        return None
-
-
-@app.task(
-    name=TASK_GENERATE,
-    ignore_result=True,
-    time_limit=settings.job_time_limit_seconds,
-    soft_time_limit=max(settings.job_time_limit_seconds - 30, 1),
-)
-def generate(job_id: str) -> None:
-    """Run one generation job, and any compatible queued jobs with it."""
+@worker_ready.connect
+def _start_watchdog(**_: object) -> None:
+    # From the start, not from the first task: the liveness file tells an orchestrator that the
+    # worker came up.
     from worker.context import get_context
-    from worker.generation import run_generation
 
-    parsed = _parse_id(job_id)
-    if parsed is not None:
-        run_generation(get_context(), parsed)
-
-
-@app.task(
-    name=TASK_TRAIN,
-    ignore_result=True,
-    time_limit=settings.train_time_limit_seconds,
-    soft_time_limit=max(settings.train_time_limit_seconds - 60, 1),
-)
-def train(run_id: str) -> None:
-    """Run (or resume) one training run."""
-    from worker.context import get_context
-    from worker.training import run_training
-
-    parsed = _parse_id(run_id)
-    if parsed is not None:
-        run_training(get_context(), parsed)
+    get_context().watchdog.start()

@@ -129,4 +129,3 @@ class Watchdog:
             except Exception:
                 log.exception("watchdog tick failed")
             time.sleep(TICK_S)
-

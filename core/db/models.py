@@ -185,6 +185,8 @@ class Job(LeasedWork, Base):
         UniqueConstraint("owner", "idempotency_key", name="uq_jobs_owner_idempotency_key"),
         # Queue position (queued jobs created before this one) and the batch search.
         Index("ix_jobs_status_created_at", "status", "created_at"),
+        # The relay's counts and batches of queued rows by when they were published.
+        Index("ix_jobs_status_published_at", "status", "published_at"),
     )
 
     @property
@@ -270,6 +272,8 @@ class TrainingRun(LeasedWork, Base):
     metric_rows: Mapped[list[TrainingMetric]] = relationship(
         back_populates="run", cascade="all, delete-orphan", order_by="TrainingMetric.step"
     )
+
+    __table_args__ = (Index("ix_training_runs_status_published_at", "status", "published_at"),)
 
 
 class TrainingMetric(Base):

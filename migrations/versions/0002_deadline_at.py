@@ -1,4 +1,5 @@
-"""deadline_at on jobs and training runs: the time limit of the current claim
+"""deadline_at on jobs and training runs (the time limit of the current claim), and an index
+on (status, published_at) for the relay
 
 Revision ID: 0002
 Revises: 0001
@@ -22,9 +23,11 @@ def upgrade() -> None:
     for table in TABLES:
         with op.batch_alter_table(table) as batch:
             batch.add_column(sa.Column("deadline_at", sa.DateTime(timezone=True), nullable=True))
+        op.create_index(f"ix_{table}_status_published_at", table, ["status", "published_at"])
 
 
 def downgrade() -> None:
     for table in TABLES:
+        op.drop_index(f"ix_{table}_status_published_at", table_name=table)
         with op.batch_alter_table(table) as batch:
             batch.drop_column("deadline_at")

@@ -269,3 +269,42 @@ def test_a_trainer_frozen_past_its_lease_registers_nothing_after_waking(stack: S
         (got / "version" / f).parent.mkdir(parents=True, exist_ok=True)
         (got / "version" / f).write_bytes(stack.storage.get(f"{ours[0].checkpoint_key}/{f}"))
     load_checkpoint(got / "version")
+
+
+def test_a_job_past_its_time_limit_fails_under_the_prefork_pool_too(stack: Stack, api: Api) -> None:
+    n = len(stack.procs)
+    proc = stack._spawn(
+        ["worker", "--queues", "generate", "--concurrency", "2", "--name", f"p{n}@%h"],
+        "prefork",
+        {"DQ_JOB_TIME_LIMIT_SECONDS": "6"},
+    )
+    stack.wait_for_log(proc, "ready.", timeout=90)
+    slow = api.submit(steps=1000, sampler="ddpm", num_images=8, seed=50)
+    job = api.wait(stack, slow, timeout=90)
+    assert (job["status"], job["error"]) == ("failed", "ran past the 6 s time limit")
+    nxt = api.wait(stack, api.submit(steps=4, seed=51))
+    assert nxt["status"] == "succeeded", nxt["error"]
+
+
+def test_the_liveness_file_goes_stale_when_the_worker_freezes(stack: Stack) -> None:
+    import subprocess
+    import sys
+
+    alive = stack.tmp / "run" / "worker.alive"
+    worker = stack.start_worker(extra_env={"DQ_WORKER_LIVENESS_FILE": str(alive)})
+
+    def probe() -> int:
+        return subprocess.run(
+            [sys.executable, "-m", "core.cli", "worker-alive", str(alive), "--max-age", "3"],
+            env={**stack.env, "PATH": "/usr/bin:/bin"},
+            capture_output=True,
+            timeout=60,
+        ).returncode
+
+    stack.wait_until(lambda: probe() == 0, 30, "a fresh liveness file")
+    stack.kill_group(worker, signal.SIGSTOP)
+    try:
+        stack.wait_until(lambda: probe() == 1, 30, "the probe to fail")
+    finally:
+        stack.kill_group(worker, signal.SIGCONT)
+    stack.wait_until(lambda: probe() == 0, 30, "the file to be fresh again")

@@ -23,7 +23,7 @@ def test_submitted_jobs_succeed_with_pngs_in_storage(stack: Stack) -> None:
         assert job.worker_host and job.started_at and job.finished_at
         assert [im.index for im in job.images] == list(range(n))
         for im in job.images:
-            assert im.storage_key == f"images/{job_id}/{im.index}.png"
+            assert im.storage_key == f"images/{job_id}/1/{im.index}.png"  # attempt 1
             data = stack.storage.get(im.storage_key)
             assert hashlib.sha256(data).hexdigest() == im.sha256 and len(data) == im.bytes
             png = PILImage.open(io.BytesIO(data))
@@ -34,7 +34,7 @@ def test_submitted_jobs_succeed_with_pngs_in_storage(stack: Stack) -> None:
     expected = make_tiny_pipeline().generate(
         ["a large blue square in the top left"], steps=8, seeds=[8], guidance=4.0
     )[0]
-    stored = PILImage.open(io.BytesIO(stack.storage.get(f"images/{two}/1.png"))).convert("RGB")
+    stored = PILImage.open(io.BytesIO(stack.storage.get(f"images/{two}/1/1.png"))).convert("RGB")
     assert stored.tobytes() == expected.tobytes()
 
 
@@ -56,7 +56,7 @@ def test_compatible_waiting_jobs_run_as_one_batch_with_identical_images(
     alone = make_tiny_pipeline().generate(
         ["a small green circle in the center"], steps=6, seeds=[102]
     )
-    stored = stack.storage.get(f"images/{batched[2]}/0.png")
+    stored = stack.storage.get(f"images/{batched[2]}/1/0.png")
     assert PILImage.open(io.BytesIO(stored)).convert("RGB").tobytes() == alone[0].tobytes()
     # The other jobs' own messages arrived after their jobs were taken: acknowledged, no work.
     assert log.count("is not queued; message acknowledged without work") == 3
@@ -72,7 +72,7 @@ def test_a_duplicate_message_runs_the_job_once(embedded_stack: Stack) -> None:
     job = stack.wait_status(job_id, JobStatus.SUCCEEDED)
     stack.wait_for_log(worker, "is not queued; message acknowledged without work", timeout=30)
     assert job.attempts == 1 and len(job.images) == 1
-    assert list(stack.storage.list(f"images/{job_id}/")) == [f"images/{job_id}/0.png"]
+    assert list(stack.storage.list(f"images/{job_id}/")) == [f"images/{job_id}/1/0.png"]
 
 
 def test_cancel_stops_a_running_job_within_a_few_steps(production_stack: Stack) -> None:
@@ -142,7 +142,7 @@ def test_a_job_whose_worker_is_killed_succeeds_exactly_once(stack: Stack) -> Non
     assert job.attempts == 2
     assert [im.index for im in job.images] == [0, 1, 2]
     assert list(stack.storage.list(f"images/{job_id}/")) == [
-        f"images/{job_id}/{i}.png" for i in range(3)
+        f"images/{job_id}/2/{i}.png" for i in range(3)
     ]
 
 
