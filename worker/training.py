@@ -306,10 +306,6 @@ def register(ctx: WorkerContext, spec: RunSpec, out: Path, summary: dict[str, An
             raise LeaseLost(spec.lease)
     for f in CHECKPOINT_FILES:
         ctx.storage.put(f"{prefix}/{f}", (out / f).read_bytes())
-    if (out / "samples.png").is_file():
-        ctx.storage.put(
-            f"{spec.prefix}/samples.png", (out / "samples.png").read_bytes(), "image/png"
-        )
     config = json.loads((out / "model.json").read_text())
     try:
         with session_scope(ctx.engine) as s:
@@ -341,6 +337,15 @@ def register(ctx: WorkerContext, spec: RunSpec, out: Path, summary: dict[str, An
         log.info("run %s was canceled or lost at the very end; no version kept", spec.id)
         return
     log.info("run %s registered model version %s", spec.id, name)
+    # The sample grid has one well-known key per run, so it is written only now that this worker
+    # has committed the run's end: a trainer that lost the run never gets here.
+    if (out / "samples.png").is_file():
+        try:
+            ctx.storage.put(
+                f"runs/{spec.id}/samples.png", (out / "samples.png").read_bytes(), "image/png"
+            )
+        except TRANSIENT:
+            log.warning("run %s: the sample grid could not be stored", spec.id, exc_info=True)
 
 
 class _NotRegistered(Exception):
