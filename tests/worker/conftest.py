@@ -250,7 +250,7 @@ def _make_stack(request: pytest.FixtureRequest, tmp: Path, topology: str) -> Ite
             "DQ_BROKER_URL": f"sqla+sqlite:///{tmp / 'broker.sqlite3'}",
             "DQ_STORAGE_URL": f"file://{tmp / 'objects'}",
         }
-        yield from _finish_stack(topology, env, tmp)
+        yield from _finish_stack(topology, env, tmp, request.node.nodeid)
         return
     require_redis(REDIS_TEST_URL)
     endpoint = request.getfixturevalue("moto_endpoint")
@@ -270,12 +270,12 @@ def _make_stack(request: pytest.FixtureRequest, tmp: Path, topology: str) -> Ite
         }
         _flush_redis()
         try:
-            yield from _finish_stack(topology, env, tmp)
+            yield from _finish_stack(topology, env, tmp, request.node.nodeid)
         finally:
             _flush_redis()
 
 
-def _finish_stack(topology: str, env: dict[str, str], tmp: Path) -> Iterator[Stack]:
+def _finish_stack(topology: str, env: dict[str, str], tmp: Path, test: str = "") -> Iterator[Stack]:
     settings = Settings.from_env(env)
     from core.db import migrate
 
@@ -286,6 +286,84 @@ def _finish_stack(topology: str, env: dict[str, str], tmp: Path) -> Iterator[Sta
     stack.model_version_id = register_tiny_model(engine, storage, tmp)
     try:
         yield stack
+        record_outcomes(stack, test)
     finally:
         stack.stop_all()
         engine.dispose()
+
+
+# --- what each test's jobs came to ----------------------------------------------------------
+
+OUTCOMES = ROOT / "artifacts" / "chaos" / "outcomes.jsonl"
+
+
+def record_outcomes(stack: Stack, test: str) -> None:
+    """Append what the test's jobs and runs came to: submitted, succeeded, failed, canceled, and
+    run twice (a job whose images two attempts both stored, a run that registered two versions),
+    for the table at the end of the session."""
+    import json
+
+    from sqlalchemy import select
+
+    with Session(stack.engine) as s:
+        jobs = s.execute(select(Job.id, Job.status)).all()
+        runs = s.execute(select(TrainingRun.id, TrainingRun.status)).all()
+        names = list(s.scalars(select(ModelVersion.name)))
+    twice = 0
+    for job_id, _ in jobs:
+        attempts = {key.split("/")[2] for key in stack.storage.list(f"images/{job_id}/")}
+        twice += len(attempts) > 1
+    for run_id, _ in runs:
+        # A trainer that reached the end uploaded its model under its attempt's prefix.
+        ours = [n for n in names if n.endswith(run_id.hex[:8])]
+        finals = {
+            key.split("/")[2]
+            for name in ours
+            for key in stack.storage.list(f"models/{name}/")
+            if key.endswith("model.safetensors")
+        }
+        twice += len(ours) > 1 or len(finals) > 1
+    rows = [*jobs, *runs]
+    line = {
+        "test": test,
+        "topology": stack.name,
+        "jobs": len(jobs),
+        "runs": len(runs),
+        **{
+            status.value: sum(1 for _, st in rows if st is status)
+            for status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED)
+        },
+        "run_twice": twice,
+    }
+    OUTCOMES.parent.mkdir(parents=True, exist_ok=True)
+    with OUTCOMES.open("a") as f:
+        f.write(json.dumps(line) + "\n")
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    OUTCOMES.unlink(missing_ok=True)
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """The failure scenarios as a table: what was submitted and what it came to."""
+    import json
+
+    if not OUTCOMES.is_file():
+        return
+    from core.machine import cpu_name
+
+    lines = [json.loads(x) for x in OUTCOMES.read_text().splitlines() if x.strip()]
+    chaos = [x for x in lines if "chaos" in x["test"] or "killed" in x["test"]]
+    if not chaos:
+        return
+    tr = terminalreporter
+    tr.section(f"failure scenarios (CPU: {cpu_name()})")
+    tr.write_line("| scenario | topology | submitted | succeeded | failed | canceled | run twice |")
+    tr.write_line("|---|---|---:|---:|---:|---:|---:|")
+    for x in chaos:
+        name = x["test"].split("::")[-1]
+        submitted = f"{x['jobs']} jobs" + (f" + {x['runs']} runs" if x["runs"] else "")
+        tr.write_line(
+            f"| `{name}` | {x['topology']} | {submitted} | {x['succeeded']} | {x['failed']} "
+            f"| {x['canceled']} | {x['run_twice']} |"
+        )
