@@ -220,7 +220,9 @@ def encode_png(image: PILImage.Image, prompt: str, seed: int) -> bytes:
     return buf.getvalue()
 
 
-def store_results(ctx: WorkerContext, job: BatchJob, images: list[PILImage.Image]) -> None:
+def store_results(
+    ctx: WorkerContext, job: BatchJob, images: list[PILImage.Image], steps: int
+) -> None:
     """Write the PNGs under this attempt's keys, then the job's success and its image rows in one
     transaction fenced by the attempt. Raises :class:`LeaseLost` when the job is no longer ours:
     nothing is written to the database, and the objects under this attempt's keys point nowhere.
@@ -247,7 +249,8 @@ def store_results(ctx: WorkerContext, job: BatchJob, images: list[PILImage.Image
         )
     with session_scope(ctx.engine) as s:
         # The fenced UPDATE first: it locks the job's row, so two writers cannot interleave.
-        if not finish(s, job.lease, JobStatus.SUCCEEDED, progress_step=Job.progress_total):
+        done = dict(progress_step=steps, progress_total=steps)
+        if not finish(s, job.lease, JobStatus.SUCCEEDED, **done):
             raise LeaseLost(job.lease)  # canceled or lost meanwhile: nothing is written
         s.execute(delete(Image).where(Image.job_id == job.id))
         s.add_all(rows)
@@ -413,7 +416,7 @@ def run_batch(ctx: WorkerContext, batch: Batch) -> None:
             if job.id not in watcher.live:
                 continue
             try:
-                store_results(ctx, job, [images[r] for r in batch.rows[job.id]])
+                store_results(ctx, job, [images[r] for r in batch.rows[job.id]], batch.steps)
             except LeaseLost:
                 watcher.drop(job.id, "lost")
             except TRANSIENT as e:

@@ -113,7 +113,7 @@ def test_a_job_past_its_time_limit_fails_naming_it_and_the_worker_serves_the_nex
     job = api.wait(stack, slow, timeout=60)
     assert job["status"] == "failed"
     assert job["error"] == "ran past the 3 s time limit"
-    assert time.monotonic() - started < 20
+    assert time.monotonic() - started < 60  # not the whole job: it would take minutes
     nxt = api.wait(stack, api.submit(steps=4, seed=2))
     assert nxt["status"] == "succeeded", nxt["error"]
     assert worker.poll() is None  # the same process served it
@@ -124,15 +124,15 @@ def test_a_worker_hung_where_no_check_runs_exits_and_its_job_fails_naming_the_li
 ) -> None:
     hung = stack.start_worker(
         extra_env={
-            # Room for loading the model (seconds, on a busy CI machine) before the hang.
-            "DQ_JOB_TIME_LIMIT_SECONDS": "8",
+            "DQ_JOB_TIME_LIMIT_SECONDS": "5",
             "DQ_WORKER_HANG_GRACE_SECONDS": "2",
-            "DQ_TEST_FAULTS": "hang_at_step=2",  # blocks every signal and sleeps for good
+            # At the first step, before any check: blocks every signal and sleeps for good.
+            "DQ_TEST_FAULTS": "hang_at_step=1",
         }
     )
     job_id = api.submit(steps=50, seed=3)
     job = api.wait(stack, job_id, timeout=60)
-    assert job["status"] == "failed" and job["error"] == "ran past the 8 s time limit"
+    assert job["status"] == "failed" and job["error"] == "ran past the 5 s time limit"
     stack.wait_until(lambda: hung.poll() is not None, 30, "the hung worker to exit")
     assert hung.returncode == EXIT_HUNG  # the watchdog ended the stuck process
     assert "is still running" in stack.log_text(hung)
@@ -145,7 +145,11 @@ def test_a_worker_hung_where_no_check_runs_exits_and_its_job_fails_naming_the_li
 def test_a_worker_frozen_past_its_lease_loses_the_job_and_writes_nothing_after_waking(
     stack: Stack, api: Api
 ) -> None:
-    first = stack.start_worker(extra_env={"DQ_MAX_BATCH_SIZE": "1"})
+    # Frozen inside a transaction, it would hold row locks until PostgreSQL ends its session
+    # (twice the statement timeout); keep that short here.
+    first = stack.start_worker(
+        extra_env={"DQ_MAX_BATCH_SIZE": "1", "DQ_DB_STATEMENT_TIMEOUT_SECONDS": "2"}
+    )
     stack.start_reaper()
     job_id = api.submit(steps=400, sampler="ddpm", num_images=3, seed=5)
     with Poller(api, job_id) as poller:
@@ -193,7 +197,7 @@ def test_out_of_memory_in_a_batch_of_four_fails_only_the_job_too_big_alone(
 
 
 def test_failed_progress_writes_cost_the_batch_nothing(stack: Stack, api: Api) -> None:
-    jobs = [api.submit(steps=60, sampler="ddim", seed=30 + i) for i in range(4)]
+    jobs = [api.submit(steps=150, sampler="ddim", seed=30 + i) for i in range(4)]
     worker = stack.start_worker(extra_env={"DQ_TEST_FAULTS": "progress_write_fails=3"})
     for job_id in jobs:
         job = api.wait(stack, job_id)
@@ -229,7 +233,7 @@ def test_a_trainer_frozen_past_its_lease_registers_nothing_after_waking(stack: S
     from core.diffusion.checkpoint import load_checkpoint
     from tests.worker.test_worker_training import submit_run, wait_run
 
-    first = stack.start_worker(queues="train")
+    first = stack.start_worker(queues="train", extra_env={"DQ_DB_STATEMENT_TIMEOUT_SECONDS": "2"})
     run_id = submit_run(stack, "autoencoder", {"steps": 240, "checkpoint_every": 20})
     stack.start_reaper()  # after the submit: its relay would publish the run first
     stack.wait_until(lambda: stack.run(run_id).step >= 40, 120, "two checkpoints")
@@ -276,12 +280,12 @@ def test_a_job_past_its_time_limit_fails_under_the_prefork_pool_too(stack: Stack
     proc = stack._spawn(
         ["worker", "--queues", "generate", "--concurrency", "2", "--name", f"p{n}@%h"],
         "prefork",
-        {"DQ_JOB_TIME_LIMIT_SECONDS": "6"},
+        {"DQ_JOB_TIME_LIMIT_SECONDS": "8"},
     )
     stack.wait_for_log(proc, "ready.", timeout=90)
     slow = api.submit(steps=1000, sampler="ddpm", num_images=8, seed=50)
     job = api.wait(stack, slow, timeout=90)
-    assert (job["status"], job["error"]) == ("failed", "ran past the 6 s time limit")
+    assert (job["status"], job["error"]) == ("failed", "ran past the 8 s time limit")
     nxt = api.wait(stack, api.submit(steps=4, seed=51))
     assert nxt["status"] == "succeeded", nxt["error"]
 
