@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import uuid
 from typing import Any
+from urllib.parse import urlsplit
 
 from apiflask import APIBlueprint
 from flask import flash, redirect, render_template, request, url_for
@@ -48,10 +49,23 @@ def require_login() -> BaseResponse | None:
     raise Problem(403, "Log in with an admin token first.")
 
 
+# Browsers drop tabs and newlines from a URL and read a backslash as a slash, so
+# "/\t/evil.example" and "/\\evil.example" both mean //evil.example: another site.
+_CONTROL = dict.fromkeys([*range(0x20), 0x7F])
+
+
 def _safe_next(target: str | None) -> str:
-    # Only a path on this site, never //elsewhere or a full URL: no open redirect.
-    if target and target.startswith("/") and not target.startswith("//"):
-        return target
+    """Only a path on this site, never //elsewhere or a full URL: no open redirect."""
+    cleaned = (target or "").translate(_CONTROL).strip()
+    parts = urlsplit(cleaned)
+    if (
+        cleaned.startswith("/")
+        and not cleaned.startswith("//")
+        and "\\" not in cleaned
+        and not parts.scheme
+        and not parts.netloc
+    ):
+        return cleaned
     return url_for("admin.runs")
 
 

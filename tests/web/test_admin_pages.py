@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import uuid
 
+import pytest
 from flask.testing import FlaskClient
 from sqlalchemy import select
 from sqlalchemy.engine import Engine
@@ -60,6 +61,34 @@ def test_login_never_redirects_off_site(client: FlaskClient, admin_token: str) -
         "/admin/login?next=//evil.example/x", data={"token": admin_token, "csrf_token": csrf}
     )
     assert r.headers["Location"] == "/admin/runs"
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        "/%09/evil.example",  # a tab, which browsers drop: //evil.example
+        "/%0a/evil.example",
+        "/%5Cevil.example",  # a backslash, which browsers read as a slash
+        "%5C/evil.example",
+        "/%5C%5Cevil.example",
+        "https://evil.example/",
+        "%20//evil.example",
+    ],
+)
+def test_login_stays_on_the_site_whatever_the_encoding(
+    client: FlaskClient, admin_token: str, target: str
+) -> None:
+    csrf = csrf_token(client, "/admin/login")
+    r = client.post(f"/admin/login?next={target}", data={"token": admin_token, "csrf_token": csrf})
+    assert r.status_code == 303 and r.headers["Location"] == "/admin/runs"
+
+
+def test_login_goes_on_to_a_page_of_the_site(client: FlaskClient, admin_token: str) -> None:
+    csrf = csrf_token(client, "/admin/login")
+    r = client.post(
+        "/admin/login?next=/admin/models%3Fx%3D1", data={"token": admin_token, "csrf_token": csrf}
+    )
+    assert r.headers["Location"] == "/admin/models?x=1"
 
 
 def test_a_revoked_admin_token_ends_the_login(
