@@ -51,6 +51,44 @@ class JobNotFound(LookupError):
     pass
 
 
+class TooManyActiveJobs(ValueError):
+    """The caller already has DQ_MAX_ACTIVE_JOBS_PER_OWNER jobs queued or running."""
+
+    def __init__(self, cap: int):
+        super().__init__(
+            f"you already have {cap} jobs queued or running, the most one caller may have "
+            "(DQ_MAX_ACTIVE_JOBS_PER_OWNER); wait for some to finish"
+        )
+        self.cap = cap
+
+
+class QueueFull(ValueError):
+    """The whole queue holds DQ_MAX_QUEUED_JOBS jobs."""
+
+    def __init__(self, cap: int):
+        super().__init__(
+            f"the queue is full ({cap} jobs waiting, DQ_MAX_QUEUED_JOBS); try again shortly"
+        )
+        self.cap = cap
+
+
+def check_caps(session: Session, owner: str, settings: Settings) -> None:
+    """Refuse a new job past the per-caller or the whole-queue cap. Two requests racing at the
+    cap may both pass: the caps bound abuse, they are not exact quotas."""
+    active = session.scalar(
+        select(func.count())
+        .select_from(Job)
+        .where(Job.owner == owner, Job.status.in_([JobStatus.QUEUED, JobStatus.RUNNING]))
+    )
+    if (active or 0) >= settings.max_active_jobs_per_owner:
+        raise TooManyActiveJobs(settings.max_active_jobs_per_owner)
+    queued = session.scalar(
+        select(func.count()).select_from(Job).where(Job.status == JobStatus.QUEUED)
+    )
+    if (queued or 0) >= settings.max_queued_jobs:
+        raise QueueFull(settings.max_queued_jobs)
+
+
 @dataclass(frozen=True)
 class JobRequest:
     """What a caller asks for; None means "the serving model's default" (random for the seed)."""
@@ -151,6 +189,7 @@ def submit_job(
             return existing, False
     model = serving_model(session)
     full = validate_request(request, settings, model)
+    check_caps(session, owner, settings)
     assert full.steps is not None and full.seed is not None and full.size is not None
     job = Job(
         id=uuid.uuid4(),

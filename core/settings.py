@@ -141,6 +141,21 @@ class Settings:
     rate_limit: str = _setting(
         "60/minute", "Job submissions allowed per caller, in Flask-Limiter's notation."
     )
+    global_rate_limit: str = _setting(
+        "600/minute",
+        "Job submissions allowed from all callers together, in Flask-Limiter's notation.",
+    )
+    max_active_jobs_per_owner: int = _setting(
+        20, "Queued and running jobs one caller may have at once; more get 429."
+    )
+    max_queued_jobs: int = _setting(
+        5000, "Queued jobs the whole service holds; past it submissions get 503 with Retry-After."
+    )
+    trusted_proxy_hops: int = _setting(
+        0,
+        "Reverse proxies in front of the web app whose X-Forwarded-For and X-Forwarded-Proto "
+        "are trusted (0: none; the client's address is the socket's).",
+    )
     rate_limit_storage_url: str = _setting(
         "memory://", "Where the rate limiter counts: redis://… in production."
     )
@@ -199,7 +214,14 @@ class Settings:
             self.device == "cpu" or self.device == "cuda" or self.device.startswith("cuda:")
         ):
             raise SettingsError(f"DQ_DEVICE={self.device!r} is not valid: use cpu or cuda")
-        for name in ("max_steps", "max_images_per_job", "max_prompt_chars", "max_batch_size"):
+        for name in (
+            "max_steps",
+            "max_images_per_job",
+            "max_prompt_chars",
+            "max_batch_size",
+            "max_active_jobs_per_owner",
+            "max_queued_jobs",
+        ):
             if getattr(self, name) < 1:
                 raise SettingsError(f"{env_var(name)} must be a positive integer")
         for name in (
@@ -210,6 +232,8 @@ class Settings:
         ):
             if getattr(self, name) < 1:
                 raise SettingsError(f"{env_var(name)} must be a positive integer")
+        if not 0 <= self.trusted_proxy_hops <= 5:
+            raise SettingsError("DQ_TRUSTED_PROXY_HOPS must be from 0 to 5")
         if self.db_statement_timeout_seconds < 0:
             raise SettingsError("DQ_DB_STATEMENT_TIMEOUT_SECONDS must be 0 or more")
 

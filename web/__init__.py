@@ -43,12 +43,14 @@ def create_app(
     from web.services import Services
 
     settings = settings or Settings.from_env()
-    try:
-        parse_rate_limit(settings.rate_limit)
-    except ValueError:
-        raise SettingsError(
-            f"DQ_RATE_LIMIT={settings.rate_limit!r} is not valid: use e.g. 60/minute"
-        ) from None
+    for name, limit in (
+        ("DQ_RATE_LIMIT", settings.rate_limit),
+        ("DQ_GLOBAL_RATE_LIMIT", settings.global_rate_limit),
+    ):
+        try:
+            parse_rate_limit(limit)
+        except ValueError:
+            raise SettingsError(f"{name}={limit!r} is not valid: use e.g. 60/minute") from None
     if publisher is None:
         from core.broker import CeleryPublisher
 

@@ -19,6 +19,8 @@ from core.jobs import (
     JobNotFound,
     JobRequest,
     JobRequestError,
+    QueueFull,
+    TooManyActiveJobs,
     cancel_job,
     get_job,
     list_jobs,
@@ -26,7 +28,7 @@ from core.jobs import (
 from core.model_versions import serving_model
 from web.auth import bearer_caller
 from web.db import end_reads, get_session
-from web.problems import Problem, invalid
+from web.problems import Problem, cap_problem, invalid
 from web.resources import (
     job_resource,
     job_views,
@@ -112,7 +114,9 @@ def _job_json(session: Any, job: Any) -> dict[str, Any]:
         **COMMON_ERRORS,
         **BODY_ERRORS,
         409: "The Idempotency-Key was used before with a different body.",
-        429: "Too many submissions; see Retry-After.",
+        429: "Too many submissions (see Retry-After), or too many of the caller's jobs queued "
+        "or running (DQ_MAX_ACTIVE_JOBS_PER_OWNER).",
+        503: "The queue is full (DQ_MAX_QUEUED_JOBS) or the database is down; see Retry-After.",
     },
 )
 def submit_job_view(body: dict[str, Any], headers: dict[str, Any]) -> Any:
@@ -127,6 +131,8 @@ def submit_job_view(body: dict[str, Any], headers: dict[str, Any]) -> Any:
         raise invalid(e.field, e.message) from None
     except IdempotencyConflict as e:
         raise Problem(409, f"{e}; use a new key for a new request.") from None
+    except (TooManyActiveJobs, QueueFull) as e:
+        raise cap_problem(e) from None
     location = url_for("api.get_job_view", job_id=job.id)
     return json_response(job_resource(view, services().storage), 202, {"Location": location})
 

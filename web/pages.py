@@ -24,13 +24,22 @@ from flask import (
 from werkzeug.wrappers import Response as BaseResponse
 
 from core.db.models import Job
-from core.jobs import JobNotFound, JobRequest, JobRequestError, cancel_job, get_job, list_jobs
+from core.jobs import (
+    JobNotFound,
+    JobRequest,
+    JobRequestError,
+    QueueFull,
+    TooManyActiveJobs,
+    cancel_job,
+    get_job,
+    list_jobs,
+)
 from core.model_versions import serving_model
 from core.storage import InvalidKey, LocalStorage
 from web.auth import page_caller
 from web.db import end_reads, get_session
 from web.forms import GenerateForm, attach_error
-from web.problems import Problem
+from web.problems import Problem, cap_problem
 from web.resources import job_resource, job_views, load_job
 from web.services import services
 from web.submission import submit_and_publish
@@ -103,6 +112,8 @@ def index() -> Any:
             job, _ = submit_and_publish(get_session(), request_, page_caller().owner)
         except JobRequestError as e:
             attach_error(form, e.field, e.message)
+        except (TooManyActiveJobs, QueueFull) as e:
+            raise cap_problem(e) from None
         else:
             return redirect(url_for("pages.job_page", job_id=job.id), code=303)
     status = 422 if request.method == "POST" else 200

@@ -46,6 +46,16 @@ class Problem(Exception):
         self.headers = dict(headers or {})
 
 
+def cap_problem(e: Exception) -> Problem:
+    """429 when the caller has too many jobs active, 503 with Retry-After when the queue is
+    full (core.jobs.TooManyActiveJobs, QueueFull)."""
+    from core.jobs import QueueFull
+
+    if isinstance(e, QueueFull):
+        return Problem(503, f"{e}.", headers={"Retry-After": "30"})
+    return Problem(429, f"{e}.", headers={"Retry-After": "30"})
+
+
 def invalid(field: str, message: str) -> Problem:
     """422 naming the field, e.g. ``invalid("steps", "must be from 1 to 200")``."""
     return Problem(422, f"{field}: {message}", errors=[{"field": field, "message": message}])

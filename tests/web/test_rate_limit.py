@@ -1,5 +1,7 @@
-"""Submissions are rate limited per caller through Flask-Limiter; with Redis storage the count is
-shared by every process, and a limiter store that is down lets submissions through."""
+"""Submissions are rate limited per caller (a token, or the client's address) and for everyone
+together through Flask-Limiter; with Redis storage the count is shared by every process. Caps
+bound the jobs one caller may have active and the queue as a whole. A limiter store that is down
+lets token holders through and refuses anonymous submissions."""
 
 from __future__ import annotations
 
@@ -68,3 +70,78 @@ def test_a_bad_rate_limit_setting_stops_start_up(tmp_path: Path) -> None:
     )
     with pytest.raises(SettingsError, match="DQ_RATE_LIMIT='lots' is not valid"):
         create_app(settings)
+
+
+def _anonymous_post(app: object, prompt: str) -> int:
+    """A form post as a client without cookies makes it: a new session for every request."""
+    from tests.web.conftest import csrf_token
+    from tests.web.test_pages import FORM
+
+    client = app.test_client()  # type: ignore[attr-defined]
+    token = csrf_token(client)
+    return int(client.post("/", data={**FORM, "prompt": prompt, "csrf_token": token}).status_code)
+
+
+def test_an_anonymous_flood_from_one_address_is_limited_and_the_queue_stays_capped(
+    redis_storage: str, db_url: str, tmp_path: Path, engine: Engine
+) -> None:
+    from sqlalchemy import func, select
+    from sqlalchemy.orm import Session
+
+    from core.db import Job
+    from web import create_app
+
+    settings = make_settings(
+        db_url,
+        tmp_path,
+        rate_limit="5/minute",
+        rate_limit_storage_url=redis_storage,
+        max_queued_jobs=4,
+    )
+    app = create_app(settings, publisher=RecordingPublisher())
+    codes = [_anonymous_post(app, f"a red circle {i}") for i in range(200)]
+    # A new session each time changes nothing: the limit counts the address.
+    assert codes[:4] == [303] * 4  # accepted, shown their job page
+    assert codes[4] == 503  # the fifth fits the rate but not the queue cap
+    assert set(codes[5:]) == {429}
+    with Session(engine) as s:
+        assert s.scalar(select(func.count()).select_from(Job)) == 4
+
+
+def test_the_per_caller_cap_gives_429_and_the_queue_cap_503_with_retry_after(
+    db_url: str, tmp_path: Path, engine: Engine, user_token: str, admin_token: str
+) -> None:
+    from web import create_app
+
+    settings = make_settings(db_url, tmp_path, max_active_jobs_per_owner=2, max_queued_jobs=3)
+    client = create_app(settings, publisher=RecordingPublisher()).test_client()
+
+    def post(token: str) -> object:
+        return client.post("/api/v1/jobs", json={"prompt": "x"}, headers=bearer(token))
+
+    assert [post(user_token).status_code for _ in range(2)] == [202, 202]  # type: ignore[attr-defined]
+    over = post(user_token)
+    assert over.status_code == 429  # type: ignore[attr-defined]
+    body = over.get_json()  # type: ignore[attr-defined]
+    assert "DQ_MAX_ACTIVE_JOBS_PER_OWNER" in body["detail"] and "2 jobs" in body["detail"]
+    assert over.headers["Retry-After"] == "30"  # type: ignore[attr-defined]
+    assert post(admin_token).status_code == 202  # type: ignore[attr-defined]  # 3 queued now
+    full = post(admin_token)
+    assert full.status_code == 503  # type: ignore[attr-defined]
+    assert "DQ_MAX_QUEUED_JOBS" in full.get_json()["detail"]  # type: ignore[attr-defined]
+    assert full.headers["Retry-After"] == "30"  # type: ignore[attr-defined]
+
+
+def test_anonymous_submissions_fail_closed_when_the_limiter_store_is_down(
+    db_url: str, tmp_path: Path, engine: Engine, user_token: str
+) -> None:
+    from web import create_app
+
+    settings = make_settings(
+        db_url, tmp_path, rate_limit="1/minute", rate_limit_storage_url="redis://127.0.0.1:1/0"
+    )
+    app = create_app(settings, publisher=RecordingPublisher())
+    assert _anonymous_post(app, "a red circle") == 503
+    # A token holder is named and capped per owner: let through.
+    r = app.test_client().post("/api/v1/jobs", json={"prompt": "x"}, headers=bearer(user_token))
+    assert r.status_code == 202
