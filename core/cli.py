@@ -581,6 +581,9 @@ def web_cmd(host: str, port: int, workers: int, threads: int) -> None:
         str(Path(__file__).resolve().parents[1]),
         "--access-logfile",
         "-",
+        # gunicorn's default line, plus the request id that problem bodies also name.
+        "--access-logformat",
+        '%(h)s %(l)s %(u)s %(t)s "%(r)s" %(s)s %(b)s "%(f)s" "%(a)s" rid=%({x-request-id}o)s',
         "web:create_app()",
     ]
     sys.stdout.flush()

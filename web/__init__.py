@@ -16,6 +16,7 @@ from typing import Any
 from apiflask import APIFlask
 from flask_wtf.csrf import CSRFProtect
 from limits import parse as parse_rate_limit
+from werkzeug.middleware.proxy_fix import ProxyFix
 
 from core.db.session import get_engine
 from core.dispatch import Publisher
@@ -35,7 +36,7 @@ def create_app(
 ) -> APIFlask:
     """Build the app. ``settings`` default to the DQ_* environment; ``publisher`` to a Celery
     sender on the settings' broker; ``storage`` to the settings' store (tests pass fakes)."""
-    from web import admin, admin_api, api, db, ops, pages, problems, ratelimit
+    from web import admin, admin_api, api, db, ops, pages, problems, ratelimit, security
     from web.auth import TokenCache
     from web.metrics import make_registry
     from web.openapi import DESCRIPTION, finish_spec
@@ -85,6 +86,14 @@ def create_app(
             {"name": "Admin", "description": "Training runs and model versions (admin tokens)."},
         ],
     )
+    if settings.trusted_proxy_hops:
+        # The client's address and scheme as the trusted proxies saw them (rate limits, Secure
+        # cookies, HSTS). The Host header is not taken from them.
+        app.wsgi_app = ProxyFix(  # type: ignore[method-assign]
+            app.wsgi_app, x_for=settings.trusted_proxy_hops, x_proto=settings.trusted_proxy_hops
+        )
+    app.session_interface = security.SessionInterface()
+    security.init_app(app)
     ops.use_local_docs_assets(app)
     if settings.debug:
         logging.getLogger("web").setLevel(logging.DEBUG)

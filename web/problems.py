@@ -23,6 +23,8 @@ from werkzeug.datastructures import Headers
 from werkzeug.exceptions import HTTPException
 from werkzeug.http import HTTP_STATUS_CODES
 
+from web.security import request_id
+
 log = logging.getLogger(__name__)
 
 PROBLEM_CONTENT_TYPE = "application/problem+json"
@@ -74,6 +76,9 @@ def render_problem(problem: Problem) -> Response:
             "detail": problem.detail,
             "instance": request.path,
         }
+        rid = request_id()
+        if rid:
+            body["request_id"] = rid  # the X-Request-ID of this answer, as in the logs
         if problem.errors is not None:
             body["errors"] = problem.errors
         response = jsonify(body)

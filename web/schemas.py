@@ -124,6 +124,12 @@ class Problem(Schema):
     detail = String(required=True, metadata={"description": "What went wrong and what to do."})
     instance = String(metadata={"description": "The path that was requested."})
     errors = List(Nested(FieldError), metadata={"description": "For 422: the fields at fault."})
+    request_id = String(
+        metadata={
+            "description": "The answer's X-Request-ID, as the server's logs name it: quote it "
+            "when reporting a problem."
+        }
+    )
 
 
 # --- jobs -----------------------------------------------------------------------------------
