@@ -95,7 +95,11 @@ def server(database_url: str, broker_url: str, workdir: Path, workers: int) -> I
         DQ_BROKER_URL=broker_url,
         DQ_STORAGE_URL=f"file://{workdir / 'objects'}",
         DQ_SECRET_KEY="bench",
-        DQ_RATE_LIMIT="100000000/minute",  # measure the endpoints, not the limiter's refusals
+        # Measure the endpoints, not the limiter's or the caps' refusals.
+        DQ_RATE_LIMIT="100000000/minute",
+        DQ_GLOBAL_RATE_LIMIT="100000000/minute",
+        DQ_MAX_ACTIVE_JOBS_PER_OWNER="100000000",
+        DQ_MAX_QUEUED_JOBS="100000000",
     )
     process = subprocess.Popen(
         [sys.executable, "-m", "core.cli", "web", "--port", str(port), "--workers", str(workers)],

@@ -28,7 +28,7 @@ from core.jobs import JobRequest, submit_job
 from core.settings import Settings
 from tests.services import REDIS_URL, empty_redis
 
-SETTINGS = Settings.from_env({}, job_max_attempts=2)
+SETTINGS = Settings.from_env({}, job_max_attempts=2, max_active_jobs_per_owner=1000)
 
 
 class Recorder:
