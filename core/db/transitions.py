@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, or_, select, update
+from sqlalchemy import ColumnElement, and_, or_, select, update
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.util import identity_key
@@ -300,26 +300,23 @@ def reap(session: Session, model: LeasedModel, max_attempts: int) -> dict[str, l
     training run goes back to the queue to resume from its last checkpoint); any other is
     re-queued, or failed once it has used ``max_attempts``. Each move is fenced by the attempt the
     reaper saw, so a row claimed again meanwhile is left alone."""
-    noun = "job" if model is Job else "training run"
     rows = session.execute(
-        select(model.id, model.attempts, model.worker_host, model.started_at, model.deadline_at)
+        select(
+            model.id,
+            model.attempts,
+            model.started_at,
+            model.deadline_at,
+            # Judged by the database's clock too, in the same statement.
+            and_(model.deadline_at.is_not(None), model.deadline_at <= db_now()).label("overdue"),
+        )
         .where(model.status == JobStatus.RUNNING, model.lease_expires_at < db_now())
         .order_by(model.lease_expires_at)
         .limit(500)
     ).all()
-    past_deadline = set(
-        session.scalars(
-            select(model.id).where(
-                model.id.in_([r.id for r in rows]),
-                model.deadline_at.is_not(None),
-                model.deadline_at <= db_now(),
-            )
-        )
-    )
     outcome: dict[str, list[uuid.UUID]] = {"requeued": [], "failed": []}
     for row in rows:
         lease = Lease(model, row.id, row.attempts)
-        if row.id in past_deadline and model is Job:
+        if row.overdue and model is Job:
             limit = (
                 (row.deadline_at - row.started_at).total_seconds()
                 if row.started_at and row.deadline_at
@@ -327,9 +324,9 @@ def reap(session: Session, model: LeasedModel, max_attempts: int) -> dict[str, l
             )
             if finish(session, lease, JobStatus.FAILED, error=time_limit_error(round(limit))):
                 outcome["failed"].append(row.id)
-        elif row.attempts >= max_attempts and row.id not in past_deadline:
+        elif row.attempts >= max_attempts and not row.overdue:
             error = (
-                f"the worker running this {noun} stopped responding ({row.attempts} of "
+                f"the worker running this {lease.noun} stopped responding ({row.attempts} of "
                 f"{max_attempts} attempts used); giving up"
             )
             if finish(session, lease, JobStatus.FAILED, error=error):
