@@ -11,11 +11,9 @@ the worker process with ``DQ_TEST_FAULTS`` (``worker/faults.py``).
 from __future__ import annotations
 
 import hashlib
-import json
 import signal
 import threading
 import time
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,6 +25,7 @@ from core.db import JobStatus, Role
 from core.db.session import session_scope
 from core.tokens import create_token
 from tests.e2e.test_embedded import free_port
+from tests.e2e.test_production import call
 from tests.worker.conftest import Stack
 from worker.watchdog import EXIT_HUNG
 
@@ -37,14 +36,7 @@ class Api:
     token: str
 
     def call(self, path: str, method: str = "GET", body: Any = None) -> Any:
-        request = urllib.request.Request(
-            self.base + path,
-            method=method,
-            data=None if body is None else json.dumps(body).encode(),
-            headers={"Authorization": f"Bearer {self.token}", "Content-Type": "application/json"},
-        )
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return json.loads(response.read())
+        return call(self.base + path, self.token, method, body)
 
     def submit(self, **body: Any) -> uuid.UUID:
         body.setdefault("prompt", "a small red circle in the center")
