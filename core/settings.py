@@ -35,6 +35,13 @@ def _positive_int(raw: str) -> int:
     return value
 
 
+def _non_negative_int(raw: str) -> int:
+    value = int(raw)
+    if value < 0:
+        raise ValueError("must be 0 or more")
+    return value
+
+
 def _positive_float(raw: str) -> float:
     value = float(raw)
     if not value > 0:
@@ -124,7 +131,9 @@ class Settings:
         10, "PostgreSQL: give up connecting after this long, so a dead database cannot hang us."
     )
     db_statement_timeout_seconds: int = _setting(
-        30, "PostgreSQL: cancel any statement running longer than this (0: no limit)."
+        30,
+        "PostgreSQL: cancel any statement running longer than this (0: no limit).",
+        _non_negative_int,
     )
     data_root: str = _setting(
         "var/datasets", "Training runs may read local image folders only under this directory."
@@ -155,6 +164,7 @@ class Settings:
         0,
         "Reverse proxies in front of the web app whose X-Forwarded-For and X-Forwarded-Proto "
         "are trusted (0: none; the client's address is the socket's).",
+        _non_negative_int,
     )
     rate_limit_storage_url: str = _setting(
         "memory://", "Where the rate limiter counts: redis://… in production."

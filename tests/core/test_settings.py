@@ -56,6 +56,11 @@ def test_environment_values_are_parsed_into_types() -> None:
         ({"DQ_STORAGE_URL": "s3://"}, "DQ_STORAGE_URL='s3://' is not valid: name a bucket"),
         ({"DQ_S3_ENDPOINT_URL": "minio:9000"}, "DQ_S3_ENDPOINT_URL='minio:9000' is not valid"),
         ({"DQ_DEVICE": "tpu"}, "DQ_DEVICE='tpu' is not valid: use cpu or cuda"),
+        ({"DQ_TRUSTED_PROXY_HOPS": "-1"}, "DQ_TRUSTED_PROXY_HOPS='-1' is not valid: must be 0"),
+        ({"DQ_TRUSTED_PROXY_HOPS": "9"}, "DQ_TRUSTED_PROXY_HOPS must be from 0 to 5"),
+        ({"DQ_DB_STATEMENT_TIMEOUT_SECONDS": "x"}, "DQ_DB_STATEMENT_TIMEOUT_SECONDS='x'"),
+        ({"DQ_MAX_QUEUED_JOBS": "0"}, "DQ_MAX_QUEUED_JOBS='0' is not valid"),
+        ({"DQ_WORKER_HANG_GRACE_SECONDS": "0"}, "DQ_WORKER_HANG_GRACE_SECONDS='0' is not valid"),
     ],
 )
 def test_a_bad_value_names_its_variable(env: dict[str, str], message: str) -> None:
@@ -63,6 +68,11 @@ def test_a_bad_value_names_its_variable(env: dict[str, str], message: str) -> No
         Settings.from_env(env)
     assert message in str(info.value)
     assert "\n" not in str(info.value)
+
+
+def test_zero_means_none_where_the_help_says_so() -> None:
+    s = Settings.from_env({"DQ_TRUSTED_PROXY_HOPS": "0", "DQ_DB_STATEMENT_TIMEOUT_SECONDS": "0"})
+    assert (s.trusted_proxy_hops, s.db_statement_timeout_seconds) == (0, 0)
 
 
 def test_every_setting_has_a_variable_and_a_description() -> None:

@@ -145,3 +145,14 @@ def test_anonymous_submissions_fail_closed_when_the_limiter_store_is_down(
     # A token holder is named and capped per owner: let through.
     r = app.test_client().post("/api/v1/jobs", json={"prompt": "x"}, headers=bearer(user_token))
     assert r.status_code == 202
+
+
+def test_a_bad_global_rate_limit_stops_start_up(tmp_path: Path) -> None:
+    from core.settings import SettingsError
+    from web import create_app
+
+    settings = make_settings(
+        f"sqlite:///{tmp_path / 'unused.sqlite3'}", tmp_path, global_rate_limit="lots"
+    )
+    with pytest.raises(SettingsError, match="DQ_GLOBAL_RATE_LIMIT='lots' is not valid"):
+        create_app(settings)
