@@ -435,6 +435,24 @@ def _migrate(url: str, revision: str = "head") -> None:
         ) from None
 
 
+def _require_current_schema(url: str) -> None:
+    """One line naming the fix when the schema is not at the code's revision."""
+    from sqlalchemy.exc import OperationalError
+
+    from core.db import migrate
+
+    try:
+        current = migrate.current_revision(url)
+    except OperationalError as e:
+        raise _database_error(url, e) from None
+    head = migrate.head_revision()
+    if current != head:
+        raise _fail(
+            f"the database schema is at revision {current or '(empty)'}, this code needs {head}: "
+            "run `dq db upgrade` first (in Kubernetes, the dq-migrate Job)"
+        )
+
+
 @db.command("upgrade")
 @click.option("--revision", default="head", show_default=True, help="Target revision.")
 def db_upgrade(revision: str) -> None:
@@ -550,16 +568,28 @@ def token_revoke(token_id: str) -> None:
 @click.option(
     "--threads", type=click.IntRange(1, 64), default=4, show_default=True, help="Per process."
 )
-def web_cmd(host: str, port: int, workers: int, threads: int) -> None:
-    """Migrate the database, then serve the web pages and API under gunicorn (replaces this
-    process)."""
+@click.option(
+    "--migrate",
+    is_flag=True,
+    help="Apply the migrations first. Production runs `dq db upgrade` once (the migrate Job) "
+    "instead, so that web replicas never race to change the schema.",
+)
+def web_cmd(host: str, port: int, workers: int, threads: int, migrate: bool) -> None:
+    """Serve the web pages and API under gunicorn (replaces this process).
+
+    The database schema must be current: run `dq db upgrade` first, or pass --migrate.
+    """
     import os
     import shutil
 
     settings = _settings()
+    settings.check_secret_key()
     for path in settings.local_paths():
         path.mkdir(parents=True, exist_ok=True)
-    _migrate(settings.database_url)
+    if migrate:
+        _migrate(settings.database_url)
+    else:
+        _require_current_schema(settings.database_url)
     gunicorn = shutil.which("gunicorn", path=str(Path(sys.executable).parent)) or shutil.which(
         "gunicorn"
     )

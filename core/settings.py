@@ -62,6 +62,38 @@ def _optional(raw: str) -> str | None:
     return raw or None
 
 
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(raw: str) -> int:
+    """Seconds in ``30d``, ``12h``, ``90m``, ``3600s`` or a bare number of seconds."""
+    text = raw.strip().lower()
+    unit = text[-1:] if text[-1:] in _DURATION_UNITS else "s"
+    number = text[:-1] if text[-1:] in _DURATION_UNITS else text
+    try:
+        value = float(number)
+    except ValueError:
+        raise ValueError("must be a duration such as 30d, 12h, 90m or 3600s") from None
+    if not value > 0:
+        raise ValueError("must be a positive duration such as 30d")
+    return int(value * _DURATION_UNITS[unit])
+
+
+def _optional_duration(raw: str) -> int | None:
+    return parse_duration(raw) if raw else None
+
+
+def _log_format(raw: str) -> str:
+    if raw not in ("text", "json"):
+        raise ValueError("must be text or json")
+    return raw
+
+
+# Values of DQ_SECRET_KEY from the example files and docs, and other well-known placeholders.
+PLACEHOLDER_SECRET_MARKERS = ("change", "generate", "example", "secret", "placeholder", "xxxx")
+MIN_SECRET_KEY_CHARS = 32
+
+
 DATABASE_SCHEMES = ("sqlite", "postgresql", "postgresql+psycopg")
 BROKER_SCHEMES = ("redis", "rediss", "sqla+sqlite", "sqla+postgresql", "sqla+postgresql+psycopg")
 
@@ -86,10 +118,17 @@ class Settings:
         None, "Endpoint of an S3-compatible store such as MinIO; empty for AWS.", _optional
     )
     s3_region: str | None = _setting(None, "S3 region; empty for the SDK's default.", _optional)
+    s3_public_endpoint_url: str | None = _setting(
+        None,
+        "The S3 endpoint as browsers reach it, for presigned image URLs, when it differs from "
+        "DQ_S3_ENDPOINT_URL (e.g. http://localhost:9000 in Compose); empty: the same.",
+        _optional,
+    )
     secret_key: str = _setting(
         "",
         "Signs web sessions, CSRF tokens and local-file URLs. Set it in production; when empty, "
-        "a random key is made once and kept in var/secret_key.",
+        "a random key is made once and kept in var/secret_key. Outside the embedded setup the "
+        "web app refuses a key shorter than 32 characters or one copied from the examples.",
     )
     max_steps: int = _setting(200, "Largest number of denoising steps a job may ask for.")
     max_images_per_job: int = _setting(8, "Largest number of images one job may ask for.")
@@ -166,6 +205,28 @@ class Settings:
         "are trusted (0: none; the client's address is the socket's).",
         _non_negative_int,
     )
+    form_requires_login: bool = _setting(
+        False,
+        "The web form queues jobs only for a signed-in browser (an admin login, or a user "
+        "token entered on the sign-in page); anonymous visitors see a sign-in link instead.",
+    )
+    retention: int | None = _setting(
+        None,
+        "The reaper deletes finished jobs older than this (30d, 12h …), with their images, "
+        "previews and old training metrics; empty: keep everything (`dq prune` still works).",
+        _optional_duration,
+    )
+    log_format: str = _setting(
+        "text",
+        "Log lines as text, or json (one object per line, with the request id).",
+        _log_format,
+    )
+    metrics_token: str | None = _setting(
+        None,
+        "When set, GET /metrics needs 'Authorization: Bearer <this>'; empty: /metrics is open "
+        "(keep it off public routes).",
+        _optional,
+    )
     rate_limit_storage_url: str = _setting(
         "memory://", "Where the rate limiter counts: redis://… in production."
     )
@@ -213,13 +274,12 @@ class Settings:
                 "or sqla+sqlite:///PATH"
             )
         storage_location(self.storage_url)  # raises SettingsError
-        if self.s3_endpoint_url is not None and urlsplit(self.s3_endpoint_url).scheme not in (
-            "http",
-            "https",
-        ):
-            raise SettingsError(
-                f"DQ_S3_ENDPOINT_URL={self.s3_endpoint_url!r} is not valid: use http(s)://HOST:PORT"
-            )
+        for name in ("s3_endpoint_url", "s3_public_endpoint_url"):
+            url = getattr(self, name)
+            if url is not None and urlsplit(url).scheme not in ("http", "https"):
+                raise SettingsError(
+                    f"{env_var(name)}={url!r} is not valid: use http(s)://HOST:PORT"
+                )
         if self.device is not None and not (
             self.device == "cpu" or self.device == "cuda" or self.device.startswith("cuda:")
         ):
@@ -246,6 +306,29 @@ class Settings:
             raise SettingsError("DQ_TRUSTED_PROXY_HOPS must be from 0 to 5")
         if self.db_statement_timeout_seconds < 0:
             raise SettingsError("DQ_DB_STATEMENT_TIMEOUT_SECONDS must be 0 or more")
+
+    @property
+    def is_embedded(self) -> bool:
+        """The single-machine topology: the database is a SQLite file."""
+        return self.database_url.startswith("sqlite:")
+
+    def check_secret_key(self) -> None:
+        """Outside the embedded setup, refuse a missing, short or placeholder DQ_SECRET_KEY."""
+        if self.is_embedded:
+            return
+        key = self.secret_key
+        if not key:
+            problem = "is not set"
+        elif len(key) < MIN_SECRET_KEY_CHARS:
+            problem = f"is {len(key)} characters; use at least {MIN_SECRET_KEY_CHARS}"
+        elif any(marker in key.lower() for marker in PLACEHOLDER_SECRET_MARKERS):
+            problem = "is a placeholder from the examples"
+        else:
+            return
+        raise SettingsError(
+            f"DQ_SECRET_KEY {problem}: outside the embedded setup set it to a random value, e.g. "
+            "python -c 'import secrets; print(secrets.token_hex(32))'"
+        )
 
     # --- derived values -------------------------------------------------------------------
 
@@ -299,6 +382,8 @@ class Settings:
             value = getattr(self, f.name)
             if f.name == "secret_key":
                 value = "(set)" if value else "(kept in var/secret_key)"
+            elif f.name == "metrics_token":
+                value = "(set)" if value else None
             elif isinstance(value, str) and "://" in value:
                 value = _mask_password(value)
             out[env_var(f.name)] = value

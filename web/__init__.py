@@ -44,6 +44,7 @@ def create_app(
     from web.services import Services
 
     settings = settings or Settings.from_env()
+    settings.check_secret_key()
     for name, limit in (
         ("DQ_RATE_LIMIT", settings.rate_limit),
         ("DQ_GLOBAL_RATE_LIMIT", settings.global_rate_limit),

@@ -187,6 +187,8 @@ class Job(LeasedWork, Base):
         Index("ix_jobs_status_created_at", "status", "created_at"),
         # The relay's counts and batches of queued rows by when they were published.
         Index("ix_jobs_status_published_at", "status", "published_at"),
+        # The latency histogram of /metrics (the last N succeeded jobs) and retention.
+        Index("ix_jobs_status_finished_at", "status", "finished_at"),
     )
 
     @property
@@ -303,3 +305,61 @@ class ApiToken(Base):
     label: Mapped[str] = mapped_column(String(200), default="")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class AuditEvent(Base):
+    """One admin action: who did what to which thing, and when (``core.audit``)."""
+
+    __tablename__ = "audit_events"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
+    # "token:<id>" for an admin (by API token or browser login), "cli" or "reaper" for commands.
+    actor: Mapped[str] = mapped_column(String(80), index=True)
+    # sign_in, sign_out, model.activate, run.create, run.cancel, token.create, token.revoke, prune
+    action: Mapped[str] = mapped_column(String(64))
+    target: Mapped[str] = mapped_column(String(200), default="")
+    detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    request_id: Mapped[str | None] = mapped_column(String(64))
+    client: Mapped[str | None] = mapped_column(String(64))
+
+
+class AdminSession(Base):
+    """A browser's admin sign-in. The cookie holds a random secret; this row holds its SHA-256.
+    Signing out, or revoking the token it signed in with, ends the session at once."""
+
+    __tablename__ = "admin_sessions"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)  # SHA-256 hex of the secret
+    token_id: Mapped[int] = mapped_column(
+        ForeignKey("api_tokens.id", ondelete="CASCADE"), index=True
+    )
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    last_seen_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    ended_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    client: Mapped[str | None] = mapped_column(String(64))
+    user_agent: Mapped[str] = mapped_column(String(200), default="")
+
+
+class StatusCount(Base):
+    """Rows per status of ``jobs`` and ``training_runs``, so that /metrics reads a few rows
+    instead of counting whole tables (``core.db.counts``)."""
+
+    __tablename__ = "status_counts"
+
+    kind: Mapped[str] = mapped_column(String(16), primary_key=True)  # "job" or "run"
+    status: Mapped[str] = mapped_column(String(16), primary_key=True)
+    count: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class StatusCountDelta(Base):
+    """+1 / −1 per status change, appended by database triggers and folded into
+    :class:`StatusCount` by the reaper. Appending never waits on a lock that another
+    transaction holds, as updating one counter row would."""
+
+    __tablename__ = "status_count_deltas"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    status: Mapped[str] = mapped_column(String(16))
+    delta: Mapped[int] = mapped_column(Integer)

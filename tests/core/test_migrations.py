@@ -14,7 +14,11 @@ from sqlalchemy import inspect
 from core.db import Base, make_engine, migrate
 
 TABLES = {
+    "admin_sessions",
     "api_tokens",
+    "audit_events",
+    "status_count_deltas",
+    "status_counts",
     "images",
     "jobs",
     "model_versions",
@@ -72,7 +76,7 @@ def test_dq_db_upgrade_creates_the_embedded_database_under_var(tmp_path: Path) -
         timeout=120,
     )
     assert result.returncode == 0, result.stderr
-    assert "revision 0002" in result.stdout
+    assert f"revision {migrate.head_revision()}" in result.stdout
     db = tmp_path / "var" / "dq.sqlite3"
     assert db.is_file()
     assert tables(f"sqlite:///{db}") == TABLES | {"alembic_version"}

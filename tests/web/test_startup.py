@@ -22,7 +22,8 @@ def env_for(tmp_path: Path, db_url: str | None = None) -> dict[str, str]:
         DQ_DATABASE_URL=db_url or f"sqlite:///{tmp_path / 'dq.sqlite3'}",
         DQ_BROKER_URL=f"sqla+sqlite:///{tmp_path / 'broker.sqlite3'}",
         DQ_STORAGE_URL=f"file://{tmp_path / 'objects'}",
-        DQ_SECRET_KEY="test-secret",
+        # Long and random: outside SQLite, the app refuses short or placeholder keys.
+        DQ_SECRET_KEY="f3b9c2d47a1e8f6b0c5d9e2a7b4f1c8d",
     )
     return env
 
@@ -94,27 +95,69 @@ def stop(process: subprocess.Popen[str]) -> None:
         process.wait()
 
 
-def test_dq_web_migrates_the_database_and_serves_under_gunicorn(
-    db_url: str, tmp_path: Path
-) -> None:
+def test_dq_web_refuses_an_old_schema_and_serves_once_migrated(db_url: str, tmp_path: Path) -> None:
+    env = env_for(tmp_path, db_url)
+    dq = [sys.executable, "-m", "core.cli"]
+    # Web replicas never migrate: that is `dq db upgrade`'s job (the migrate Job in k8s).
+    refused = subprocess.run(
+        [*dq, "web", "--port", str(free_port())],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert refused.returncode == 2
+    assert refused.stderr.count("\n") == 1, refused.stderr
+    assert "run `dq db upgrade` first" in refused.stderr
+    upgrade = subprocess.run(
+        [*dq, "db", "upgrade"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert upgrade.returncode == 0, upgrade.stderr
+
     port = free_port()
     process = subprocess.Popen(
-        [sys.executable, "-m", "core.cli", "web", "--port", str(port), "--workers", "2"],
+        [*dq, "web", "--port", str(port), "--workers", "2"],
         cwd=tmp_path,  # not the checkout: `web` must import all the same
-        env=env_for(tmp_path, db_url),
+        env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
     try:
         assert wait_for(f"http://127.0.0.1:{port}/healthz", process) == b'{"status":"ok"}\n'
-        # The schema exists (dq web ran the migrations): the database check passes.
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=10) as r:
             assert r.status == 200
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10) as r:
             assert b"Generate an image" in r.read()
     finally:
         stop(process)
+
+
+@pytest.mark.parametrize(
+    ("key", "reason"),
+    [
+        ("", "is not set"),
+        ("short-but-random-9f8e", "is 21 characters"),
+        ("CHANGE-ME-python-c-import-secrets-print-secrets-token-hex-32", "placeholder"),
+    ],
+)
+def test_dq_web_outside_sqlite_refuses_a_weak_secret_key(
+    tmp_path: Path, key: str, reason: str
+) -> None:
+    env = env_for(tmp_path, "postgresql+psycopg://nobody@127.0.0.1:1/none")
+    env["DQ_SECRET_KEY"] = key
+    r = subprocess.run(
+        [sys.executable, "-m", "core.cli", "web", "--port", str(free_port())],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 2
+    assert r.stderr.startswith("dq: error: DQ_SECRET_KEY ") and reason in r.stderr, r.stderr
+    assert r.stderr.count("\n") == 1
 
 
 def test_flask_finds_the_app_factory(tmp_path: Path) -> None:

@@ -247,7 +247,7 @@ def _make_stack(request: pytest.FixtureRequest, tmp: Path, topology: str) -> Ite
         "DQ_MODEL_CACHE_DIR": str(tmp / "models"),
         "DQ_WORK_DIR": str(tmp / "work"),
         "DQ_DATA_ROOT": str(tmp / "datasets"),
-        "DQ_SECRET_KEY": "test",
+        "DQ_SECRET_KEY": "9c1e5a7f3b2d8e4a6c0f1b9d7e3a5c2f",
         "DQ_DEVICE": "cpu",
         "OMP_NUM_THREADS": "1",
     }

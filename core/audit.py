@@ -1,0 +1,74 @@
+"""The audit trail: one row per admin action (who, what, to which thing, when).
+
+Callers record inside the transaction of the action itself, so an action and its audit row
+commit together or not at all. Actions: ``sign_in``, ``sign_out``, ``model.activate``,
+``run.create``, ``run.cancel``, ``token.create``, ``token.revoke``, ``prune``.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from core.db.models import AuditEvent
+
+ACTIONS = (
+    "sign_in",
+    "sign_out",
+    "model.activate",
+    "run.create",
+    "run.cancel",
+    "token.create",
+    "token.revoke",
+    "prune",
+)
+
+
+def record(
+    session: Session,
+    actor: str,
+    action: str,
+    target: str = "",
+    *,
+    detail: dict[str, Any] | None = None,
+    request_id: str | None = None,
+    client: str | None = None,
+) -> AuditEvent:
+    """Add an audit row to ``session`` (committed with the caller's transaction)."""
+    if action not in ACTIONS:
+        raise ValueError(f"unknown audit action {action!r}")
+    event = AuditEvent(
+        actor=actor[:80],
+        action=action,
+        target=target[:200],
+        detail=detail or {},
+        request_id=request_id,
+        client=client[:64] if client else None,
+    )
+    session.add(event)
+    return event
+
+
+def recent(
+    session: Session,
+    *,
+    limit: int = 50,
+    before_id: int | None = None,
+    action: str | None = None,
+    actor: str | None = None,
+    since: datetime | None = None,
+) -> list[AuditEvent]:
+    """Newest first; ``before_id`` pages back (the id of the last row of the previous page)."""
+    query = select(AuditEvent).order_by(AuditEvent.id.desc()).limit(limit)
+    if before_id is not None:
+        query = query.where(AuditEvent.id < before_id)
+    if action is not None:
+        query = query.where(AuditEvent.action == action)
+    if actor is not None:
+        query = query.where(AuditEvent.actor == actor)
+    if since is not None:
+        query = query.where(AuditEvent.at >= since)
+    return list(session.scalars(query))
