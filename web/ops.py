@@ -9,15 +9,17 @@ the files are Swagger UI's own distribution (5.x, which reads OpenAPI 3.1), as t
 
 from __future__ import annotations
 
+import hmac
 from pathlib import Path
 from typing import Any
 
 import flask_swagger_ui
 from apiflask import APIBlueprint
-from flask import Flask, Response, abort, current_app, jsonify, send_from_directory
+from flask import Flask, Response, abort, current_app, jsonify, request, send_from_directory
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from web.dependencies import probe_database, probe_dependencies
+from web.problems import Problem
 from web.services import services
 
 # apiflask expects every blueprint to be an APIBlueprint; this one stays out of the API document.
@@ -75,5 +77,17 @@ def readyz_dependencies() -> Any:
 
 @ops.get("/metrics")
 def metrics() -> Response:
+    """Prometheus text. With DQ_METRICS_TOKEN set, only for 'Authorization: Bearer <token>'."""
+    expected = services().settings.metrics_token
+    if expected:
+        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            given.strip().encode(), expected.encode()
+        ):
+            raise Problem(
+                401,
+                "/metrics needs 'Authorization: Bearer <DQ_METRICS_TOKEN>'.",
+                headers={"WWW-Authenticate": 'Bearer realm="metrics"'},
+            )
     registry: CollectorRegistry = current_app.extensions["dq_metrics"]
     return Response(generate_latest(registry), content_type=CONTENT_TYPE_LATEST)

@@ -1,4 +1,5 @@
-"""The one error helper: every error becomes RFC 9457 problem JSON under ``/api/``, and an HTML
+"""The one error helper: every error becomes RFC 9457 problem JSON under ``/api/`` (and on
+the machine endpoints such as /metrics), and an HTML
 page everywhere else, each with one sentence a person can act on.
 
 Views raise :class:`Problem` (or let werkzeug, apiflask's validation, Flask-Limiter or SQLAlchemy
@@ -63,8 +64,12 @@ def invalid(field: str, message: str) -> Problem:
     return Problem(422, f"{field}: {message}", errors=[{"field": field, "message": message}])
 
 
+# Read by machines (Prometheus, probes), so their errors are problem JSON too.
+MACHINE_PATHS = frozenset(("/metrics", "/healthz", "/readyz", "/readyz/dependencies"))
+
+
 def is_api_request() -> bool:
-    return request.path.startswith("/api/")
+    return request.path.startswith("/api/") or request.path in MACHINE_PATHS
 
 
 def render_problem(problem: Problem) -> Response:

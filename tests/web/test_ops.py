@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -187,3 +188,48 @@ def test_metrics_answer_with_the_database_down(tmp_path: Path) -> None:
     assert got[("dq_dependency_up", (("dependency", "database"),))] == 0
     assert got[("dq_dependency_up", (("dependency", "broker"),))] == 1
     assert not any(name == "dq_jobs" for name, _ in got)
+
+
+def test_metrics_need_the_token_when_one_is_set(tmp_path: Path, engine: Engine) -> None:
+    from web import create_app
+
+    url = engine.url.render_as_string(hide_password=False)
+    settings = dataclasses.replace(make_settings(url, tmp_path), metrics_token="m" * 40)
+    client = create_app(settings, publisher=RecordingPublisher()).test_client()
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic " + "m" * 40}):
+        r = client.get("/metrics", headers=headers)
+        assert r.status_code == 401 and r.mimetype == "application/problem+json"
+        assert "DQ_METRICS_TOKEN" in r.get_json()["detail"]
+        assert r.headers["WWW-Authenticate"].startswith("Bearer")
+    r = client.get("/metrics", headers={"Authorization": "Bearer " + "m" * 40})
+    assert r.status_code == 200 and b"dq_jobs" in r.data
+
+
+def test_a_scrape_never_counts_or_scans_the_jobs_table(
+    client: FlaskClient, engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """O(1) in the size of the tables: counts come from status_counts; the only read of jobs is
+    the newest succeeded ones, LIMITed, through the (status, finished_at) index."""
+    from sqlalchemy import event
+
+    for status in (JobStatus.QUEUED, JobStatus.SUCCEEDED, JobStatus.FAILED):
+        add_job(engine, "token:1", status, seconds_ago=10, latency=1.0)
+    statements: list[str] = []
+
+    def record(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        statements.append(" ".join(statement.lower().split()))
+
+    svc_engine = client.application.extensions["dq"].engine
+    event.listen(svc_engine, "before_cursor_execute", record)
+    try:
+        got = samples(client)
+    finally:
+        event.remove(svc_engine, "before_cursor_execute", record)
+    assert got[("dq_jobs", (("status", "queued"),))] == 1
+    assert got[("dq_jobs", (("status", "succeeded"),))] == 1
+    on_jobs = [s for s in statements if " from jobs" in s]
+    assert on_jobs, statements
+    for statement in on_jobs:
+        assert "count(" not in statement and "group by" not in statement
+        assert " limit " in statement and "where jobs.status = " in statement
+    assert not any(" from training_runs" in s for s in statements)
