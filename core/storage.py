@@ -65,6 +65,21 @@ def validate_key(key: str, *, prefix: bool = False) -> str:
     return key
 
 
+def download_name(key: str) -> str:
+    """The file name a browser saves an object as: ``dq-<job>-<n>.png`` for a job's image
+    (``images/<job>/<attempt>/<n>.png``), else the key's last part."""
+    parts = key.split("/")
+    if len(parts) == 4 and parts[0] == "images":
+        return f"dq-{parts[1]}-{parts[3]}"
+    return parts[-1]
+
+
+def content_disposition(key: str) -> str:
+    """``inline`` (shown in the page, saved under a useful name), for any key: keys are
+    restricted to safe characters (:func:`validate_key`), so the name needs no escaping."""
+    return f'inline; filename="{download_name(validate_key(key))}"'
+
+
 class Storage(ABC):
     """put/get/exists/delete/url/list over one bucket prefix or directory."""
 
@@ -218,6 +233,7 @@ class S3Storage(Storage):
         prefix: str = "",
         *,
         endpoint_url: str | None = None,
+        public_endpoint_url: str | None = None,
         region: str | None = None,
         max_attempts: int = 6,
         client: Any = None,
@@ -243,6 +259,18 @@ class S3Storage(Storage):
                 "s3", endpoint_url=endpoint_url, region_name=region or "us-east-1", config=config
             )
         self.client = client
+        # Presigning is local arithmetic, but the signature covers the host: URLs that browsers
+        # follow must be signed for the host they reach (DQ_S3_PUBLIC_ENDPOINT_URL), which may
+        # differ from the one this process uses (http://minio:9000 inside Compose).
+        self.public_endpoint_url = public_endpoint_url
+        self.presign_client = client
+        if public_endpoint_url and public_endpoint_url != endpoint_url:
+            self.presign_client = boto3.client(
+                "s3",
+                endpoint_url=public_endpoint_url,
+                region_name=client.meta.region_name,
+                config=client.meta.config,
+            )
 
     def _key(self, key: str) -> str:
         validate_key(key)
@@ -302,15 +330,21 @@ class S3Storage(Storage):
         self._call("delete_object", key, Bucket=self.bucket, Key=self._key(key))
 
     def url(self, key: str, expires: int = 3600) -> str:
-        return str(
-            self._call(
-                "generate_presigned_url",
-                key,
-                ClientMethod="get_object",
-                Params={"Bucket": self.bucket, "Key": self._key(key)},
-                ExpiresIn=int(expires),
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        params = {
+            "Bucket": self.bucket,
+            "Key": self._key(key),
+            "ResponseContentDisposition": content_disposition(key),
+        }
+        try:
+            return str(
+                self.presign_client.generate_presigned_url(
+                    ClientMethod="get_object", Params=params, ExpiresIn=int(expires)
+                )
             )
-        )
+        except (ClientError, BotoCoreError) as e:
+            raise self._error(e, key) from e
 
     def list(self, prefix: str = "") -> Iterator[str]:
         validate_key(prefix, prefix=True)
@@ -343,5 +377,9 @@ def make_storage(settings: Settings) -> Storage:
         return LocalStorage(location, secret=settings.effective_secret_key)
     bucket, _, prefix = location.partition("/")
     return S3Storage(
-        bucket, prefix, endpoint_url=settings.s3_endpoint_url, region=settings.s3_region
+        bucket,
+        prefix,
+        endpoint_url=settings.s3_endpoint_url,
+        public_endpoint_url=settings.s3_public_endpoint_url,
+        region=settings.s3_region,
     )

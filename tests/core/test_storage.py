@@ -153,6 +153,33 @@ def test_s3_presigned_url_serves_the_object_over_http(moto_endpoint: str) -> Non
         assert response.headers["Content-Type"] == "image/png"
 
 
+def test_presigned_urls_name_the_public_endpoint_that_browsers_reach(moto_endpoint: str) -> None:
+    """The app reaches S3 under one host name (here 127.0.0.1, like http://minio:9000 inside
+    Compose); browsers under another (localhost, like the published port). URLs are signed for
+    the second, and a browser fetching one gets the image with a useful file name."""
+    public = moto_endpoint.replace("127.0.0.1", "localhost")
+    assert public != moto_endpoint
+    bucket = s3_bucket(moto_endpoint)
+    store = make_storage(
+        Settings.from_env(
+            {
+                "DQ_STORAGE_URL": f"s3://{bucket}/p",
+                "DQ_S3_ENDPOINT_URL": moto_endpoint,
+                "DQ_S3_PUBLIC_ENDPOINT_URL": public,
+            }
+        )
+    )
+    store.put("images/0f1e/1/2.png", b"\x89PNG bytes", "image/png")  # written via 127.0.0.1
+    url = store.url("images/0f1e/1/2.png", expires=300)
+    assert urlsplit(url).netloc == urlsplit(public).netloc
+    with urllib.request.urlopen(url, timeout=10) as response:
+        assert response.read() == b"\x89PNG bytes"
+        assert response.headers["Content-Disposition"] == 'inline; filename="dq-0f1e-2.png"'
+    # Without the setting, URLs name the endpoint the app uses.
+    inside = S3Storage(bucket, "p", endpoint_url=moto_endpoint)
+    assert urlsplit(inside.url("images/0f1e/1/2.png")).netloc == urlsplit(moto_endpoint).netloc
+
+
 def test_make_storage_follows_the_storage_url(tmp_path: Path, moto_endpoint: str) -> None:
     local = make_storage(Settings.from_env({"DQ_STORAGE_URL": f"file://{tmp_path}/o"}))
     assert isinstance(local, LocalStorage) and local.root == (tmp_path / "o").resolve()
