@@ -18,6 +18,7 @@ from flask_wtf.csrf import CSRFProtect
 from limits import parse as parse_rate_limit
 from werkzeug.middleware.proxy_fix import ProxyFix
 
+from core import logs
 from core.db.session import get_engine
 from core.dispatch import Publisher
 from core.settings import Settings, SettingsError
@@ -96,6 +97,14 @@ def create_app(
     app.session_interface = security.SessionInterface()
     security.init_app(app)
     ops.use_local_docs_assets(app)
+    logs.configure(
+        settings.log_format,
+        level=logging.DEBUG if settings.debug else logging.INFO,
+        text_format="%(asctime)s %(levelname)s %(name)s rid=%(request_id)s %(message)s",
+        filters=(security.RequestIdFilter(),),
+        # gunicorn leaves the root logger bare; a test runner or host application does not.
+        only_if_unconfigured=True,
+    )
     if settings.debug:
         logging.getLogger("web").setLevel(logging.DEBUG)
 

@@ -18,7 +18,12 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
-from celery.signals import worker_process_init, worker_ready
+from celery.signals import (
+    after_setup_logger,
+    after_setup_task_logger,
+    worker_process_init,
+    worker_ready,
+)
 
 from core.broker import make_celery
 from core.dispatch import TASK_GENERATE, TASK_TRAIN
@@ -30,12 +35,25 @@ if TYPE_CHECKING:
 log = logging.getLogger("worker")
 
 _app: Celery | None = None
+_json_logs: list[bool] = []  # DQ_LOG_FORMAT=json, as the app was built with
+
+
+@after_setup_logger.connect
+@after_setup_task_logger.connect
+def _json_log_lines(logger: logging.Logger, **_: object) -> None:
+    # Celery installs its own handlers on the root and task loggers; give them our JSON lines.
+    if _json_logs:
+        from core.logs import restyle_handlers
+
+        restyle_handlers(logger, "json")
 
 
 def create_app(settings: Settings) -> Celery:
     import worker.tasks  # noqa: F401  (registers the shared tasks with the apps to come)
 
     app = make_celery(settings, set_as_current=True)
+    if settings.log_format == "json":
+        _json_logs.append(True)
     backstop = settings.worker_hang_grace_seconds + 60
     app.conf.update(
         include=["worker.tasks"],
