@@ -20,7 +20,7 @@ import re
 import tempfile
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -109,6 +109,14 @@ class Storage(ABC):
     @abstractmethod
     def check(self) -> None:
         """Raise StorageError when the store cannot be reached or written."""
+
+    @abstractmethod
+    def list_sizes(self, prefix: str = "") -> Iterator[tuple[str, int]]:
+        """Every key under ``prefix`` with its size in bytes, in lexicographic order."""
+
+    @abstractmethod
+    def delete_many(self, keys: Iterable[str]) -> None:
+        """Remove every object in ``keys``; absent ones are not an error."""
 
     def describe(self) -> str:
         return type(self).__name__
@@ -199,6 +207,45 @@ class LocalStorage(Storage):
                 if key.startswith(prefix):
                     keys.append(key)
         yield from sorted(keys)
+
+    def list_sizes(self, prefix: str = "") -> Iterator[tuple[str, int]]:
+        """As :meth:`list`, with sizes; it reads only the directory that holds the prefix's last
+        segment, not the whole store, so one job's objects are found in time that does not grow
+        with the store."""
+        validate_key(prefix, prefix=True)
+        head, _, tail = prefix.rpartition("/")
+        base = self._path(head, prefix=True) if head else self.root
+        if not base.is_dir():
+            return
+        paths = []
+        for entry in os.scandir(base):
+            if not entry.name.startswith(tail) or entry.name.startswith(".tmp-"):
+                continue
+            if entry.is_file(follow_symlinks=False):
+                paths.append(Path(entry.path))
+            elif entry.is_dir(follow_symlinks=False):
+                for dirpath, _dirs, files in os.walk(entry.path):
+                    paths += [Path(dirpath, n) for n in files if not n.startswith(".tmp-")]
+        for key, path in sorted((p.relative_to(self.root).as_posix(), p) for p in paths):
+            try:
+                yield key, path.stat().st_size
+            except FileNotFoundError:  # deleted since it was listed
+                continue
+
+    def delete_many(self, keys: Iterable[str]) -> None:
+        """Remove the files, then the directories they leave empty (``images/<job>/<attempt>/``
+        would otherwise pile up by the million)."""
+        parents: set[Path] = set()
+        for key in keys:
+            path = self._path(key)
+            path.unlink(missing_ok=True)
+            parents.update(p for p in path.parents if self.root in p.parents)
+        # Deepest first; rmdir refuses a directory that is not empty, which is the test we want.
+        for directory in sorted(parents, key=lambda p: len(p.parts), reverse=True):
+            try:
+                directory.rmdir()
+            except OSError:  # not empty: another job's objects, or a put in progress
+                continue
 
     def check(self) -> None:
         try:
@@ -359,6 +406,41 @@ class S3Storage(Storage):
                     yield item["Key"][strip:]
         except (ClientError, BotoCoreError) as e:
             raise self._error(e) from e
+
+    def list_sizes(self, prefix: str = "") -> Iterator[tuple[str, int]]:
+        validate_key(prefix, prefix=True)
+        full = f"{self.prefix}/{prefix}" if self.prefix else prefix
+        strip = len(self.prefix) + 1 if self.prefix else 0
+        paginator = self.client.get_paginator("list_objects_v2")
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=full):
+                for item in page.get("Contents", []):
+                    yield item["Key"][strip:], int(item.get("Size", 0))
+        except (ClientError, BotoCoreError) as e:
+            raise self._error(e) from e
+
+    def delete_many(self, keys: Iterable[str]) -> None:
+        """DeleteObjects, at most 1,000 keys a request (S3's limit)."""
+        full_keys = [self._key(key) for key in keys]
+        for start in range(0, len(full_keys), 1000):
+            self._delete_batch(full_keys[start : start + 1000])
+
+    def _delete_batch(self, full_keys: Sequence[str]) -> None:
+        response = self._call(
+            "delete_objects",
+            None,
+            Bucket=self.bucket,
+            Delete={"Objects": [{"Key": k} for k in full_keys], "Quiet": True},
+        )
+        errors = response.get("Errors") or []
+        if errors:
+            first = errors[0]
+            raise StorageError(
+                f"S3 could not delete {len(errors)} of {len(full_keys)} objects, e.g. "
+                f"{first.get('Key')!r}: {first.get('Code')} {first.get('Message', '')}".rstrip()
+            )
 
     def check(self) -> None:
         try:
