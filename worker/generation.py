@@ -15,7 +15,8 @@ own progress, cancel, result and failure:
   worker): the job leaves the batch at once and nothing more is written for it, and its images go
   under attempt-scoped keys, so they can never replace the holder's;
 - progress and preview writes are best effort: a failed one is logged and tried again at the
-  next tick;
+  next tick; once a job's end has committed, its previews are deleted (best effort too;
+  ``dq prune`` removes any left);
 - out of memory splits the batch in halves and runs them one after the other, down to one job;
   an error that a job's own input causes is found the same way, so only that job fails;
 - past DQ_JOB_TIME_LIMIT_SECONDS the batch's jobs fail naming the limit (``worker.watchdog``).
@@ -37,7 +38,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from core.db.models import Image, Job, JobStatus
-from core.db.session import session_scope
+from core.db.session import read_only_engine, session_scope
 from core.db.transitions import (
     Lease,
     LeaseLost,
@@ -184,7 +185,7 @@ def claim_batch(ctx: WorkerContext, job_id: uuid.UUID) -> Batch | None:
 def fail_jobs(ctx: WorkerContext, jobs: list[BatchJob], message: str) -> None:
     with session_scope(ctx.engine) as s:
         for job in jobs:
-            if not finish(s, job.lease, JobStatus.FAILED, error=message):
+            if not finish(s, job.lease, JobStatus.FAILED, error=message, preview_key=None):
                 log.warning("lost job %s before it could be failed: %s", job.id, message)
 
 
@@ -199,6 +200,7 @@ def retry_or_fail(ctx: WorkerContext, jobs: list[BatchJob], error: Exception) ->
                     job.lease,
                     JobStatus.FAILED,
                     error=f"failed after {job.attempts} attempts: {error}",
+                    preview_key=None,
                 )
             elif requeue(s, job.lease):
                 requeued.append((job.id, job.attempts))
@@ -249,7 +251,7 @@ def store_results(
         )
     with session_scope(ctx.engine) as s:
         # The fenced UPDATE first: it locks the job's row, so two writers cannot interleave.
-        done = dict(progress_step=steps, progress_total=steps)
+        done = dict(progress_step=steps, progress_total=steps, preview_key=None)
         if not finish(s, job.lease, JobStatus.SUCCEEDED, **done):
             raise LeaseLost(job.lease)  # canceled or lost meanwhile: nothing is written
         s.execute(delete(Image).where(Image.job_id == job.id))
@@ -349,7 +351,7 @@ class BatchWatcher:
                 # Canceled while queued and re-claimed, failed by the reaper, or re-queued
                 # after this worker stalled: not ours any more.
                 self.drop(job_id, "lost" if attempts != job.attempts else "ended")
-            elif cancel and finish(s, job.lease, JobStatus.CANCELED):
+            elif cancel and finish(s, job.lease, JobStatus.CANCELED, preview_key=None):
                 log.info("job %s canceled", job_id)
                 self.drop(job_id, "canceled")
 
@@ -514,4 +516,25 @@ def run_generation(ctx: WorkerContext, job_id: uuid.UUID) -> bool:
     finally:
         ctx.watchdog.end()
         ctx.heartbeat.release(*batch.ids)
+        delete_previews(ctx, batch.ids)
     return True
+
+
+def delete_previews(ctx: WorkerContext, job_ids: list[uuid.UUID]) -> None:
+    """Delete the preview objects of those jobs that have ended (every attempt's), once their
+    end has committed. The ending UPDATE cleared ``preview_key``, so nothing points at them.
+    Best effort: a failure is logged, never charged to a job; ``dq prune`` removes what is left.
+    """
+    try:
+        with Session(read_only_engine(ctx.engine)) as s:
+            ended = s.execute(
+                select(Job.id, Job.attempts).where(
+                    Job.id.in_(job_ids),
+                    Job.status.in_((JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED)),
+                )
+            ).all()
+        keys = [preview_key(job_id, n) for job_id, tries in ended for n in range(1, tries + 1)]
+        if keys:
+            ctx.storage.delete_many(keys)
+    except Exception:
+        log.warning("could not delete the previews of ended jobs %s", job_ids, exc_info=True)

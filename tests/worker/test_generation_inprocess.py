@@ -229,3 +229,27 @@ def test_a_job_lost_when_the_broker_restarted_empty_is_republished_and_runs(
     stack.start_reaper()
     got = stack.wait_status(job_id, JobStatus.SUCCEEDED, timeout=60)
     assert got.attempts == 1
+
+
+def test_previews_are_deleted_once_the_job_has_ended(
+    engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import worker.generation as generation
+
+    monkeypatch.setattr(generation, "PREVIEW_EVERY_S", 0.0)  # a preview every step
+    ctx = context(engine, tmp_path)
+    written: list[str] = []
+    put = ctx.storage.put
+
+    def recording_put(key: str, data: bytes, content_type: str = "") -> None:
+        written.append(key)
+        put(key, data, content_type)
+
+    monkeypatch.setattr(ctx.storage, "put", recording_put)
+    job_id = submit(ctx)
+    assert run_generation(ctx, job_id)
+    got = job(engine, job_id)
+    assert got.status is JobStatus.SUCCEEDED and got.preview_key is None
+    assert f"previews/{job_id}/1.png" in written  # there was one while it ran
+    assert list(ctx.storage.list(f"previews/{job_id}")) == []
+    assert list(ctx.storage.list(f"images/{job_id}/")) == [f"images/{job_id}/1/0.png"]
