@@ -3,47 +3,32 @@ command with real options, and every DQ_* variable it sets is a real setting."""
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any
-
 import click
 import pytest
 import yaml
 
 from core.cli import cli
 from core.settings import setting_names
-
-ROOT = Path(__file__).resolve().parents[2]
-DEPLOY = ROOT / "deploy"
-COMPOSE = DEPLOY / "docker-compose.yml"
-K8S = sorted((DEPLOY / "k8s").glob("*.yaml"))
-
-
-def compose() -> dict[str, Any]:
-    data: dict[str, Any] = yaml.safe_load(COMPOSE.read_text())
-    return data
-
-
-def k8s_docs() -> list[dict[str, Any]]:
-    return [doc for path in K8S for doc in yaml.safe_load_all(path.read_text()) if doc]
-
-
-def containers(doc: dict[str, Any]) -> list[dict[str, Any]]:
-    spec = doc.get("spec", {})
-    template = spec.get("template", spec.get("jobTemplate", {}).get("spec", {}).get("template", {}))
-    found: list[dict[str, Any]] = template.get("spec", {}).get("containers", [])
-    return found
+from tests.deploy.manifests import (
+    APP_UID,
+    DEPLOY,
+    ROOT,
+    compose,
+    containers,
+    k8s_docs,
+    our_image,
+)
 
 
 def dq_commands() -> list[list[str]]:
     """Every command line of ours: compose services built from our images, k8s containers."""
     out = []
     for service in compose()["services"].values():
-        if str(service.get("image", "")).startswith("diffusion-queue"):
+        if our_image(service.get("image", "")):
             out.append(service["command"])
     for doc in k8s_docs():
         for c in containers(doc):
-            if str(c["image"]).startswith("diffusion-queue"):
+            if our_image(c["image"]):
                 out.append(c["command"] + c.get("args", []))
     for dockerfile in DEPLOY.glob("Dockerfile.*"):
         for line in dockerfile.read_text().splitlines():
@@ -71,7 +56,7 @@ def check_dq_command(argv: list[str]) -> None:
 
 def test_the_yaml_parses_and_has_what_a_deployment_needs() -> None:
     services = compose()["services"]
-    assert {"redis", "postgres", "minio", "createbucket", "migrate", "web", "worker-generate",
+    assert {"redis", "postgres", "minio", "minio-init", "migrate", "web", "worker-generate",
             "worker-train", "reaper"} <= set(services)  # fmt: skip
     redis = " ".join(services["redis"]["command"])
     assert "--appendonly yes" in redis and "--maxmemory-policy noeviction" in redis
@@ -81,8 +66,9 @@ def test_the_yaml_parses_and_has_what_a_deployment_needs() -> None:
     kinds = {(d["kind"], d["metadata"]["name"]) for d in k8s_docs()}
     assert {("Deployment", "dq-web"), ("Service", "dq-web"), ("Ingress", "dq-web"),
             ("Deployment", "dq-worker-generate"), ("ScaledObject", "dq-worker-generate"),
-            ("Deployment", "dq-worker-train"), ("Job", "dq-migrate"),
-            ("ConfigMap", "dq-config"), ("Secret", "dq-secrets")} <= kinds  # fmt: skip
+            ("Deployment", "dq-worker-train"), ("Deployment", "dq-reaper"),
+            ("Job", "dq-migrate"), ("ConfigMap", "dq-config"), ("Secret", "dq-secrets"),
+            ("NetworkPolicy", "dq-default-deny-ingress")} <= kinds  # fmt: skip
     gen = next(d for d in k8s_docs() if d["metadata"]["name"] == "dq-worker-generate")
     assert containers(gen)[0]["resources"]["limits"]["nvidia.com/gpu"] == 1
     scaled = next(d for d in k8s_docs() if d["kind"] == "ScaledObject")
@@ -118,9 +104,14 @@ def test_every_variable_they_set_is_a_real_setting() -> None:
 
 
 def test_images_run_as_a_non_root_user() -> None:
+    # Numeric, so that Kubernetes' runAsNonRoot can verify it; the same ids as the manifests.
     for dockerfile in DEPLOY.glob("Dockerfile.*"):
         lines = dockerfile.read_text().splitlines()
-        assert "USER dq" in lines, dockerfile.name
+        assert f"USER {APP_UID}:{APP_UID}" in lines, dockerfile.name
+        assert any(
+            f"groupadd --gid {APP_UID} dq" in line and f"--uid {APP_UID} --gid {APP_UID}" in line
+            for line in lines
+        ), dockerfile.name
     web = (DEPLOY / "Dockerfile.web").read_text()
     assert "pip install -e . " in web and "[model]" not in web
     assert "pip install -e '.[model]'" in (DEPLOY / "Dockerfile.worker").read_text()
