@@ -477,3 +477,21 @@ def test_dq_prune_dry_run_prints_what_would_go_and_a_bad_duration_is_one_line(
         "or 3600s"
     ]
     engine.dispose()
+
+
+def test_the_lifecycle_rule_in_the_deploy_guide_is_accepted_by_s3(moto_endpoint: str) -> None:
+    import json
+    import re
+
+    guide = (REPO / "docs" / "DEPLOY.md").read_text()
+    blocks = re.findall(r"```json\n(.*?)```", guide, re.S)
+    rules = next(json.loads(b) for b in blocks if '"Rules"' in b)
+    client = boto3.client("s3", endpoint_url=moto_endpoint, region_name="us-east-1")
+    bucket = f"dq-{uuid.uuid4().hex[:10]}"
+    client.create_bucket(Bucket=bucket)
+    client.put_bucket_lifecycle_configuration(Bucket=bucket, LifecycleConfiguration=rules)
+    got = client.get_bucket_lifecycle_configuration(Bucket=bucket)["Rules"]
+    expiry = {r["Filter"]["Prefix"]: r["Expiration"]["Days"] for r in got}
+    assert expiry == {"prod/previews/": 1, "prod/images/": 30}
+    for days, prefix in ((1, "prod/previews/"), (30, "prod/images/")):
+        assert f'--prefix "{prefix}" --expire-days {days} local/dq-objects' in guide
