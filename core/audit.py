@@ -15,6 +15,9 @@ from sqlalchemy.orm import Session
 
 from core.db.models import AuditEvent
 
+# Where session.info keeps the request behind a unit of work (see bind_origin).
+_ORIGIN_KEY = "dq_audit_origin"
+
 ACTIONS = (
     "sign_in",
     "sign_out",
@@ -25,6 +28,14 @@ ACTIONS = (
     "token.revoke",
     "prune",
 )
+
+
+def bind_origin(session: Session, *, request_id: str | None, client: str | None) -> None:
+    """Name the request that ``session``'s work is done for. :func:`record` fills in its
+    request id and client address from here when its caller passes none, so core functions
+    that record on a caller's behalf (``submit_training_run``, ``revoke_token``) need not
+    know about requests."""
+    session.info[_ORIGIN_KEY] = (request_id, client)
 
 
 def record(
@@ -40,6 +51,9 @@ def record(
     """Add an audit row to ``session`` (committed with the caller's transaction)."""
     if action not in ACTIONS:
         raise ValueError(f"unknown audit action {action!r}")
+    origin_request_id, origin_client = session.info.get(_ORIGIN_KEY, (None, None))
+    request_id = request_id or origin_request_id
+    client = client or origin_client
     event = AuditEvent(
         actor=actor[:80],
         action=action,

@@ -5,6 +5,16 @@ in ``api_tokens.token_hash``, so a copy of the database does not let anyone call
 plaintext is shown once, when ``dq token create`` makes it. The random part carries 256 bits, so a
 plain unsalted hash is enough: there is nothing to guess.
 
+Browser sign-ins live here too. A browser that signs in with a token gets a row in
+``admin_sessions`` (for any role; the name is historical) whose id is the SHA-256 of a random
+secret, and its cookie holds only that secret. Every request checks the row: it must not be
+ended, nor older than :data:`SIGN_IN_LIFETIME`, and its token must be live. Signing out ends the
+row; revoking the token ends all its rows in the same transaction, so neither waits for a
+cookie to expire.
+
+Creating and revoking tokens, signing in and out are recorded in the audit trail
+(:mod:`core.audit`) in the same transaction.
+
 No Flask here: the web app and the ``dq token`` commands both call these functions.
 """
 
@@ -12,21 +22,43 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+from datetime import datetime, timedelta
 
-from sqlalchemy import bindparam, select
+from sqlalchemy import bindparam, select, update
 from sqlalchemy.orm import Session
 
-from core.db.models import ApiToken, Role, utcnow
+from core.audit import record
+from core.db.models import AdminSession, ApiToken, Role, utcnow
 
 TOKEN_PREFIX = "dq_"
 # Longer than any token we make; anything longer is refused before it is hashed.
 MAX_TOKEN_CHARS = 128
 MAX_LABEL_CHARS = 200
+MAX_TOKEN_ID = 2**31 - 1
+# A browser sign-in ends this long after it began, however active: a stolen cookie is worth
+# at most a working day.
+SIGN_IN_LIFETIME = timedelta(hours=12)
+# last_seen_at is written at most this often per sign-in, not on every request.
+LAST_SEEN_RESOLUTION = timedelta(minutes=1)
+# Who acts when a caller names no one: the `dq token` commands.
+CLI_ACTOR = "cli"
 
 
 # Built once: every API request runs it, and building a statement costs more than running it.
 _LIVE_TOKEN = select(ApiToken).where(
     ApiToken.token_hash == bindparam("token_hash"), ApiToken.revoked_at.is_(None)
+)
+
+
+_LIVE_SIGN_IN = (
+    select(AdminSession, ApiToken)
+    .join(ApiToken, ApiToken.id == AdminSession.token_id)
+    .where(
+        AdminSession.id == bindparam("session_id"),
+        AdminSession.ended_at.is_(None),
+        AdminSession.created_at > bindparam("born_after"),
+        ApiToken.revoked_at.is_(None),
+    )
 )
 
 
@@ -38,8 +70,11 @@ def hash_token(plaintext: str) -> str:
     return hashlib.sha256(plaintext.encode()).hexdigest()
 
 
-def create_token(session: Session, role: Role | str, label: str = "") -> tuple[ApiToken, str]:
-    """Add a token with ``role``; returns the row and the plaintext, which is not kept anywhere."""
+def create_token(
+    session: Session, role: Role | str, label: str = "", *, actor: str = CLI_ACTOR
+) -> tuple[ApiToken, str]:
+    """Add a token with ``role``; returns the row and the plaintext, which is not kept anywhere.
+    ``actor`` is who made it, for the audit trail."""
     try:
         role = Role(role)
     except ValueError:
@@ -50,6 +85,13 @@ def create_token(session: Session, role: Role | str, label: str = "") -> tuple[A
     token = ApiToken(token_hash=hash_token(plaintext), role=role, label=label, created_at=utcnow())
     session.add(token)
     session.flush()
+    record(
+        session,
+        actor,
+        "token.create",
+        f"token:{token.id}",
+        detail={"role": role.value, "label": label},
+    )
     return token, plaintext
 
 
@@ -61,21 +103,38 @@ def authenticate(session: Session, plaintext: str) -> ApiToken | None:
     return token
 
 
-def revoke_token(session: Session, token: int | str) -> ApiToken:
-    """Revoke a token given by its id (as ``dq token list`` shows it) or by its plaintext.
+def revoke_token(session: Session, token: int | str, *, actor: str = CLI_ACTOR) -> ApiToken:
+    """Revoke a token given by its id (as ``dq token list`` shows it) or by its plaintext, and
+    end every browser sign-in made with it. ``actor`` is who revoked it, for the audit trail.
 
     Revoking a revoked token is not an error; its first revocation time is kept.
     """
     if isinstance(token, int) or token.isdigit():
-        row = session.get(ApiToken, int(token))
         missing = f"no token has id {token}"
+        # api_tokens.id is a 32-bit integer: a larger number names no token (and PostgreSQL
+        # would refuse to compare it).
+        row = session.get(ApiToken, int(token)) if 0 < int(token) <= MAX_TOKEN_ID else None
     else:
         row = session.scalar(select(ApiToken).where(ApiToken.token_hash == hash_token(token)))
         missing = "no token has that value"  # never echo what may be a secret
     if row is None:
         raise TokenNotFound(missing)
     if row.revoked_at is None:
-        row.revoked_at = utcnow()
+        now = utcnow()
+        row.revoked_at = now
+        ended = session.execute(
+            update(AdminSession)
+            .where(AdminSession.token_id == row.id, AdminSession.ended_at.is_(None))
+            .values(ended_at=now)
+        )
+        sessions_ended = ended.rowcount  # type: ignore[attr-defined]
+        record(
+            session,
+            actor,
+            "token.revoke",
+            f"token:{row.id}",
+            detail={"role": row.role.value, "sessions_ended": sessions_ended},
+        )
         session.flush()
     return row
 
@@ -83,3 +142,85 @@ def revoke_token(session: Session, token: int | str) -> ApiToken:
 def list_tokens(session: Session) -> list[ApiToken]:
     """Every token, revoked ones included, oldest first."""
     return list(session.scalars(select(ApiToken).order_by(ApiToken.id)))
+
+
+# --- browser sign-ins -----------------------------------------------------------------------
+
+
+def _sign_in_id(secret: str) -> str:
+    return hash_token(secret)
+
+
+def start_sign_in(
+    session: Session, token: ApiToken, *, client: str | None = None, user_agent: str = ""
+) -> tuple[AdminSession, str]:
+    """A new sign-in of a browser with ``token``; returns the row and the secret for its
+    cookie, which is not kept anywhere."""
+    secret = secrets.token_urlsafe(32)
+    now = utcnow()
+    row = AdminSession(
+        id=_sign_in_id(secret),
+        token_id=token.id,
+        created_at=now,
+        last_seen_at=now,
+        client=client[:64] if client else None,
+        user_agent=user_agent[:200],
+    )
+    session.add(row)
+    record(
+        session,
+        f"token:{token.id}",
+        "sign_in",
+        f"session:{row.id[:16]}",
+        detail={"role": token.role.value},
+        client=client,
+    )
+    session.flush()
+    return row, secret
+
+
+def signed_in(
+    session: Session, secret: str, now: datetime | None = None
+) -> tuple[AdminSession, ApiToken] | None:
+    """The live sign-in whose cookie holds ``secret``, with its token; None when there is
+    none: unknown, ended, too old, or its token revoked."""
+    if not secret or len(secret) > MAX_TOKEN_CHARS:
+        return None
+    now = now or utcnow()
+    found = session.execute(
+        _LIVE_SIGN_IN,
+        {"session_id": _sign_in_id(secret), "born_after": now - SIGN_IN_LIFETIME},
+    ).first()
+    return None if found is None else (found[0], found[1])
+
+
+def touch_sign_in(session: Session, sign_in: AdminSession, now: datetime | None = None) -> bool:
+    """Move ``last_seen_at`` to now, at most once per :data:`LAST_SEEN_RESOLUTION`; True when
+    it wrote. The caller commits."""
+    now = now or utcnow()
+    if sign_in.last_seen_at > now - LAST_SEEN_RESOLUTION:
+        return False
+    result = session.execute(
+        update(AdminSession)
+        .where(
+            AdminSession.id == sign_in.id,
+            AdminSession.last_seen_at <= now - LAST_SEEN_RESOLUTION,
+        )
+        .values(last_seen_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+def end_sign_in(session: Session, secret: str) -> AdminSession | None:
+    """Sign a browser out: end the sign-in whose cookie holds ``secret``. None when it had
+    already ended (or never existed), and then nothing is recorded."""
+    if not secret or len(secret) > MAX_TOKEN_CHARS:
+        return None
+    row = session.get(AdminSession, _sign_in_id(secret))
+    if row is None or row.ended_at is not None:
+        return None
+    row.ended_at = utcnow()
+    record(session, f"token:{row.token_id}", "sign_out", f"session:{row.id[:16]}")
+    session.flush()
+    return row

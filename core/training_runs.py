@@ -19,6 +19,7 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from core.audit import record
 from core.db.models import (
     JobStatus,
     ModelKind,
@@ -205,8 +206,8 @@ def submit_training_run(
     autoencoder_version_id: uuid.UUID | None = None,
     activate: bool = False,
 ) -> TrainingRun:
-    """Add a queued training run; the caller commits, then publishes it
-    (:func:`core.dispatch.publish_run`)."""
+    """Add a queued training run, and its ``run.create`` audit row by ``created_by``; the
+    caller commits, then publishes it (:func:`core.dispatch.publish_run`)."""
     try:
         kind = ModelKind(kind)
     except ValueError:
@@ -235,6 +236,13 @@ def submit_training_run(
     )
     session.add(run)
     session.flush()
+    record(
+        session,
+        created_by,
+        "run.create",
+        f"run:{run.id}",
+        detail={"kind": kind.value, "dataset": data, "steps": run.total_steps},
+    )
     return run
 
 
