@@ -1,18 +1,18 @@
-"""Admin pages: log in with an admin token, start and watch training runs (status, step, loss
-curve, samples, cancel), and choose which model version serves."""
+"""Admin pages: sign in with an admin token, start and watch training runs (status, step, loss
+curve, samples, cancel), choose which model version serves, and read the audit trail."""
 
 from __future__ import annotations
 
 import json
 import uuid
 from typing import Any
-from urllib.parse import urlsplit
 
 from apiflask import APIBlueprint
 from flask import flash, redirect, render_template, request, url_for
 from sqlalchemy.exc import IntegrityError
 from werkzeug.wrappers import Response as BaseResponse
 
+from core.audit import ACTIONS, recent, record
 from core.db.models import JobStatus, ModelKind
 from core.model_versions import activate_version, deactivate_all, serving_model
 from core.storage import StorageError
@@ -25,7 +25,8 @@ from core.training_runs import (
     list_runs,
     metric_series,
 )
-from web.auth import log_in, log_out, logged_in_admin
+from web.audit import DEFAULT_PAGE, audited_session, next_cursor
+from web.auth import logged_in_admin, page_caller, safe_next, sign_in, sign_out
 from web.db import get_session
 from web.forms import RUN_FIELD_FOR_ERROR, LoginForm, TrainingRunForm, attach_error
 from web.loss_curve import loss_curve_svg
@@ -37,7 +38,7 @@ from web.submission import start_training_run
 # apiflask expects every blueprint to be an APIBlueprint; this one stays out of the API document.
 admin = APIBlueprint("admin", __name__, url_prefix="/admin", enable_openapi=False)
 
-PUBLIC_ENDPOINTS = {"admin.login"}
+PUBLIC_ENDPOINTS = {"admin.login", "admin.logout"}
 
 
 @admin.before_request
@@ -46,35 +47,16 @@ def require_login() -> BaseResponse | None:
         return None
     if request.method == "GET":
         return redirect(url_for("admin.login", next=request.full_path.rstrip("?")))
-    raise Problem(403, "Log in with an admin token first.")
-
-
-# Browsers drop tabs and newlines from a URL and read a backslash as a slash, so
-# "/\t/evil.example" and "/\\evil.example" both mean //evil.example: another site.
-_CONTROL = dict.fromkeys([*range(0x20), 0x7F])
-
-
-def _safe_next(target: str | None) -> str:
-    """Only a path on this site, never //elsewhere or a full URL: no open redirect."""
-    cleaned = (target or "").translate(_CONTROL).strip()
-    parts = urlsplit(cleaned)
-    if (
-        cleaned.startswith("/")
-        and not cleaned.startswith("//")
-        and "\\" not in cleaned
-        and not parts.scheme
-        and not parts.netloc
-    ):
-        return cleaned
-    return url_for("admin.runs")
+    raise Problem(403, "Sign in with an admin token first.")
 
 
 @admin.route("/login", methods=["GET", "POST"])
 def login() -> Any:
     form = LoginForm()
     if form.validate_on_submit():
-        if log_in(form.token.data or "") is not None:
-            return redirect(_safe_next(request.args.get("next")), code=303)
+        if sign_in(form.token.data or "", admin_only=True) is not None:
+            next_page = safe_next(request.args.get("next"), url_for("admin.runs"))
+            return redirect(next_page, code=303)
         attach_error(form, "token", "This is not a live admin token.")
     status = 401 if request.method == "POST" else 200
     return render_template("admin/login.html", form=form), status
@@ -82,13 +64,18 @@ def login() -> Any:
 
 @admin.post("/logout")
 def logout() -> BaseResponse:
-    log_out()
+    sign_out()
     return redirect(url_for("pages.index"), code=303)
 
 
 @admin.get("/")
 def home() -> BaseResponse:
     return redirect(url_for("admin.runs"))
+
+
+def _status(run: Any) -> dict[str, Any]:
+    """What a cancel did, for the audit row: canceled, or asked to stop."""
+    return {"status": run.status.value, "cancel_requested": bool(run.cancel_requested)}
 
 
 def _autoencoder_choices() -> dict[str, str]:
@@ -143,7 +130,6 @@ def runs() -> Any:
     form = TrainingRunForm()
     form.autoencoder_version_id.choices = _autoencoder_choices()
     if form.validate_on_submit():
-        token = logged_in_admin()
         try:
             arguments = _run_request(form)
         except ValueError as e:
@@ -151,7 +137,7 @@ def runs() -> Any:
         else:
             try:
                 run = start_training_run(
-                    get_session(), created_by=f"token:{token.id if token else '?'}", **arguments
+                    audited_session(), created_by=page_caller().owner, **arguments
                 )
             except TrainingRequestError as e:
                 attach_error(form, _form_field(e.field), f"{e.field}: {e.message}")
@@ -194,9 +180,10 @@ def run_page(run_id: uuid.UUID) -> Any:
 
 @admin.post("/runs/<uuid:run_id>/cancel")
 def cancel_run_page(run_id: uuid.UUID) -> BaseResponse:
-    session = get_session()
+    session = audited_session()
     try:
-        cancel_run(session, get_run(session, run_id))
+        run = cancel_run(session, get_run(session, run_id))
+        record(session, page_caller().owner, "run.cancel", f"run:{run_id}", detail=_status(run))
         session.commit()
     except RunNotFound as e:
         raise Problem(404, str(e)) from None
@@ -216,9 +203,16 @@ def models() -> Any:
 
 @admin.post("/models/<uuid:version_id>/activate")
 def activate(version_id: uuid.UUID) -> BaseResponse:
-    session = get_session()
+    session = audited_session()
     try:
         version = activate_version(session, version_id)
+        record(
+            session,
+            page_caller().owner,
+            "model.activate",
+            f"model:{version.id}",
+            detail={"name": version.name, "kind": version.kind.value},
+        )
         session.commit()
         flash(f"{version.name} now serves new jobs.")
     except LookupError:
@@ -231,8 +225,29 @@ def activate(version_id: uuid.UUID) -> BaseResponse:
 
 @admin.post("/models/default")
 def activate_default() -> BaseResponse:
-    session = get_session()
+    session = audited_session()
     deactivate_all(session)
+    record(session, page_caller().owner, "model.activate", "model:default")
     session.commit()
     flash("The shipped default model now serves new jobs.")
     return redirect(url_for("admin.models"), code=303)
+
+
+@admin.get("/audit")
+def audit() -> Any:
+    """The audit trail, newest first, by action and actor, a page at a time."""
+    action = request.args.get("action") or None
+    actor = (request.args.get("actor") or "").replace("\x00", "").strip()[:80] or None
+    before = request.args.get("before", "")
+    if action is not None and action not in ACTIONS:
+        raise Problem(400, f"There is no audit action {action!r}; use one of the list.")
+    cursor = int(before) if before.isdigit() and 0 < int(before) < 2**63 else None
+    events = recent(get_session(), limit=DEFAULT_PAGE, before_id=cursor, action=action, actor=actor)
+    return render_template(
+        "admin/audit.html",
+        events=events,
+        actions=ACTIONS,
+        action=action,
+        actor=actor or "",
+        next_before=next_cursor(events, DEFAULT_PAGE),
+    )

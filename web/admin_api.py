@@ -1,4 +1,6 @@
-"""Admin REST API: start, watch and cancel training runs; choose the model that serves.
+"""Admin REST API: start, watch and cancel training runs; choose the model that serves; revoke
+tokens; read the audit trail. Every action is recorded in the audit trail (core.audit) in the
+transaction that does it.
 
 Needs an admin token. A user token gets 403 before its request body is even read, so nothing
 is ever written on its behalf.
@@ -14,9 +16,11 @@ from flask import url_for
 from marshmallow import RAISE
 from sqlalchemy.exc import IntegrityError
 
+from core.audit import recent, record
 from core.db.models import JobStatus
 from core.model_versions import activate_version, deactivate_all
 from core.storage import StorageError
+from core.tokens import TokenNotFound, revoke_token
 from core.training_runs import (
     RunFinished,
     RunNotFound,
@@ -33,8 +37,17 @@ from web.api import (
     models_listing,
     refuse_non_json_body,
 )
+from web.audit import (
+    AuditPage,
+    AuditQuery,
+    TokenOut,
+    audited_session,
+    event_resource,
+    next_cursor,
+    token_resource,
+)
 from web.auth import bearer_caller, require_admin
-from web.db import get_session
+from web.db import end_reads, get_session
 from web.problems import Problem, invalid
 from web.resources import run_resource, samples_key
 from web.schemas import LocationHeader, ModelsOut, PageQuery, RunPage, TrainingRunIn, TrainingRunOut
@@ -82,7 +95,7 @@ def _run_detail(run: Any) -> dict[str, Any]:
     responses={**ADMIN_ERRORS, **BODY_ERRORS, 429: "Too many submissions; see Retry-After."},
 )
 def submit_run_view(body: dict[str, Any]) -> Any:
-    session = get_session()
+    session = audited_session()  # core records run.create, by created_by
     try:
         run = start_training_run(
             session,
@@ -142,11 +155,18 @@ def get_run_view(run_id: uuid.UUID) -> Any:
     responses={**ADMIN_ERRORS, 409: "The run already succeeded or failed."},
 )
 def cancel_run_view(run_id: uuid.UUID) -> Any:
-    session = get_session()
+    session = audited_session()
     try:
         run = cancel_run(session, _run(run_id))
     except RunFinished as e:
         raise Problem(409, str(e)) from None
+    record(
+        session,
+        bearer_caller().owner,
+        "run.cancel",
+        f"run:{run.id}",
+        detail={"status": run.status.value, "cancel_requested": bool(run.cancel_requested)},
+    )
     session.commit()
     return json_response(_run_detail(run))
 
@@ -161,9 +181,16 @@ def cancel_run_view(run_id: uuid.UUID) -> Any:
     responses={**ADMIN_ERRORS, 409: "Another admin activated a version at the same moment."},
 )
 def activate_version_view(version_id: uuid.UUID) -> Any:
-    session = get_session()
+    session = audited_session()
     try:
-        activate_version(session, version_id)
+        version = activate_version(session, version_id)
+        record(
+            session,
+            bearer_caller().owner,
+            "model.activate",
+            f"model:{version.id}",
+            detail={"name": version.name, "kind": version.kind.value},
+        )
         session.commit()
     except LookupError:
         session.rollback()
@@ -183,7 +210,70 @@ def activate_version_view(version_id: uuid.UUID) -> Any:
     responses=ADMIN_ERRORS,
 )
 def activate_default_view() -> Any:
-    session = get_session()
+    session = audited_session()
     deactivate_all(session)
+    record(session, bearer_caller().owner, "model.activate", "model:default")
     session.commit()
     return json_response(models_listing())
+
+
+@admin_api.post("/tokens/<int:token_id>/revoke")
+@admin_api.output(TokenOut)
+@admin_api.doc(
+    summary="Revoke a token",
+    description="The token stops working for the API at once in this process, and within a "
+    "few seconds in others; every browser signed in with it is signed out at once. Revoking a "
+    "revoked token changes nothing. Token ids are those of `dq token list` and of the audit "
+    'trail ("token:<id>").',
+    security="BearerAuth",
+    responses={
+        **ADMIN_ERRORS,
+        404: "There is no token with that id.",
+        409: "That is the token of this request; revoke it with another one.",
+    },
+)
+def revoke_token_view(token_id: int) -> Any:
+    caller = bearer_caller()
+    if caller.owner == f"token:{token_id}":
+        raise Problem(
+            409,
+            "This is the token you are calling with; revoke it with another admin token or "
+            "with `dq token revoke`.",
+        )
+    session = audited_session()
+    try:
+        token = revoke_token(session, token_id, actor=caller.owner)
+    except TokenNotFound:
+        raise Problem(404, f"There is no token {token_id}.") from None
+    session.commit()
+    services().token_cache.discard(token.token_hash)
+    return json_response(token_resource(token))
+
+
+@admin_api.get("/audit")
+@admin_api.input(AuditQuery, location="query", arg_name="query", unknown=RAISE)
+@admin_api.output(AuditPage)
+@admin_api.doc(
+    summary="Read the audit trail",
+    description="Admin actions (sign-in and sign-out of browsers, model activation, training "
+    "runs started and canceled, tokens created and revoked, prune), newest first. Page back "
+    "with `before` set to the previous page's `next_before`; filter by `action` and `actor`.",
+    security="BearerAuth",
+    responses=ADMIN_ERRORS,
+)
+def audit_view(query: dict[str, Any]) -> Any:
+    session = get_session()
+    events = recent(
+        session,
+        limit=query["limit"],
+        before_id=query.get("before"),
+        action=query.get("action"),
+        actor=query.get("actor"),
+    )
+    body = {
+        "events": [event_resource(e) for e in events],
+        "limit": query["limit"],
+        "next_before": next_cursor(events, query["limit"]),
+    }
+    end_reads(session)
+    return json_response(body)

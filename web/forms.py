@@ -36,6 +36,10 @@ class LoginForm(FlaskForm):
     token = PasswordField("Admin token", validators=[InputRequired("Paste an admin token.")])
 
 
+class SignInForm(FlaskForm):
+    token = PasswordField("Token", validators=[InputRequired("Paste your token.")])
+
+
 class TrainingRunForm(FlaskForm):
     kind = SelectField("Model", choices={"denoiser": "denoiser", "autoencoder": "autoencoder"})
     dataset_kind = SelectField(

@@ -2,6 +2,10 @@
 files behind signed URLs.
 
 Anonymous visitors are welcome: their jobs belong to a random id kept in their session cookie.
+A visitor may also sign in at ``/login`` with any live token: the browser then acts as that
+token (its jobs are the token's jobs, all jobs for an admin token). With
+DQ_FORM_REQUIRES_LOGIN, signing in is the only way: the form shows a sign-in prompt, and the
+job pages and submissions answer 401 (pages redirect to the sign-in page).
 The job page polls ``/jobs/<id>.json`` (the API's job object) and updates itself in place.
 """
 
@@ -14,13 +18,16 @@ from typing import Any
 from apiflask import APIBlueprint
 from flask import (
     abort,
+    g,
     jsonify,
     redirect,
     render_template,
     request,
     send_file,
+    session,
     url_for,
 )
+from sqlalchemy.exc import SQLAlchemyError
 from werkzeug.wrappers import Response as BaseResponse
 
 from core.db.models import Job
@@ -36,9 +43,9 @@ from core.jobs import (
 )
 from core.model_versions import serving_model
 from core.storage import InvalidKey, LocalStorage
-from web.auth import page_caller
+from web.auth import SIGN_IN_KEY, Caller, page_caller, safe_next, sign_in, sign_out
 from web.db import end_reads, get_session
-from web.forms import GenerateForm, attach_error
+from web.forms import GenerateForm, SignInForm, attach_error
 from web.problems import Problem, cap_problem
 from web.resources import job_resource, job_views, load_job
 from web.services import services
@@ -51,6 +58,36 @@ JOBS_PER_PAGE = 24
 
 
 NO_SUCH_JOB = "There is no such job, or it was made in another browser."
+SIGN_IN_FIRST = (
+    "Sign in with your token first: this site queues and shows jobs only for signed-in users."
+)
+# Open to anyone even with DQ_FORM_REQUIRES_LOGIN. The form itself answers a GET with a sign-in
+# prompt; files are reached only through URLs that a signed-in page handed out (signed).
+OPEN_ENDPOINTS = {"pages.login", "pages.logout", "pages.local_file"}
+
+
+@pages.before_request
+def require_sign_in() -> BaseResponse | None:
+    if not services().settings.form_requires_login or request.endpoint in OPEN_ENDPOINTS:
+        return None
+    if page_caller().signed_in or (request.endpoint == "pages.index" and request.method == "GET"):
+        return None
+    if request.method == "GET" and request.endpoint != "pages.job_json":
+        return redirect(url_for("pages.login", next=request.full_path.rstrip("?")))
+    raise Problem(401, SIGN_IN_FIRST)
+
+
+@pages.app_context_processor
+def viewer() -> dict[str, Caller | None]:
+    """Who the page is for, for the navigation: the caller a view already checked, else the
+    sign-in the cookie names (checked now), else None for an anonymous visitor."""
+    caller: Caller | None = g.get("page_caller")
+    if caller is None and SIGN_IN_KEY in session:
+        try:
+            caller = page_caller()
+        except SQLAlchemyError:  # the database is down: an error page is being drawn
+            caller = None
+    return {"viewer": caller if caller is not None and caller.signed_in else None}
 
 
 def _job(job_id: uuid.UUID) -> Job:
@@ -96,6 +133,8 @@ def _prefill(form: GenerateForm) -> None:
 def index() -> Any:
     form = GenerateForm()
     settings = services().settings
+    if settings.form_requires_login and not page_caller().signed_in:
+        return render_template("index.html", form=None, settings=settings)
     if request.method == "GET":
         _prefill(form)
     elif form.validate_on_submit():
@@ -118,6 +157,26 @@ def index() -> Any:
             return redirect(url_for("pages.job_page", job_id=job.id), code=303)
     status = 422 if request.method == "POST" else 200
     return render_template("index.html", form=form, settings=settings), status
+
+
+@pages.route("/login", methods=["GET", "POST"])
+def login() -> Any:
+    """Sign in with any live token: a user token (the browser then sees that token's jobs) or
+    an admin token (every job, and the admin pages)."""
+    form = SignInForm()
+    if form.validate_on_submit():
+        if sign_in(form.token.data or "", admin_only=False) is not None:
+            next_page = safe_next(request.args.get("next"), url_for("pages.index"))
+            return redirect(next_page, code=303)
+        attach_error(form, "token", "This is not a live token.")
+    status = 401 if request.method == "POST" else 200
+    return render_template("login.html", form=form), status
+
+
+@pages.post("/logout")
+def logout() -> BaseResponse:
+    sign_out()
+    return redirect(url_for("pages.index"), code=303)
 
 
 @pages.get("/jobs")
