@@ -146,16 +146,16 @@ def session_owner() -> str:
     return f"session:{sid}"
 
 
-def _touch(sign_in: AdminSession) -> None:
+def _touch(row: AdminSession) -> None:
     """last_seen_at, at most once a minute. A write request's own transaction carries it; a
     read request's session cannot write, so a short transaction of its own does, and a failure
     there only leaves last_seen_at a little stale."""
     if request.method not in READ_METHODS:
-        touch_sign_in(get_session(), sign_in)
+        touch_sign_in(get_session(), row)
         return
     try:
         with Session(services().engine) as db, db.begin():
-            touch_sign_in(db, sign_in)
+            touch_sign_in(db, row)
     except SQLAlchemyError as e:
         log.debug("last_seen_at of a sign-in not updated: %s", e)
 
