@@ -31,6 +31,9 @@ from core.settings import Settings
 # The samplers of core.diffusion.samplers.SAMPLERS (a test keeps the two in step).
 SAMPLER_NAMES = ("ddpm", "ddim", "dpmpp-2m")
 MAX_SEED = 2**63 - 1
+# The largest seed a request may name: a job's seeds (seed, seed + 1, …) then stay within MAX_SEED
+# whatever its number of images, so the rule is one range that the API document can state.
+MAX_REQUEST_SEED = 2**62
 MAX_GUIDANCE = 30.0
 
 
@@ -115,6 +118,12 @@ def _int(value: object, field: str, lo: int, hi: int) -> int:
     return value
 
 
+def size_bounds(model: ServingModel) -> tuple[int, int]:
+    """(smallest, largest) image side the model serves; every size is a multiple of the first."""
+    m = model.size_multiple
+    return m, max(2 * model.image_size // m * m, m)
+
+
 def validate_request(request: JobRequest, settings: Settings, model: ServingModel) -> JobRequest:
     """The request with every default filled in; JobRequestError names the first bad field."""
     for field in ("prompt", "negative_prompt"):
@@ -140,13 +149,12 @@ def validate_request(request: JobRequest, settings: Settings, model: ServingMode
     sampler = model.sampler if request.sampler is None else request.sampler
     if sampler not in SAMPLER_NAMES:
         raise JobRequestError("sampler", f"must be one of {', '.join(SAMPLER_NAMES)}")
-    seed = secrets.randbelow(MAX_SEED + 1) if request.seed is None else request.seed
+    seed = secrets.randbelow(MAX_REQUEST_SEED + 1) if request.seed is None else request.seed
     num_images = _int(request.num_images, "num_images", 1, settings.max_images_per_job)
-    # The seeds of a job are seed, seed+1, …; all must stay in range.
-    _int(seed, "seed", 0, MAX_SEED - num_images + 1)
+    # The seeds of a job are seed, seed+1, …; with seed <= MAX_REQUEST_SEED all stay in range.
+    _int(seed, "seed", 0, MAX_REQUEST_SEED)
     size = model.image_size if request.size is None else request.size
-    m = model.size_multiple
-    biggest = max(2 * model.image_size // m * m, m)
+    m, biggest = size_bounds(model)
     _int(size, "size", m, biggest)
     if size % m:
         raise JobRequestError("size", f"must be a multiple of {m}")

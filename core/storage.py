@@ -60,7 +60,7 @@ def validate_key(key: str, *, prefix: bool = False) -> str:
         return key
     if len(key) > MAX_KEY_LENGTH:
         raise InvalidKey(f"object key is longer than {MAX_KEY_LENGTH} characters")
-    if not KEY_PATTERN.match(body) or any(seg in (".", "..") for seg in body.split("/")):
+    if not KEY_PATTERN.fullmatch(body) or any(seg in (".", "..") for seg in body.split("/")):
         raise InvalidKey(f"unsafe object key {key!r}: use relative a/b/c.ext names only")
     return key
 

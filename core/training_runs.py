@@ -76,10 +76,14 @@ BUCKET = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
 
 
 class TrainingRequestError(ValueError):
-    def __init__(self, field: str, message: str):
+    """A bad field of a training request. ``status`` is the HTTP answer: 422 for a value no
+    request may have, 404 for a reference to nothing, 409 for a reference to the wrong thing."""
+
+    def __init__(self, field: str, message: str, status: int = 422):
         super().__init__(f"{field}: {message}")
         self.field = field
         self.message = message
+        self.status = status
 
 
 def base_config(kind: ModelKind) -> dict[str, Any]:
@@ -93,7 +97,10 @@ def _number(value: Any, field: str, spec: tuple[type, float, float, bool]) -> in
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TrainingRequestError(field, "must be a number")
     if typ is int and not isinstance(value, int):
-        raise TrainingRequestError(field, "must be an integer")
+        # As in JSON Schema, 3.0 is the integer 3.
+        if not (math.isfinite(value) and value.is_integer()):
+            raise TrainingRequestError(field, "must be an integer")
+        value = int(value)
     if not math.isfinite(value) or value > hi or value < lo or (open_lo and value == lo):
         bound = f"above {lo:g}" if open_lo else f"at least {lo:g}"
         raise TrainingRequestError(field, f"must be {bound} and at most {hi:g}")
@@ -142,7 +149,7 @@ def validate_dataset(dataset: Any, settings: Settings) -> dict[str, Any]:
         ):
             raise TrainingRequestError("dataset.uri", "must be s3://BUCKET/PREFIX")
         bucket, _, prefix = uri[len("s3://") :].partition("/")
-        if not BUCKET.match(bucket):
+        if not BUCKET.fullmatch(bucket):
             raise TrainingRequestError("dataset.uri", f"{bucket!r} is not a valid bucket name")
         try:
             validate_key(prefix, prefix=True)
@@ -160,6 +167,20 @@ def validate_dataset(dataset: Any, settings: Settings) -> dict[str, Any]:
             )
         return {"kind": "path", "path": pure.as_posix()}
     raise TrainingRequestError("dataset.kind", "must be shapes, s3 or path")
+
+
+def _scalar(value: Any) -> bool:
+    return isinstance(value, bool) or (isinstance(value, (int, float)) and math.isfinite(value))
+
+
+def _option_value(value: Any) -> bool:
+    """A model option: a number, a boolean, a string, or a flat list of numbers and booleans
+    (``channels = [64, 128]``, ``attention_levels = [false, true]``)."""
+    if isinstance(value, str):
+        return "\x00" not in value
+    if isinstance(value, list):
+        return all(_scalar(item) for item in value)
+    return _scalar(value)
 
 
 def validate_config(kind: ModelKind, config: Any) -> dict[str, Any]:
@@ -188,8 +209,10 @@ def validate_config(kind: ModelKind, config: Any) -> dict[str, Any]:
             else:
                 if key not in tables[table]:
                     raise TrainingRequestError(field, f"is not a {table} option")
-                if not isinstance(value, (int, float, str, bool, list)):
-                    raise TrainingRequestError(field, "must be a number, string, boolean or list")
+                if not _option_value(value):
+                    raise TrainingRequestError(
+                        field, "must be a number, a string, a boolean or a list of numbers"
+                    )
                 checked[key] = value
         out[table] = checked
     return out
@@ -220,8 +243,14 @@ def submit_training_run(
         if kind is not ModelKind.DENOISER:
             raise TrainingRequestError("autoencoder_version_id", "only a denoiser run takes one")
         ae = session.get(ModelVersion, autoencoder_version_id)
-        if ae is None or ae.kind is not ModelKind.AUTOENCODER:
-            raise TrainingRequestError("autoencoder_version_id", "is not an autoencoder version")
+        if ae is None:
+            raise TrainingRequestError(
+                "autoencoder_version_id", f"no model version {autoencoder_version_id}", 404
+            )
+        if ae.kind is not ModelKind.AUTOENCODER:
+            raise TrainingRequestError(
+                "autoencoder_version_id", f"version {ae.name!r} is a {ae.kind.value}", 409
+            )
     steps = overrides.get("train", {}).get("steps", base_config(kind)["train"]["steps"])
     run = TrainingRun(
         id=uuid.uuid4(),

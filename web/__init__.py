@@ -9,13 +9,16 @@ It records work in the database and sends task messages by name; it never import
 
 from __future__ import annotations
 
+import json
 import logging
 from datetime import timedelta
 from typing import Any
 
 from apiflask import APIFlask
+from flask import request
 from flask_wtf.csrf import CSRFProtect
 from limits import parse as parse_rate_limit
+from sqlalchemy.exc import SQLAlchemyError
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from core import logs
@@ -37,10 +40,12 @@ def create_app(
 ) -> APIFlask:
     """Build the app. ``settings`` default to the DQ_* environment; ``publisher`` to a Celery
     sender on the settings' broker; ``storage`` to the settings' store (tests pass fakes)."""
+    from core.model_versions import serving_model
     from web import admin, admin_api, api, db, ops, pages, problems, ratelimit, security
     from web.auth import TokenCache
+    from web.db import get_session
     from web.metrics import make_registry
-    from web.openapi import DESCRIPTION, finish_spec
+    from web.openapi import DESCRIPTION, finish_spec, with_serving_model
     from web.schemas import Problem as ProblemBody
     from web.services import Services
 
@@ -132,6 +137,18 @@ def create_app(
     csrf.exempt(api.api)
     csrf.exempt(admin_api.admin_api)
     svc.limiter = ratelimit.init_app(app, settings)
+
+    @app.after_request
+    def document_the_serving_model(response: Any) -> Any:
+        if request.path != app.spec_path or response.status_code != 200:
+            return response
+        try:
+            model = serving_model(get_session())
+        except SQLAlchemyError:  # the database is down: the document without the model's sizes
+            return response
+        document = with_serving_model(response.get_json(), model)
+        response.set_data(json.dumps(document))
+        return response
 
     @app.spec_processor
     def finish(spec: dict[str, Any] | str) -> dict[str, Any] | str:

@@ -92,7 +92,13 @@ def _run_detail(run: Any) -> dict[str, Any]:
     description="Queues a run of the autoencoder or the denoiser on the shapes dataset, an "
     "s3:// prefix or a folder under DQ_DATA_ROOT, with hyperparameter overrides.",
     security="BearerAuth",
-    responses={**ADMIN_ERRORS, **BODY_ERRORS, 429: "Too many submissions; see Retry-After."},
+    responses={
+        **ADMIN_ERRORS,
+        **BODY_ERRORS,
+        404: "autoencoder_version_id names no model version.",
+        409: "autoencoder_version_id names a denoiser version, not an autoencoder.",
+        429: "Too many submissions; see Retry-After.",
+    },
 )
 def submit_run_view(body: dict[str, Any]) -> Any:
     session = audited_session()  # core records run.create, by created_by
@@ -107,6 +113,8 @@ def submit_run_view(body: dict[str, Any]) -> Any:
             activate=body["activate"],
         )
     except TrainingRequestError as e:
+        if e.status != 422:
+            raise Problem(e.status, str(e)) from None
         raise invalid(e.field, e.message) from None
     location = url_for("admin_api.get_run_view", run_id=run.id)
     return json_response(_run_detail(run), 202, {"Location": location})

@@ -14,7 +14,10 @@ from typing import Any
 
 from werkzeug.routing import Map, UUIDConverter
 
+from core.jobs import size_bounds
+from core.model_versions import ServingModel
 from core.settings import Settings
+from web.schemas import run_kind_rules
 
 DESCRIPTION = """\
 Text-to-image generation jobs and, for admins, training runs and model versions.
@@ -24,6 +27,19 @@ Authenticate with `Authorization: Bearer <token>`; an operator makes tokens with
 Retry-After). Every error is an RFC 9457 problem (`application/problem+json`) whose `detail` is
 a sentence to show a person; a 422 also lists the fields at fault in `errors`.
 """
+
+
+def _class_of(chars: list[int]) -> str:
+    return "".join(f"\\u{c:04x}" for c in chars)
+
+
+# Whitespace as Python's str.strip() sees it (which core.jobs uses to call a prompt blank),
+# spelled out: the \s of JSON Schema's regular expressions leaves out some of it (\x1c-\x1f).
+BLANK = _class_of([c for c in range(0x10000) if chr(c).isspace()])
+TEXT_CHAR = r"[^\x00]"
+"""A character that the database can store in a prompt (a regular expression; lone surrogates,
+which JSON can escape but no regular expression dialect of JSON Schema can name, are refused
+too)."""
 
 
 def _uuid_parameters(url_map: Map) -> set[tuple[str, str]]:
@@ -48,6 +64,8 @@ def finish_spec(spec: dict[str, Any], settings: Settings, url_map: Map) -> dict[
             if not isinstance(operation, dict):
                 continue
             operation.setdefault("tags", [operation_tag(path_name)])
+            if "requestBody" in operation:  # every body this API takes is required
+                operation["requestBody"]["required"] = True
             for parameter in operation.get("parameters", []):
                 if parameter.get("in") == "path" and (path_name, parameter["name"]) in uuids:
                     parameter["schema"] = {"type": "string", "format": "uuid"}
@@ -59,7 +77,29 @@ def finish_spec(spec: dict[str, Any], settings: Settings, url_map: Map) -> dict[
     job_in = schemas.get("JobIn", {}).get("properties", {})
     if job_in:
         job_in["prompt"]["maxLength"] = settings.max_prompt_chars
+        # As core.jobs checks them: no NUL, and the prompt not blank.
+        job_in["prompt"]["minLength"] = 1
+        job_in["prompt"]["pattern"] = rf"^{TEXT_CHAR}*[^{BLANK}\x00]{TEXT_CHAR}*$"
+        job_in["negative_prompt"]["pattern"] = rf"^{TEXT_CHAR}*$"
         job_in["negative_prompt"]["maxLength"] = settings.max_prompt_chars
         job_in["steps"]["maximum"] = settings.max_steps
         job_in["num_images"]["maximum"] = settings.max_images_per_job
+    run_in = schemas.get("TrainingRunIn")
+    if run_in:
+        run_in["allOf"] = run_kind_rules()
     return spec
+
+
+def with_serving_model(document: dict[str, Any], model: ServingModel) -> dict[str, Any]:
+    """The sizes the serving model takes, written into the document as it is served (the model
+    can change while the app runs, so this is not part of the cached document)."""
+    size = document.get("components", {}).get("schemas", {}).get("JobIn", {})
+    size = size.get("properties", {}).get("size")
+    if isinstance(size, dict):
+        smallest, largest = size_bounds(model)
+        size.update(minimum=smallest, maximum=largest, multipleOf=smallest)
+        size["description"] = (
+            f"Side in pixels: a multiple of {smallest} from {smallest} to {largest} for the "
+            f"serving model ({model.name}); null: its own ({model.image_size})."
+        )
+    return document

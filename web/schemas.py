@@ -18,7 +18,7 @@ from apiflask.validators import Length, OneOf, Range, Regexp
 from marshmallow import ValidationError
 
 from core.db.models import JobStatus, ModelKind
-from core.jobs import MAX_GUIDANCE, MAX_SEED, SAMPLER_NAMES
+from core.jobs import MAX_GUIDANCE, MAX_REQUEST_SEED, SAMPLER_NAMES
 from core.training_runs import MODEL_TABLES, TRAIN_KEYS
 
 STATUSES = [s.value for s in JobStatus]
@@ -37,10 +37,16 @@ class JsonNumber(Float):
 
 
 class JsonInteger(Integer):
-    """A JSON integer: not 2.5, "2" or true."""
+    """A JSON integer: not 2.5, "2" or true. As in JSON Schema, 3.0 is the integer 3 (some
+    clients' JSON encoders write whole numbers that way)."""
 
     def __init__(self, **kwargs: Any):
         super().__init__(strict=True, error_messages={"invalid": "must be an integer"}, **kwargs)
+
+    def _validated(self, value: Any) -> int:
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        return int(super()._validated(value))
 
 
 class JsonBoolean(Boolean):
@@ -138,7 +144,7 @@ class Problem(Schema):
 class JobIn(Schema):
     prompt = JsonText(
         required=True,
-        validate=Regexp(r"\S", error="must not be empty"),
+        validate=Regexp(r"\s*\S", error="must not be empty"),  # match() anchors at the start
         metadata={"description": "What the image should show.", "example": "a red circle"},
     )
     negative_prompt = JsonText(
@@ -161,7 +167,7 @@ class JobIn(Schema):
     )
     seed = JsonInteger(
         allow_none=True,
-        validate=_range(0, MAX_SEED),
+        validate=_range(0, MAX_REQUEST_SEED),
         metadata={
             "description": "Seed of the first image (image i uses seed + i); random if null."
         },
@@ -283,6 +289,19 @@ class ModelsOut(Schema):
 # --- training runs --------------------------------------------------------------------------
 
 
+# The dataset references as core.training_runs checks them, as regular expressions without
+# look-around (JSON Schema's dialects differ; these read the same in each). An object key's
+# segments are letters, digits, ".", "_" and "-", never "." or ".." (core.storage.validate_key).
+_KEY_FIRST = r"[A-Za-z0-9][A-Za-z0-9._-]*"
+_KEY_SEGMENT = (
+    r"(?:[A-Za-z0-9_-][A-Za-z0-9._-]*|\.[A-Za-z0-9_-][A-Za-z0-9._-]*|\.\.[A-Za-z0-9._-]+)"
+)
+S3_URI = rf"^s3://[a-z0-9][a-z0-9.-]{{1,61}}[a-z0-9](?:/(?:{_KEY_FIRST}(?:/{_KEY_SEGMENT})*/?)?)?$"
+# A relative path: no leading "/", no "\\", no NUL, no ".." part.
+_PATH_SEGMENT = r"(?:[^/\\\x00.][^/\\\x00]*|\.[^/\\\x00.][^/\\\x00]*|\.\.[^/\\\x00]+|\.)"
+DATA_PATH = rf"^{_PATH_SEGMENT}(?:/+{_PATH_SEGMENT})*/*$"
+
+
 def _dataset_document() -> dict[str, Any]:
     """The dataset variants, for the document (core.training_runs.validate_dataset checks them)."""
 
@@ -312,7 +331,7 @@ def _dataset_document() -> dict[str, Any]:
                         "description": 'Color-shape pairs to leave out, e.g. ["orange", "square"].',
                         "items": {
                             "type": "array",
-                            "items": {"type": "string"},
+                            "items": {"type": "string", "pattern": "^[^\\x00]*$"},
                             "minItems": 2,
                             "maxItems": 2,
                         },
@@ -322,16 +341,62 @@ def _dataset_document() -> dict[str, Any]:
             ),
             variant(
                 "s3",
-                {"uri": {"type": "string", "pattern": "^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]/"}},
+                {"uri": {"type": "string", "pattern": S3_URI, "maxLength": 5 + 63 + 1 + 512}},
                 ["uri"],
             ),
             variant(
                 "path",
-                {"path": {"type": "string", "minLength": 1, "description": "Under DQ_DATA_ROOT."}},
+                {
+                    "path": {
+                        "type": "string",
+                        "pattern": DATA_PATH,
+                        "description": "Relative, under DQ_DATA_ROOT.",
+                    }
+                },
                 ["path"],
             ),
         ]
     }
+
+
+OPTION_VALUE = {
+    "anyOf": [
+        {"type": "number"},
+        {"type": "boolean"},
+        {"type": "string", "pattern": "^[^\\x00]*$"},
+        {"type": "array", "items": {"type": ["number", "boolean"]}},
+    ]
+}
+"""A model option's value, as core.training_runs checks it."""
+
+
+def _table_document(options: set[str]) -> dict[str, Any]:
+    """A model table of the config (core.training_runs.MODEL_TABLES): its options by name."""
+    return {
+        "type": "object",
+        "properties": {name: OPTION_VALUE for name in sorted(options)},
+        "additionalProperties": False,
+    }
+
+
+def run_kind_rules() -> list[dict[str, Any]]:
+    """The rules of a training request that depend on its kind, for the document: only a
+    denoiser takes an autoencoder version, and each kind takes only its own model tables."""
+    rules = []
+    for kind, tables in MODEL_TABLES.items():
+        others = sorted({t for ts in MODEL_TABLES.values() for t in ts} - set(tables))
+        then: dict[str, Any] = {
+            "properties": {"config": {"properties": {table: False for table in others}}}
+        }
+        if kind is ModelKind.AUTOENCODER:
+            then["properties"]["autoencoder_version_id"] = {"type": "null"}
+        rules.append(
+            {
+                "if": {"properties": {"kind": {"const": kind.value}}, "required": ["kind"]},
+                "then": then,
+            }
+        )
+    return rules
 
 
 def _train_document() -> dict[str, Any]:
@@ -367,9 +432,9 @@ class TrainingRunIn(Schema):
             "properties": {
                 "train": _train_document(),
                 **{
-                    table: {"type": "object"}
+                    table: _table_document(options)
                     for tables in MODEL_TABLES.values()
-                    for table in tables
+                    for table, options in tables.items()
                 },
             },
             "additionalProperties": False,

@@ -86,7 +86,14 @@ def test_start_a_run_returns_202_with_location_and_publishes_it(
         ({**SHAPES_RUN, "config": {"train": {"lr": float("nan")}}}, "config"),
         ({**SHAPES_RUN, "activate": "yes"}, "activate"),
         ({**SHAPES_RUN, "epochs": 3}, "epochs"),
-        ({**SHAPES_RUN, "autoencoder_version_id": str(uuid.uuid4())}, "autoencoder_version_id"),
+        (
+            {
+                "kind": "autoencoder",
+                "dataset": {"kind": "shapes"},
+                "autoencoder_version_id": str(uuid.uuid4()),
+            },
+            "autoencoder_version_id",
+        ),
     ],
 )
 def test_bad_runs_get_422_naming_the_field_and_write_nothing(
@@ -101,6 +108,23 @@ def test_bad_runs_get_422_naming_the_field_and_write_nothing(
     problem = assert_problem(r, 422, field)
     assert any(e["field"] == field for e in problem["errors"]), problem
     assert count_runs(engine) == 0 and publisher.sent == []
+
+
+def test_a_run_naming_a_missing_version_is_404_and_a_denoiser_version_409(
+    client: FlaskClient, admin_token: str, engine: Engine, publisher: RecordingPublisher
+) -> None:
+    """Schema-valid references to the wrong thing: the document lists these answers."""
+    missing = {**SHAPES_RUN, "autoencoder_version_id": str(uuid.uuid4())}
+    r = client.post("/api/v1/admin/training-runs", json=missing, headers=bearer(admin_token))
+    assert_problem(r, 404, "no model version")
+    denoiser = add_version(engine, "d1", kind=ModelKind.DENOISER)
+    wrong = {**SHAPES_RUN, "autoencoder_version_id": str(denoiser)}
+    r = client.post("/api/v1/admin/training-runs", json=wrong, headers=bearer(admin_token))
+    assert_problem(r, 409, "is a denoiser")
+    assert count_runs(engine) == 0 and publisher.sent == []
+    document = client.get("/api/v1/openapi.json").get_json()
+    responses = document["paths"]["/api/v1/admin/training-runs"]["post"]["responses"]
+    assert {"404", "409", "422"} <= set(responses)
 
 
 ADMIN_CALLS = [

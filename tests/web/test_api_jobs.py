@@ -109,6 +109,21 @@ def test_submit_keeps_every_given_parameter(client: FlaskClient, user_token: str
     assert {k: params[k] for k in body} == body
 
 
+def test_whole_numbers_written_as_floats_and_prompts_with_leading_spaces_are_accepted(
+    client: FlaskClient, user_token: str
+) -> None:
+    """What the API document allows: 12.0 is the integer 12 (as in JSON Schema), and a prompt
+    is blank only when every character is whitespace."""
+    body = {"prompt": "\n  a red circle", "steps": 12.0, "num_images": 2.0, "seed": 7.0}
+    r = client.post("/api/v1/jobs", json=body, headers=bearer(user_token))
+    assert r.status_code == 202, r.get_json()
+    params = r.get_json()["params"]
+    assert (params["steps"], params["num_images"], params["seed"]) == (12, 2, 7)
+    assert params["prompt"] == "\n  a red circle"
+    for bad in ({"prompt": " \t\x1c"}, {"prompt": "x", "steps": 12.5}):
+        assert client.post("/api/v1/jobs", json=bad, headers=bearer(user_token)).status_code == 422
+
+
 def test_queue_position_counts_the_jobs_ahead(
     client: FlaskClient, user_token: str, engine: Engine
 ) -> None:
