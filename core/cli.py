@@ -614,6 +614,13 @@ def web_cmd(host: str, port: int, workers: int, threads: int, migrate: bool) -> 
         # gunicorn's default line, plus the request id that problem bodies also name.
         "--access-logformat",
         '%(h)s %(l)s %(u)s %(t)s "%(r)s" %(s)s %(b)s "%(f)s" "%(a)s" rid=%({x-request-id}o)s',
+        # No control socket: nothing uses it, and a read-only home has no room for one.
+        "--no-control-socket",
+        *(
+            ["--logger-class", "web.gunicorn_logging.JsonLogger"]
+            if settings.log_format == "json"
+            else []
+        ),
         "web:create_app()",
     ]
     sys.stdout.flush()
@@ -746,14 +753,19 @@ def worker_alive_cmd(liveness_file: str | None, max_age: float) -> None:
 @cli.command("reaper")
 @click.option("--interval", type=float, default=2.0, show_default=True, help="Seconds per pass.")
 @click.option("--once", is_flag=True, help="One pass, then exit.")
-def reaper_cmd(interval: float, once: bool) -> None:
+@click.option(
+    "--liveness-file",
+    default=None,
+    help="Touch this file after every pass; probe it with `dq worker-alive FILE`.",
+)
+def reaper_cmd(interval: float, once: bool, liveness_file: str | None) -> None:
     """Re-queue work of lost workers and publish messages the broker never got."""
-    import logging
-
+    from core import logs
     from core.reaper import run_reaper
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    run_reaper(_settings(), interval=interval, once=once)
+    settings = _settings()
+    logs.configure(settings.log_format)
+    run_reaper(settings, interval=interval, once=once, liveness_file=liveness_file)
 
 
 @cli.command("prune")

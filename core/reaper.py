@@ -23,6 +23,7 @@ from sqlalchemy.engine import Engine
 from core.db import counts
 from core.db.session import get_engine, session_scope
 from core.dispatch import relay_once
+from core.liveness import touch
 from core.retention import Pruner, PruneReport
 from core.settings import Settings
 from core.storage import Storage, make_storage
@@ -82,9 +83,16 @@ def fold_status_counts(engine: Engine) -> int:
         return counts.fold(session)
 
 
-def run_reaper(settings: Settings, interval: float = 2.0, once: bool = False) -> None:
+def run_reaper(
+    settings: Settings,
+    interval: float = 2.0,
+    once: bool = False,
+    liveness_file: str | None = None,
+) -> None:
     """Relay every ``interval`` seconds until SIGTERM; ``once``: one pass, with a whole prune
-    when DQ_RETENTION is set."""
+    when DQ_RETENTION is set. ``liveness_file`` is touched after every pass, whether or not its
+    work succeeded (a reaper waiting out a database outage is alive; one stuck in a pass is
+    not)."""
     from core.broker import CeleryPublisher
 
     engine = get_engine(settings)
@@ -128,6 +136,8 @@ def run_reaper(settings: Settings, interval: float = 2.0, once: bool = False) ->
             fold_status_counts(engine)
         except Exception:
             log.exception("folding the status counts failed")
+        if liveness_file:
+            touch(liveness_file)
         if once:
             break
         stop.wait(interval)

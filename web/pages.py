@@ -42,7 +42,7 @@ from core.jobs import (
     list_jobs,
 )
 from core.model_versions import serving_model
-from core.storage import InvalidKey, LocalStorage
+from core.storage import InvalidKey, LocalStorage, content_disposition
 from web.auth import SIGN_IN_KEY, Caller, page_caller, safe_next, sign_in, sign_out
 from web.db import end_reads, get_session
 from web.forms import GenerateForm, SignInForm, attach_error
@@ -243,4 +243,7 @@ def local_file(key: str) -> Any:
         raise Problem(404, "This file does not exist (yet).")
     mimetype = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
     # Previews are overwritten in place as a job runs: never serve a stale one from a cache.
-    return send_file(path, mimetype=mimetype, max_age=0, conditional=True, etag=True)
+    response = send_file(path, mimetype=mimetype, max_age=0, conditional=True, etag=True)
+    # Shown in the page, and saved as dq-<job>-<n>.png rather than "3.png".
+    response.headers["Content-Disposition"] = content_disposition(key)
+    return response

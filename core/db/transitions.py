@@ -261,7 +261,10 @@ def _requeue_values(model: LeasedModel) -> dict[str, Any]:
 def finish(
     session: Session, lease: Lease, to: JobStatus, *, error: str | None = None, **values: Any
 ) -> bool:
-    """End the held row as succeeded, failed or canceled; False when the lease is lost."""
+    """End the held row as succeeded, failed or canceled; False when the lease is lost. A job's
+    preview goes with its end (only a running job shows one; retention deletes the object)."""
+    if lease.model is Job:
+        values.setdefault("preview_key", None)
     return transition(
         session,
         lease.model,

@@ -92,3 +92,56 @@ def test_a_healthy_child_is_left_alone(tmp_path: Path) -> None:
         assert child.proc is first and first is not None and first.poll() is None
     finally:
         supervisor.stop()
+
+
+def test_a_stopped_reaper_goes_stale_and_a_resumed_one_fresh_again(tmp_path: Path) -> None:
+    """`dq reaper --liveness-file`, as the k8s and Compose probes run it: SIGSTOP the real
+    process and the probe fails; SIGCONT and it passes again."""
+    import signal
+
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "DQ_DATABASE_URL": f"sqlite:///{tmp_path / 'dq.sqlite3'}",
+        "DQ_BROKER_URL": f"sqla+sqlite:///{tmp_path / 'broker.sqlite3'}",
+        "DQ_STORAGE_URL": f"file://{tmp_path / 'objects'}",
+        "DQ_LOG_FORMAT": "json",
+    }
+    assert (
+        subprocess.run(
+            [sys.executable, "-m", "core.cli", "db", "upgrade"], env=env, cwd=tmp_path, timeout=120
+        ).returncode
+        == 0
+    )
+    alive = tmp_path / "run" / "reaper.alive"
+    reaper = subprocess.Popen(
+        [
+            sys.executable,
+            *("-m", "core.cli", "reaper", "--interval", "0.2"),
+            "--liveness-file",
+            str(alive),
+        ],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not alive.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert dq("worker-alive", str(alive), "--max-age", "2").returncode == 0
+        reaper.send_signal(signal.SIGSTOP)
+        time.sleep(2.5)
+        stale = dq("worker-alive", str(alive), "--max-age", "2")
+        assert stale.returncode == 1 and "last touched" in stale.stderr
+        reaper.send_signal(signal.SIGCONT)
+        time.sleep(1.0)
+        assert dq("worker-alive", str(alive), "--max-age", "2").returncode == 0
+    finally:
+        reaper.terminate()
+        _, err = reaper.communicate(timeout=30)
+    # DQ_LOG_FORMAT=json: the reaper's own lines are JSON objects.
+    lines = [line for line in err.splitlines() if line.startswith("{")]
+    assert any('"message": "reaper started' in line for line in lines), err[-2000:]

@@ -222,6 +222,16 @@ def test_job_json_is_the_api_object(client: FlaskClient, jobs_of: Any) -> None:
     assert body.get_json()["params"]["seed"] == job.seed
 
 
+def test_image_downloads_are_inline_with_a_named_file(
+    client: FlaskClient, storage: LocalStorage
+) -> None:
+    storage.put("images/0f1e/1/2.png", PNG_BYTES, "image/png")
+    r = client.get(storage.url("images/0f1e/1/2.png"))
+    assert r.status_code == 200
+    assert r.headers["Content-Disposition"] == 'inline; filename="dq-0f1e-2.png"'
+    assert r.headers["X-Content-Type-Options"] == "nosniff"
+
+
 def test_files_need_a_valid_unexpired_signature(client: FlaskClient, storage: LocalStorage) -> None:
     storage.put("images/a/0.png", PNG_BYTES, "image/png")
     url = storage.url("images/a/0.png")

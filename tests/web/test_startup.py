@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -173,3 +174,46 @@ def test_flask_finds_the_app_factory(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr
     for endpoint in ("api.submit_job_view", "pages.index", "admin.runs", "ops.readyz"):
         assert endpoint in r.stdout
+
+
+def test_dq_web_with_json_logs_writes_one_object_per_request_with_its_id(
+    tmp_path: Path,
+) -> None:
+    import json
+
+    env = {**env_for(tmp_path), "DQ_LOG_FORMAT": "json"}
+    dq = [sys.executable, "-m", "core.cli"]
+    subprocess.run([*dq, "db", "upgrade"], cwd=tmp_path, env=env, check=True, timeout=120)
+    port = free_port()
+    process = subprocess.Popen(
+        [*dq, "web", "--port", str(port), "--workers", "1"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_for(f"http://127.0.0.1:{port}/healthz", process)
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/api/v1/jobs/00000000-0000-4000-8000-000000000000",
+            headers={"X-Request-ID": "trace-77"},
+        )
+        with pytest.raises(urllib.error.HTTPError) as answer:
+            urllib.request.urlopen(request, timeout=10)
+        assert answer.value.code == 401
+        assert json.loads(answer.value.read())["request_id"] == "trace-77"
+    finally:
+        stop(process)
+    out, err = process.communicate()
+    lines = [json.loads(line) for line in (out + err).splitlines() if line.startswith("{")]
+    access = [line for line in lines if line.get("logger") == "gunicorn.access"]
+    mine = [line for line in access if line.get("request_id") == "trace-77"]
+    assert len(mine) == 1, access
+    assert (
+        mine[0]["status"] == 401
+        and mine[0]["path"] == "/api/v1/jobs/00000000-0000-4000-8000-000000000000"
+    )
+    assert mine[0]["method"] == "GET" and mine[0]["duration_ms"] >= 0
+    # gunicorn's own lines (booting a worker) are JSON too.
+    assert any(line.get("logger") == "gunicorn.error" for line in lines), lines
