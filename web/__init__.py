@@ -100,7 +100,7 @@ def create_app(
             app.wsgi_app, x_for=settings.trusted_proxy_hops, x_proto=settings.trusted_proxy_hops
         )
     app.session_interface = security.SessionInterface()
-    security.init_app(app)
+    security.init_app(app, settings)
     ops.use_local_docs_assets(app)
     logs.configure(
         settings.log_format,

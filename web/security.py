@@ -14,27 +14,48 @@ from __future__ import annotations
 import logging
 import re
 import uuid
+from urllib.parse import urlsplit
 
 from flask import Flask, Response, g, has_request_context, request
 from flask.sessions import SecureCookieSessionInterface
 
+from core.settings import Settings, storage_location
+
 REQUEST_ID_HEADER = "X-Request-ID"
 _SANE_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
-CONTENT_SECURITY_POLICY = "; ".join(
-    [
-        "default-src 'self'",
-        # Images come from object storage (presigned S3 URLs) as well as from this site.
-        "img-src 'self' data: blob: http: https:",
-        "script-src 'self'",
-        "style-src 'self'",
-        "connect-src 'self'",
-        "frame-ancestors 'none'",
-        "base-uri 'self'",
-        "form-action 'self'",
-        "object-src 'none'",
-    ]
-)
+
+def content_security_policy(image_origins: str = "") -> str:
+    """The policy of the HTML pages. Images come from this site and, for presigned S3 URLs, from
+    ``image_origins`` (the store's origin as browsers reach it)."""
+    return "; ".join(
+        [
+            "default-src 'self'",
+            f"img-src 'self' data: blob: {image_origins}".rstrip(),
+            "script-src 'self'",
+            "style-src 'self'",
+            "connect-src 'self'",
+            "frame-ancestors 'none'",
+            "base-uri 'self'",
+            "form-action 'self'",
+            "object-src 'none'",
+        ]
+    )
+
+
+def image_origins(settings: Settings) -> str:
+    """Where presigned image URLs point: the public S3 endpoint, the app's own endpoint, or AWS
+    S3's host names; nothing for a local store (served by this app)."""
+    if storage_location(settings.storage_url)[0] != "s3":
+        return ""
+    endpoint = settings.s3_public_endpoint_url or settings.s3_endpoint_url
+    if endpoint is None:
+        return "https://*.amazonaws.com"
+    parts = urlsplit(endpoint)
+    return f"{parts.scheme}://{parts.netloc}"
+
+
+CONTENT_SECURITY_POLICY = content_security_policy()
 HSTS = "max-age=31536000; includeSubDomains"
 # The API's docs page (Swagger UI) runs inline scripts of its own; it gets no CSP.
 NO_CSP_PREFIXES = ("/api/v1/docs",)
@@ -60,7 +81,11 @@ class RequestIdFilter(logging.Filter):
         return True
 
 
-def init_app(app: Flask) -> None:
+def init_app(app: Flask, settings: Settings | None = None) -> None:
+    policy = (
+        content_security_policy(image_origins(settings)) if settings else CONTENT_SECURITY_POLICY
+    )
+
     @app.before_request
     def assign_request_id() -> None:
         given = request.headers.get(REQUEST_ID_HEADER, "")
@@ -73,7 +98,7 @@ def init_app(app: Flask) -> None:
             response.headers[REQUEST_ID_HEADER] = rid
         response.headers.setdefault("X-Content-Type-Options", "nosniff")
         if response.mimetype == "text/html" and not request.path.startswith(NO_CSP_PREFIXES):
-            response.headers.setdefault("Content-Security-Policy", CONTENT_SECURITY_POLICY)
+            response.headers.setdefault("Content-Security-Policy", policy)
             response.headers.setdefault("X-Frame-Options", "DENY")
             response.headers.setdefault("Referrer-Policy", "same-origin")
         if request.is_secure:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from flask.testing import FlaskClient
 from sqlalchemy.engine import Engine
 
@@ -35,6 +36,35 @@ def test_pages_carry_a_content_security_policy_and_everything_nosniff(
     assert api.headers["X-Content-Type-Options"] == "nosniff"
     assert "Content-Security-Policy" not in api.headers
     assert "Strict-Transport-Security" not in page.headers  # plain HTTP: no HSTS
+
+
+@pytest.mark.parametrize(
+    ("values", "origin"),
+    [
+        ({}, None),  # local files: served by the app itself
+        ({"storage_url": "s3://b/p"}, "https://*.amazonaws.com"),
+        ({"storage_url": "s3://b/p", "s3_endpoint_url": "http://minio:9000"}, "http://minio:9000"),
+        (
+            {
+                "storage_url": "s3://b/p",
+                "s3_endpoint_url": "http://minio:9000",
+                "s3_public_endpoint_url": "https://objects.example.com/",
+            },
+            "https://objects.example.com",
+        ),
+    ],
+)
+def test_pages_let_images_come_only_from_where_presigned_urls_point(
+    values: dict[str, str], origin: str | None
+) -> None:
+    from core.settings import Settings
+    from web.security import content_security_policy, image_origins
+
+    settings = Settings.from_env({}, **values)
+    img_src = next(
+        d for d in content_security_policy(image_origins(settings)).split("; ") if "img-src" in d
+    )
+    assert img_src == "img-src 'self' data: blob:" + (f" {origin}" if origin else "")
 
 
 def test_over_https_behind_a_trusted_proxy_cookies_are_secure_and_hsts_is_sent(
