@@ -170,17 +170,31 @@ def validate_request(request: JobRequest, settings: Settings, model: ServingMode
     )
 
 
+@dataclass(frozen=True)
+class WebhookTarget:
+    """Where a job's webhooks go and which events (None: all); checked by the caller
+    (``core.webhooks``) before it reaches :func:`submit_job`."""
+
+    url: str
+    events: tuple[str, ...] | None = None
+
+
 def submit_job(
     session: Session,
     request: JobRequest,
     owner: str,
     settings: Settings,
     idempotency_key: str | None = None,
+    *,
+    webhook: WebhookTarget | None = None,
+    batch_id: uuid.UUID | None = None,
 ) -> tuple[Job, bool]:
     """Add a queued job for ``request``; returns (job, created).
 
     With an idempotency key already used by this owner, the same request returns the existing
-    job (created=False) and a different one raises :class:`IdempotencyConflict`.
+    job (created=False) and a different one raises :class:`IdempotencyConflict`. ``webhook``
+    and ``batch_id`` are stored with the job (database triggers turn its status changes into
+    webhook deliveries).
     """
     fingerprint = request.fingerprint()
     if idempotency_key is not None:
@@ -217,6 +231,9 @@ def submit_job(
         idempotency_key=idempotency_key,
         request_hash=fingerprint,
         created_at=utcnow(),
+        webhook_url=webhook.url if webhook else None,
+        webhook_events=list(webhook.events) if webhook and webhook.events is not None else None,
+        batch_id=batch_id,
     )
     if idempotency_key is None:
         session.add(job)

@@ -83,6 +83,20 @@ def _optional_duration(raw: str) -> int | None:
     return parse_duration(raw) if raw else None
 
 
+def _cidr_list(raw: str) -> str:
+    import ipaddress
+
+    for part in raw.split(","):
+        if part.strip():
+            try:
+                ipaddress.ip_network(part.strip(), strict=False)
+            except ValueError:
+                raise ValueError(
+                    f"must be comma-separated CIDRs; {part.strip()!r} is not one"
+                ) from None
+    return ",".join(p.strip() for p in raw.split(",") if p.strip())
+
+
 def _log_format(raw: str) -> str:
     if raw not in ("text", "json"):
         raise ValueError("must be text or json")
@@ -227,6 +241,27 @@ class Settings:
         "(keep it off public routes).",
         _optional,
     )
+    webhook_allowed_networks: str = _setting(
+        "",
+        "Comma-separated CIDRs (e.g. 127.0.0.0/8,10.1.0.0/16) that webhook targets may resolve "
+        "to although private, loopback or link-local; targets there may use plain http.",
+        _cidr_list,
+    )
+    webhook_allow_http: bool = _setting(
+        False, "Let webhook targets use plain http anywhere (default: https only)."
+    )
+    webhook_retry_window: int = _setting(
+        24 * 3600,
+        "How long a webhook delivery is retried, with exponential backoff and jitter, before it "
+        "is given up (24h, 90m, …).",
+        parse_duration,
+    )
+    max_batch_items: int = _setting(
+        100, "Most jobs one batch submission (a prompt list or matrix) may make; more get 422."
+    )
+    sse_heartbeat_seconds: float = _setting(
+        15.0, "Seconds between heartbeat comments on an open event stream (SSE).", _positive_float
+    )
     rate_limit_storage_url: str = _setting(
         "memory://", "Where the rate limiter counts: redis://… in production."
     )
@@ -291,6 +326,7 @@ class Settings:
             "max_batch_size",
             "max_active_jobs_per_owner",
             "max_queued_jobs",
+            "max_batch_items",
         ):
             if getattr(self, name) < 1:
                 raise SettingsError(f"{env_var(name)} must be a positive integer")

@@ -31,6 +31,7 @@ from sqlalchemy import (
     UniqueConstraint,
     Uuid,
     false,
+    func,
     text,
 )
 from sqlalchemy.engine import Dialect
@@ -174,6 +175,14 @@ class Job(LeasedWork, Base):
     idempotency_key: Mapped[str | None] = mapped_column(String(255))
     # SHA-256 of the canonical request, so a reused idempotency key with another body is refused.
     request_hash: Mapped[str | None] = mapped_column(String(64))
+    # Where to send signed webhooks, and which events (start, completed, failed, canceled;
+    # None: all). A trigger writes a webhook_deliveries row in the same transaction as each
+    # status change that is one of them (core.db.events).
+    webhook_url: Mapped[str | None] = mapped_column(String(2048))
+    webhook_events: Mapped[list[str] | None] = mapped_column(JSON(none_as_null=True))
+    batch_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("batches.id", ondelete="SET NULL"), index=True
+    )
 
     images: Mapped[list[Image]] = relationship(
         back_populates="job", order_by="Image.index", cascade="all, delete-orphan"
@@ -305,6 +314,8 @@ class ApiToken(Base):
     label: Mapped[str] = mapped_column(String(200), default="")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # Fair share: this token's jobs get this many turns per round of the queue (admin-set).
+    weight: Mapped[float] = mapped_column(Float, default=1.0, server_default=text("1.0"))
 
 
 class AuditEvent(Base):
@@ -363,3 +374,154 @@ class StatusCountDelta(Base):
     kind: Mapped[str] = mapped_column(String(16))
     status: Mapped[str] = mapped_column(String(16))
     delta: Mapped[int] = mapped_column(Integer)
+
+
+class Batch(Base):
+    """Several jobs from one request: a list of prompts or a prompt matrix, shared settings."""
+
+    __tablename__ = "batches"
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    owner: Mapped[str] = mapped_column(String(80), index=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
+    # The request as given (prompts or matrix, shared settings, base seed), for the API.
+    request: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    size: Mapped[int] = mapped_column(Integer)
+    webhook_url: Mapped[str | None] = mapped_column(String(2048))
+    webhook_events: Mapped[list[str] | None] = mapped_column(JSON(none_as_null=True))
+    idempotency_key: Mapped[str | None] = mapped_column(String(255))
+    # When every job of the batch had ended (the batch's own "completed" webhook).
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+    __table_args__ = (
+        UniqueConstraint("owner", "idempotency_key", name="uq_batches_owner_idempotency_key"),
+    )
+
+
+class JobEvent(Base):
+    """What happened to a job, in order: appended by triggers on ``jobs`` (core.db.events) on
+    insert, on every status change, progress step and new preview. Live push (SSE) streams them
+    by id, so a client resuming with Last-Event-ID misses none."""
+
+    __tablename__ = "job_events"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    kind: Mapped[str] = mapped_column(String(16))  # status, progress, preview
+    status: Mapped[str] = mapped_column(String(16))
+    step: Mapped[int] = mapped_column(Integer, default=0)
+    total: Mapped[int] = mapped_column(Integer, default=0)
+    at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, server_default=func.now())
+
+    __table_args__ = (Index("ix_job_events_job_id_id", "job_id", "id"),)
+
+
+class WebhookDelivery(Base):
+    """One logical webhook message (the outbox): written by a trigger in the transaction of the
+    status change it reports, sent by the ``webhooks`` queue with retries until delivered, given
+    up, or its URL disabled. ``message_id`` is the ``webhook-id`` header, the same on every try."""
+
+    __tablename__ = "webhook_deliveries"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    message_id: Mapped[str] = mapped_column(String(80), unique=True)
+    owner: Mapped[str] = mapped_column(String(80), index=True)
+    job_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("jobs.id", ondelete="CASCADE"), index=True
+    )
+    batch_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("batches.id", ondelete="CASCADE"), index=True
+    )
+    event: Mapped[str] = mapped_column(String(16))  # start, completed, failed, canceled
+    url: Mapped[str] = mapped_column(String(2048))
+    # The body as first sent; every retry sends the same bytes. None until the first try.
+    payload: Mapped[str | None] = mapped_column(Text)
+    # pending, delivered, failed (gave up), disabled (the URL answered 410)
+    state: Mapped[str] = mapped_column(String(16), default="pending", server_default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+    next_attempt_at: Mapped[datetime] = mapped_column(
+        UTCDateTime, default=utcnow, server_default=func.now()
+    )
+    # When the task message was handed to the broker (None: still to send; the relay sends it).
+    published_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    last_status_code: Mapped[int | None] = mapped_column(Integer)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(
+        UTCDateTime, default=utcnow, server_default=func.now()
+    )
+    delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+    __table_args__ = (Index("ix_webhook_deliveries_state_next", "state", "next_attempt_at"),)
+
+
+class WebhookAttempt(Base):
+    """One try of a delivery: what the receiver answered, how fast (the delivery log)."""
+
+    __tablename__ = "webhook_attempts"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    delivery_id: Mapped[int] = mapped_column(
+        BigId, ForeignKey("webhook_deliveries.id", ondelete="CASCADE"), index=True
+    )
+    attempt: Mapped[int] = mapped_column(Integer)
+    at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    status_code: Mapped[int | None] = mapped_column(Integer)
+    latency_ms: Mapped[float | None] = mapped_column(Float)
+    error: Mapped[str | None] = mapped_column(Text)
+
+
+class WebhookSecret(Base):
+    """A token's signing key (``whsec_…``). During a rotation the previous key also signs, until
+    ``previous_until``, so receivers can switch over."""
+
+    __tablename__ = "webhook_secrets"
+
+    token_id: Mapped[int] = mapped_column(
+        ForeignKey("api_tokens.id", ondelete="CASCADE"), primary_key=True
+    )
+    key: Mapped[str] = mapped_column(String(128))
+    previous_key: Mapped[str | None] = mapped_column(String(128))
+    previous_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    rotated_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class DisabledWebhookUrl(Base):
+    """A URL that answered 410 Gone: no more deliveries to it for this owner."""
+
+    __tablename__ = "disabled_webhook_urls"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    owner: Mapped[str] = mapped_column(String(80))
+    url_sha256: Mapped[str] = mapped_column(String(64))
+    url: Mapped[str] = mapped_column(String(2048))
+    disabled_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    __table_args__ = (
+        UniqueConstraint("owner", "url_sha256", name="uq_disabled_webhook_urls_owner_url"),
+    )
+
+
+class ThroughputSample(Base):
+    """Measured speed per kind of batch, a moving average: seconds per image per denoising step
+    for a model, sampler, steps and batch size (honest ETAs)."""
+
+    __tablename__ = "throughput_samples"
+
+    model: Mapped[str] = mapped_column(String(64), primary_key=True)  # version id or "default"
+    sampler: Mapped[str] = mapped_column(String(32), primary_key=True)
+    steps: Mapped[int] = mapped_column(Integer, primary_key=True)
+    batch_size: Mapped[int] = mapped_column(Integer, primary_key=True)
+    seconds_per_image_step: Mapped[float] = mapped_column(Float)
+    samples: Mapped[int] = mapped_column(Integer, default=0)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class WorkerPresence(Base):
+    """A generation worker that said it was alive at ``last_seen`` (ETAs divide by live ones)."""
+
+    __tablename__ = "worker_presence"
+
+    host: Mapped[str] = mapped_column(String(255), primary_key=True)
+    queues: Mapped[str] = mapped_column(String(100), default="")
+    last_seen: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
