@@ -41,7 +41,20 @@ def create_app(
     """Build the app. ``settings`` default to the DQ_* environment; ``publisher`` to a Celery
     sender on the settings' broker; ``storage`` to the settings' store (tests pass fakes)."""
     from core.model_versions import serving_model
-    from web import admin, admin_api, api, db, ops, pages, problems, ratelimit, security
+    from web import (  # noqa: F401 -- routes on api, admin_api
+        admin,
+        admin_api,
+        api,
+        batches,
+        db,
+        events,
+        ops,
+        pages,
+        problems,
+        ratelimit,
+        security,
+        webhooks_api,
+    )
     from web.auth import TokenCache
     from web.db import get_session
     from web.metrics import make_registry
