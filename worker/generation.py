@@ -52,6 +52,7 @@ from core.db.transitions import (
 )
 from core.dispatch import publish_job
 from core.jobs import image_key, preview_key
+from core.notify import notify
 from core.storage import StorageError
 from worker import faults
 from worker.context import WorkerContext
@@ -187,6 +188,7 @@ def fail_jobs(ctx: WorkerContext, jobs: list[BatchJob], message: str) -> None:
         for job in jobs:
             if not finish(s, job.lease, JobStatus.FAILED, error=message, preview_key=None):
                 log.warning("lost job %s before it could be failed: %s", job.id, message)
+    notify(ctx.settings, [job.id for job in jobs])  # live streams (SSE): look now
 
 
 def retry_or_fail(ctx: WorkerContext, jobs: list[BatchJob], error: Exception) -> None:
@@ -204,6 +206,7 @@ def retry_or_fail(ctx: WorkerContext, jobs: list[BatchJob], error: Exception) ->
                 )
             elif requeue(s, job.lease):
                 requeued.append((job.id, job.attempts))
+    notify(ctx.settings, [job.id for job in jobs])
     for job_id, attempts in requeued:
         try:
             publish_job(ctx.engine, ctx.publisher, job_id, countdown=min(2.0**attempts, 60.0))
@@ -256,6 +259,7 @@ def store_results(
             raise LeaseLost(job.lease)  # canceled or lost meanwhile: nothing is written
         s.execute(delete(Image).where(Image.job_id == job.id))
         s.add_all(rows)
+    notify(ctx.settings, [job.id])
 
 
 # --- the batch ---------------------------------------------------------------------------------
@@ -312,6 +316,7 @@ class BatchWatcher:
                     for job in self.running():
                         if not update_held(s, job.lease, progress_step=step, progress_total=total):
                             self.drop(job.id, "lost")
+                notify(self.ctx.settings, self.batch.ids)
             except SQLAlchemyError as e:
                 log.warning("progress write failed (%s); trying again at the next tick", e)
         if now - self._last_preview >= PREVIEW_EVERY_S and step < total and self.running():
@@ -338,6 +343,7 @@ class BatchWatcher:
             for job in jobs:
                 if not update_held(s, job.lease, preview_key=keys[job.id]):
                     self.drop(job.id, "lost")
+        notify(self.ctx.settings, list(keys))
 
     def _apply_cancels(self, s: Session) -> None:
         rows = s.execute(
@@ -361,6 +367,7 @@ class BatchWatcher:
         try:
             with session_scope(self.ctx.engine) as s:
                 self._apply_cancels(s)
+            notify(self.ctx.settings, self.batch.ids)
         except SQLAlchemyError as e:
             log.warning("cancel check failed (%s); storing the results anyway", e)
 
@@ -500,6 +507,7 @@ def run_generation(ctx: WorkerContext, job_id: uuid.UUID) -> bool:
     if batch is None:
         log.info("job %s is not queued; message acknowledged without work", job_id)
         return False
+    notify(ctx.settings, batch.ids)  # the claim committed: the jobs are running
     leases = [j.lease for j in batch.jobs]
     ctx.heartbeat.hold(*leases)
     limit = ctx.settings.job_time_limit_seconds
