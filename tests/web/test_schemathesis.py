@@ -65,6 +65,7 @@ def test_every_endpoint_of_the_api_is_in_the_document() -> None:
         ("GET", "/api/v1/admin/training-runs/{run_id}"),
         ("GET", "/api/v1/jobs"),
         ("GET", "/api/v1/jobs/{job_id}"),
+        ("GET", "/api/v1/jobs/{job_id}/events"),
         ("GET", "/api/v1/models"),
         ("POST", "/api/v1/admin/models/default/activate"),
         ("POST", "/api/v1/admin/models/{version_id}/activate"),
