@@ -7,6 +7,7 @@ between commit and send). The relay also
 
 - re-queues running jobs and runs whose lease expired (their worker died), or fails them once
   they have used up their attempts;
+- hands due webhook deliveries to the ``webhooks`` queue (:func:`publish_due_webhooks`);
 - re-publishes queued work whose message can really be gone, and no more. The broker's queue
   should hold one message per queued item that has been published. When it is empty (Redis
   deletes a list with its last message, and forgets them all when it restarts without
@@ -32,11 +33,11 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Protocol
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, or_, select, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
-from core.db.models import Job, JobStatus, TrainingRun, utcnow
+from core.db.models import Job, JobStatus, TrainingRun, WebhookDelivery, utcnow
 from core.db.session import session_scope
 from core.db.transitions import reap
 from core.settings import Settings
@@ -45,8 +46,11 @@ log = logging.getLogger(__name__)
 
 TASK_GENERATE = "dq.generate"
 TASK_TRAIN = "dq.train"
+TASK_DELIVER_WEBHOOK = "dq.deliver_webhook"
 QUEUE_GENERATE = "generate"
 QUEUE_TRAIN = "train"
+# Webhook deliveries have a queue and workers of their own: a slow receiver never holds a GPU.
+QUEUE_WEBHOOKS = "webhooks"
 
 # A queued item whose message went out this long ago, while the broker's queue is empty, is
 # published again: its message was lost.
@@ -61,6 +65,9 @@ REPUBLISH_WHEN_MISSING = timedelta(minutes=5)
 # Rows read per query, and messages sent per queue and per reason in one pass.
 RELAY_BATCH = 500
 RELAY_MAX_PER_PASS = 5000
+# A due webhook delivery whose message went out this long ago and was not taken up (its try
+# would have pushed next_attempt_at ahead) lost its message: it is sent again.
+REPUBLISH_WEBHOOK_AFTER = timedelta(minutes=2)
 
 
 class Publisher(Protocol):
@@ -103,6 +110,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_routes": {
             TASK_GENERATE: {"queue": QUEUE_GENERATE},
             TASK_TRAIN: {"queue": QUEUE_TRAIN},
+            TASK_DELIVER_WEBHOOK: {"queue": QUEUE_WEBHOOKS},
         },
         "task_default_queue": QUEUE_GENERATE,
         "task_create_missing_queues": True,
@@ -191,6 +199,9 @@ class RelayReport:
     requeued: list[uuid.UUID] = field(default_factory=list)
     failed: list[uuid.UUID] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    # Webhook deliveries handed to the webhooks queue (not counted in bool(): the reaper's
+    # summary line is about jobs and runs).
+    webhooks: list[int] = field(default_factory=list)
 
     def __bool__(self) -> bool:
         return bool(self.published or self.republished or self.requeued or self.failed)
@@ -225,7 +236,117 @@ def relay_once(
     for model, queue in ((Job, QUEUE_GENERATE), (TrainingRun, QUEUE_TRAIN)):
         if _publish_unpublished(engine, publisher, model, report):
             _republish_lost(engine, publisher, model, queue, now, report)
+    publish_due_webhooks(engine, publisher, now, report)
     return report
+
+
+def publish_delivery(
+    engine: Engine,
+    publisher: Publisher,
+    delivery_id: int,
+    now: datetime | None = None,
+    *,
+    stale_before: datetime | None = None,
+) -> bool:
+    """Send the task message of a due, pending webhook delivery: stamp ``published_at`` with a
+    conditional UPDATE (of two relays only one sends), commit, send; take the stamp back when
+    the broker refuses. ``stale_before``: also re-send one stamped before then (a lost message).
+    """
+    now = now or utcnow()
+    stamp = utcnow()
+    unsent = WebhookDelivery.published_at.is_(None)
+    with session_scope(engine) as session:
+        stamped = session.execute(
+            update(WebhookDelivery)
+            .where(
+                WebhookDelivery.id == delivery_id,
+                WebhookDelivery.state == "pending",
+                WebhookDelivery.next_attempt_at <= now,
+                unsent
+                if stale_before is None
+                else or_(unsent, WebhookDelivery.published_at < stale_before),
+            )
+            .values(published_at=stamp)
+            .execution_options(synchronize_session=False)
+        )
+        if stamped.rowcount != 1:  # type: ignore[attr-defined]
+            return False
+    try:
+        publisher.publish(TASK_DELIVER_WEBHOOK, QUEUE_WEBHOOKS, {"delivery_id": delivery_id})
+    except BaseException:
+        with session_scope(engine) as session:
+            session.execute(
+                update(WebhookDelivery)
+                .where(WebhookDelivery.id == delivery_id, WebhookDelivery.published_at == stamp)
+                .values(published_at=None)
+                .execution_options(synchronize_session=False)
+            )
+        raise
+    return True
+
+
+def publish_due_webhooks(
+    engine: Engine, publisher: Publisher, now: datetime, report: RelayReport
+) -> None:
+    """Hand the webhooks queue every pending delivery that is due and has no message out: never
+    sent, or a retry whose backoff is over (a failed try clears ``published_at``). Then, as for
+    jobs, re-send as many due deliveries stamped long ago as the queue lacks messages for: a
+    busy queue is not refilled with duplicates, an emptied one is. Bounded batches, earliest due
+    first."""
+    pending = [WebhookDelivery.state == "pending", WebhookDelivery.next_attempt_at <= now]
+    if not _publish_deliveries(
+        engine, publisher, now, report, [*pending, WebhookDelivery.published_at.is_(None)]
+    ):
+        return
+    stale_before = now - REPUBLISH_WEBHOOK_AFTER
+    stale = [*pending, WebhookDelivery.published_at < stale_before]
+    with session_scope(engine) as session:
+        count = session.scalar(select(func.count()).select_from(WebhookDelivery).where(*stale))
+    if not count:
+        return
+    try:
+        depth = publisher.queue_depth(QUEUE_WEBHOOKS)
+    except Exception as e:
+        report.errors.append(f"queue depth of {QUEUE_WEBHOOKS}: {e}")
+        return
+    if depth is not None and count > depth:
+        _publish_deliveries(
+            engine, publisher, now, report, stale, limit=count - depth, stale_before=stale_before
+        )
+
+
+def _publish_deliveries(
+    engine: Engine,
+    publisher: Publisher,
+    now: datetime,
+    report: RelayReport,
+    where: list[Any],
+    limit: int = RELAY_MAX_PER_PASS,
+    stale_before: datetime | None = None,
+) -> bool:
+    """Publish up to ``limit`` deliveries matching ``where``; False when the broker refused."""
+    tried = 0
+    limit = min(limit, RELAY_MAX_PER_PASS)
+    while tried < limit:
+        size = min(RELAY_BATCH, limit - tried)
+        with session_scope(engine) as session:
+            batch = session.scalars(
+                select(WebhookDelivery.id)
+                .where(*where)
+                .order_by(WebhookDelivery.next_attempt_at, WebhookDelivery.id)
+                .limit(size)
+            ).all()
+        for delivery_id in batch:
+            try:
+                if publish_delivery(engine, publisher, delivery_id, now, stale_before=stale_before):
+                    report.webhooks.append(delivery_id)
+            except Exception as e:  # the broker is down: the next pass tries again
+                report.errors.append(f"publishing webhook delivery {delivery_id}: {e}")
+                return False
+        tried += len(batch)
+        if len(batch) < size:
+            break
+    return True
 
 
 def _publish_unpublished(

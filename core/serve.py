@@ -4,6 +4,7 @@ It migrates the database, then starts and watches
 
 - the web app (``dq web``: gunicorn),
 - N generation workers and, unless turned off, a training worker (``dq worker``),
+- a webhooks worker (``dq worker --queues webhooks``: signed deliveries; it loads no model),
 - the reaper and outbox relay (``dq reaper``).
 
 Each child runs in its own session, so a Ctrl-C in the terminal reaches only this supervisor,
@@ -212,6 +213,13 @@ def serve(
             ]
             if train_worker
             else []
+        ),
+        # Two processes, so that one slow receiver (10 s timeout) does not hold up the rest.
+        Child(
+            "webhooks",
+            [*dq, "worker", "--queues", "webhooks", "--concurrency", "2", "--name", "webhooks@%h"],
+            grace_s=15,
+            liveness_file=RUN_DIR / "webhooks.alive",
         ),
         Child("reaper", [*dq, "reaper"], grace_s=10),
     ]

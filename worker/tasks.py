@@ -9,7 +9,7 @@ import uuid
 
 from celery import shared_task
 
-from core.dispatch import TASK_GENERATE, TASK_TRAIN
+from core.dispatch import TASK_DELIVER_WEBHOOK, TASK_GENERATE, TASK_TRAIN
 
 log = logging.getLogger("worker")
 
@@ -42,3 +42,14 @@ def train(run_id: str) -> None:
     parsed = _parse_id(run_id)
     if parsed is not None:
         run_training(get_context(), parsed)
+
+
+@shared_task(name=TASK_DELIVER_WEBHOOK, ignore_result=True)
+def deliver_webhook(delivery_id: int) -> None:
+    """One try of one webhook delivery (queue ``webhooks``); a duplicate message does nothing."""
+    from worker.webhooks import run_delivery
+
+    if isinstance(delivery_id, bool) or not isinstance(delivery_id, int):
+        log.error("message with a malformed delivery id %r acknowledged and dropped", delivery_id)
+        return
+    run_delivery(delivery_id)
