@@ -673,7 +673,7 @@ def serve_cmd(host: str, port: int, workers: int, train_worker: bool, web_worker
     "-Q",
     default="generate",
     show_default=True,
-    help="Comma-separated queues: generate, train, or both.",
+    help="Comma-separated queues: generate, train, webhooks (deliveries; loads no model).",
 )
 @click.option(
     "--concurrency",
@@ -691,10 +691,11 @@ def worker_cmd(queues: str, concurrency: int, name: str | None, loglevel: str) -
 
     settings = _settings()
     wanted = [q.strip() for q in queues.split(",") if q.strip()]
-    unknown = sorted(set(wanted) - {"generate", "train"})
+    unknown = sorted(set(wanted) - {"generate", "train", "webhooks"})
     if not wanted or unknown:
         raise _fail(
-            f"--queues must name generate and/or train, not {', '.join(unknown) or queues!r}"
+            "--queues must name generate, train and/or webhooks, "
+            f"not {', '.join(unknown) or queues!r}"
         )
     for path in settings.local_paths():
         path.mkdir(parents=True, exist_ok=True)
