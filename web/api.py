@@ -26,6 +26,7 @@ from core.jobs import (
     list_jobs,
 )
 from core.model_versions import serving_model
+from core.webhooks import validate_target
 from web.auth import bearer_caller
 from web.db import end_reads, get_session
 from web.problems import Problem, cap_problem, invalid
@@ -120,12 +121,20 @@ def _job_json(session: Any, job: Any) -> dict[str, Any]:
     },
 )
 def submit_job_view(body: dict[str, Any], headers: dict[str, Any]) -> Any:
+    webhook_url = body.pop("webhook", None)
+    webhook_events = body.pop("webhook_events_filter", None)
     try:
+        webhook = (
+            None
+            if webhook_url is None
+            else validate_target(webhook_url, webhook_events, services().settings)
+        )
         job, view = submit_and_publish(
             get_session(),
             JobRequest(**body),
             bearer_caller().owner,
             idempotency_key=headers.get("idempotency_key"),
+            webhook=webhook,
         )
     except JobRequestError as e:
         raise invalid(e.field, e.message) from None

@@ -53,6 +53,8 @@ _JOBS = (
                 "created_at",
                 "started_at",
                 "finished_at",
+                "webhook_url",
+                "webhook_events",
             )
         ),
         _versions.c.name.label("model_name"),
@@ -166,6 +168,8 @@ def job_resource(view: JobView, storage: Storage) -> dict[str, Any]:
             for image in view.images
         ],
         "error": job.error,
+        "webhook": job.webhook_url,
+        "webhook_events_filter": job.webhook_events,
     }
 
 

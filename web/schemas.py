@@ -20,6 +20,8 @@ from marshmallow import ValidationError
 from core.db.models import JobStatus, ModelKind
 from core.jobs import MAX_GUIDANCE, MAX_REQUEST_SEED, SAMPLER_NAMES
 from core.training_runs import MODEL_TABLES, TRAIN_KEYS
+from core.webhooks import EVENTS as WEBHOOK_EVENTS
+from core.webhooks import MAX_URL_LENGTH, WEBHOOK_URL_PATTERN
 
 STATUSES = [s.value for s in JobStatus]
 
@@ -178,6 +180,29 @@ class JobIn(Schema):
         validate=_range(1),
         metadata={"description": "Side in pixels, a multiple of the model's; null: the model's."},
     )
+    webhook = JsonText(
+        allow_none=True,
+        validate=Length(max=MAX_URL_LENGTH, error="must be at most {max} characters"),
+        metadata={
+            "description": "Where to POST signed webhooks (Standard Webhooks; the key is at "
+            "GET /api/v1/webhooks/secret): https to a host name whose every address is public. "
+            "422 when it resolves to a loopback, private, link-local or metadata address. Plain "
+            "http, IP addresses and single-label hosts only where the server's "
+            "DQ_WEBHOOK_ALLOW_HTTP or DQ_WEBHOOK_ALLOWED_NETWORKS allow them.",
+            "format": "uri",
+            "pattern": WEBHOOK_URL_PATTERN,
+            "example": "https://example.com/hooks/dq",
+        },
+    )
+    webhook_events_filter = List(
+        String(validate=OneOf(WEBHOOK_EVENTS, error="must be one of {choices}")),
+        allow_none=True,
+        validate=Length(min=1, error="must name at least one event"),
+        metadata={
+            "description": "Which events to send (null or absent: all); ignored without a webhook.",
+            "example": ["completed", "failed"],
+        },
+    )
 
 
 class IdempotencyHeaders(Schema):
@@ -240,6 +265,13 @@ class JobOut(Schema):
     params = Nested(JobParams, required=True)
     images = List(Nested(ImageOut), required=True)
     error = String(required=True, allow_none=True)
+    webhook = String(required=True, allow_none=True, metadata={"description": "As submitted."})
+    webhook_events_filter = List(
+        String(),
+        required=True,
+        allow_none=True,
+        metadata={"description": "The events sent; null: all (or no webhook)."},
+    )
 
 
 class JobPage(Schema):

@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 
 from core.db.models import Job, TrainingRun
 from core.dispatch import publish_job, publish_run
-from core.jobs import JobRequest, submit_job
+from core.jobs import JobRequest, WebhookTarget, submit_job
 from core.training_runs import submit_training_run
 from web.resources import JobView, job_views
 from web.services import services
@@ -36,7 +36,11 @@ def _publish(what: str, send: Callable[[], bool]) -> None:
 
 
 def submit_and_publish(
-    session: Session, request: JobRequest, owner: str, idempotency_key: str | None = None
+    session: Session,
+    request: JobRequest,
+    owner: str,
+    idempotency_key: str | None = None,
+    webhook: WebhookTarget | None = None,
 ) -> tuple[Job, JobView]:
     """``core.jobs.submit_job``, committed, then published. Returns the job, and the job as the
     API shows it, read in the same transaction (on SQLite, each one takes the write lock).
@@ -45,7 +49,9 @@ def submit_and_publish(
     """
     svc = services()
     try:
-        job, _created = submit_job(session, request, owner, svc.settings, idempotency_key)
+        job, _created = submit_job(
+            session, request, owner, svc.settings, idempotency_key, webhook=webhook
+        )
         (view,) = job_views(session, [job.id])
         session.commit()
     except Exception:

@@ -63,10 +63,13 @@ def test_every_endpoint_of_the_api_is_in_the_document() -> None:
         ("GET", "/api/v1/admin/audit"),
         ("GET", "/api/v1/admin/training-runs"),
         ("GET", "/api/v1/admin/training-runs/{run_id}"),
+        ("GET", "/api/v1/admin/webhooks/failing"),
         ("GET", "/api/v1/jobs"),
         ("GET", "/api/v1/jobs/{job_id}"),
         ("GET", "/api/v1/jobs/{job_id}/events"),
+        ("GET", "/api/v1/jobs/{job_id}/webhooks"),
         ("GET", "/api/v1/models"),
+        ("GET", "/api/v1/webhooks/secret"),
         ("POST", "/api/v1/admin/models/default/activate"),
         ("POST", "/api/v1/admin/models/{version_id}/activate"),
         ("POST", "/api/v1/admin/tokens/{token_id}/revoke"),
@@ -74,6 +77,8 @@ def test_every_endpoint_of_the_api_is_in_the_document() -> None:
         ("POST", "/api/v1/admin/training-runs/{run_id}/cancel"),
         ("POST", "/api/v1/jobs"),
         ("POST", "/api/v1/jobs/{job_id}/cancel"),
+        ("POST", "/api/v1/jobs/{job_id}/webhooks/{delivery_id}/replay"),
+        ("POST", "/api/v1/webhooks/secret/rotate"),
     ]
 
 
