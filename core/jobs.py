@@ -75,20 +75,21 @@ class QueueFull(ValueError):
         self.cap = cap
 
 
-def check_caps(session: Session, owner: str, settings: Settings) -> None:
-    """Refuse a new job past the per-caller or the whole-queue cap. Two requests racing at the
-    cap may both pass: the caps bound abuse, they are not exact quotas."""
+def check_caps(session: Session, owner: str, settings: Settings, count: int = 1) -> None:
+    """Refuse ``count`` new jobs (a batch's, all or none) past the per-caller or the
+    whole-queue cap. Two requests racing at the cap may both pass: the caps bound abuse, they
+    are not exact quotas."""
     active = session.scalar(
         select(func.count())
         .select_from(Job)
         .where(Job.owner == owner, Job.status.in_([JobStatus.QUEUED, JobStatus.RUNNING]))
     )
-    if (active or 0) >= settings.max_active_jobs_per_owner:
+    if (active or 0) + count > settings.max_active_jobs_per_owner:
         raise TooManyActiveJobs(settings.max_active_jobs_per_owner)
     queued = session.scalar(
         select(func.count()).select_from(Job).where(Job.status == JobStatus.QUEUED)
     )
-    if (queued or 0) >= settings.max_queued_jobs:
+    if (queued or 0) + count > settings.max_queued_jobs:
         raise QueueFull(settings.max_queued_jobs)
 
 
