@@ -20,6 +20,7 @@ from types import FrameType
 
 from sqlalchemy.engine import Engine
 
+from core.batches import finish_batches
 from core.db import counts
 from core.db.session import get_engine, session_scope
 from core.dispatch import relay_once
@@ -110,6 +111,11 @@ def run_reaper(
     if settings.retention is not None:
         log.info("retention: finished work older than %d s is pruned hourly", settings.retention)
     while not stop.is_set():
+        try:
+            with session_scope(engine) as session:
+                finish_batches(session)  # each ended batch's "completed" webhook
+        except Exception:
+            log.exception("finishing batches failed")
         try:
             report = relay_once(engine, publisher, settings)
             if report:
