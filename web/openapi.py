@@ -14,6 +14,7 @@ from typing import Any
 
 from werkzeug.routing import Map, UUIDConverter
 
+from core.batches import PLACEHOLDER_NAME
 from core.jobs import size_bounds
 from core.model_versions import ServingModel
 from core.settings import Settings
@@ -84,6 +85,20 @@ def finish_spec(spec: dict[str, Any], settings: Settings, url_map: Map) -> dict[
         job_in["negative_prompt"]["maxLength"] = settings.max_prompt_chars
         job_in["steps"]["maximum"] = settings.max_steps
         job_in["num_images"]["maximum"] = settings.max_images_per_job
+    batch_in = schemas.get("BatchIn")
+    if batch_in and job_in:  # web.batches: a job's settings, its prompt rules, and the cap
+        shared = ("negative_prompt", "steps", "num_images", "webhook")
+        batch_in["properties"].update({k: dict(job_in[k]) for k in shared if k in job_in})
+        prompt = {k: job_in["prompt"][k] for k in ("type", "minLength", "maxLength", "pattern")}
+        cap = settings.max_batch_items
+        batch_in["properties"]["prompts"].update(minItems=1, maxItems=cap, items=prompt)
+        batch_in["oneOf"] = [{"required": ["prompts"]}, {"required": ["matrix"]}]
+        matrix = schemas["PromptMatrixIn"]["properties"]
+        matrix["template"].update(prompt)
+        matrix["values"]["propertyNames"] = {"pattern": f"^{PLACEHOLDER_NAME}$"}
+        value = {"type": "string", "maxLength": settings.max_prompt_chars}
+        value["pattern"] = rf"^{TEXT_CHAR}*$"
+        matrix["values"]["additionalProperties"].update(minItems=1, maxItems=cap, items=value)
     run_in = schemas.get("TrainingRunIn")
     if run_in:
         run_in["allOf"] = run_kind_rules()
@@ -102,4 +117,7 @@ def with_serving_model(document: dict[str, Any], model: ServingModel) -> dict[st
             f"Side in pixels: a multiple of {smallest} from {smallest} to {largest} for the "
             f"serving model ({model.name}); null: its own ({model.image_size})."
         )
+        batch = document["components"]["schemas"].get("BatchIn", {}).get("properties", {})
+        if "size" in batch:  # a batch's jobs take the same sizes
+            batch["size"] = dict(size)
     return document

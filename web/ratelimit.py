@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 # The views that create work; their POSTs are limited.
 SUBMISSION_ENDPOINTS = (
     "api.submit_job_view",
+    "api.submit_batch_view",
     "admin_api.submit_run_view",
     "pages.index",
     "admin.runs",

@@ -64,6 +64,8 @@ def test_every_endpoint_of_the_api_is_in_the_document() -> None:
         ("GET", "/api/v1/admin/training-runs"),
         ("GET", "/api/v1/admin/training-runs/{run_id}"),
         ("GET", "/api/v1/admin/webhooks/failing"),
+        ("GET", "/api/v1/batches"),
+        ("GET", "/api/v1/batches/{batch_id}"),
         ("GET", "/api/v1/jobs"),
         ("GET", "/api/v1/jobs/{job_id}"),
         ("GET", "/api/v1/jobs/{job_id}/events"),
@@ -75,10 +77,13 @@ def test_every_endpoint_of_the_api_is_in_the_document() -> None:
         ("POST", "/api/v1/admin/tokens/{token_id}/revoke"),
         ("POST", "/api/v1/admin/training-runs"),
         ("POST", "/api/v1/admin/training-runs/{run_id}/cancel"),
+        ("POST", "/api/v1/batches"),
+        ("POST", "/api/v1/batches/{batch_id}/cancel"),
         ("POST", "/api/v1/jobs"),
         ("POST", "/api/v1/jobs/{job_id}/cancel"),
         ("POST", "/api/v1/jobs/{job_id}/webhooks/{delivery_id}/replay"),
         ("POST", "/api/v1/webhooks/secret/rotate"),
+        ("PUT", "/api/v1/admin/tokens/{token_id}/weight"),
     ]
 
 
