@@ -30,6 +30,11 @@ class GenerateForm(FlaskForm):
     sampler = SelectField("Sampler", choices={name: name for name in SAMPLER_NAMES})
     seed = IntegerField("Seed", validators=[Optional()], description="Empty: a random seed.")
     num_images = IntegerField("Images", default=1, validators=[InputRequired("How many images?")])
+    one_per_line = BooleanField(
+        "One prompt per line",
+        description="Each line becomes its own job, all in one batch (seeds follow on from the "
+        "seed).",
+    )
 
 
 class LoginForm(FlaskForm):

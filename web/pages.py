@@ -30,7 +30,8 @@ from flask import (
 from sqlalchemy.exc import SQLAlchemyError
 from werkzeug.wrappers import Response as BaseResponse
 
-from core.db.models import Job
+from core.batches import BatchNotFound, SharedSettings, cancel_batch, get_batch
+from core.db.models import Batch, Job
 from core.jobs import (
     JobNotFound,
     JobRequest,
@@ -44,6 +45,7 @@ from core.jobs import (
 from core.model_versions import serving_model
 from core.storage import InvalidKey, LocalStorage, content_disposition
 from web.auth import SIGN_IN_KEY, Caller, page_caller, safe_next, sign_in, sign_out
+from web.batches import batch_detail, submit_batch_and_publish
 from web.db import end_reads, get_session
 from web.forms import GenerateForm, SignInForm, attach_error
 from web.problems import Problem, cap_problem
@@ -137,7 +139,11 @@ def index() -> Any:
         return render_template("index.html", form=None, settings=settings)
     if request.method == "GET":
         _prefill(form)
-    elif form.validate_on_submit():
+    elif (valid := form.validate_on_submit()) and form.one_per_line.data:
+        batch = _submit_lines(form)
+        if batch is not None:
+            return redirect(url_for("pages.batch_page", batch_id=batch.id), code=303)
+    elif valid:
         request_ = JobRequest(
             prompt=form.prompt.data or "",
             negative_prompt=form.negative_prompt.data or "",
@@ -157,6 +163,64 @@ def index() -> Any:
             return redirect(url_for("pages.job_page", job_id=job.id), code=303)
     status = 422 if request.method == "POST" else 200
     return render_template("index.html", form=form, settings=settings), status
+
+
+def _submit_lines(form: GenerateForm) -> Batch | None:
+    """The form's prompt box, one prompt per line (blank lines skipped), as one batch; None
+    with the error on the form."""
+    lines = [line.strip() for line in (form.prompt.data or "").splitlines()]
+    prompts = [line for line in lines if line]
+    try:
+        batch, _ = submit_batch_and_publish(
+            get_session(),
+            page_caller().owner,
+            prompts=prompts,
+            shared=SharedSettings(
+                negative_prompt=form.negative_prompt.data or "",
+                steps=form.steps.data,
+                guidance=form.guidance.data,
+                sampler=form.sampler.data,
+                num_images=form.num_images.data if form.num_images.data is not None else 1,
+            ),
+            seed=form.seed.data,
+        )
+    except JobRequestError as e:
+        field, _, index = e.field.partition(".")
+        if field == "prompts":
+            where = f"prompt {int(index) + 1} of {len(prompts)}: " if index else ""
+            attach_error(form, "prompt", where + e.message)
+        else:
+            attach_error(form, e.field, e.message)
+        return None
+    except (TooManyActiveJobs, QueueFull) as e:
+        raise cap_problem(e) from None
+    return batch
+
+
+@pages.get("/batches/<uuid:batch_id>")
+def batch_page(batch_id: uuid.UUID) -> Any:
+    """A batch's jobs with their status and first image; reloads itself while any job waits or
+    runs."""
+    session = get_session()
+    try:
+        batch = get_batch(session, batch_id, page_caller().scope)
+    except BatchNotFound:
+        raise Problem(404, "There is no such batch, or it was made in another browser.") from None
+    detail = batch_detail(session, batch)
+    end_reads(session)
+    return render_template("batch.html", batch=detail)
+
+
+@pages.post("/batches/<uuid:batch_id>/cancel")
+def cancel_batch_page(batch_id: uuid.UUID) -> BaseResponse:
+    session = get_session()
+    try:
+        batch = get_batch(session, batch_id, page_caller().scope)
+    except BatchNotFound:
+        raise Problem(404, "There is no such batch, or it was made in another browser.") from None
+    cancel_batch(session, batch, page_caller().scope)
+    session.commit()
+    return redirect(url_for("pages.batch_page", batch_id=batch_id), code=303)
 
 
 @pages.route("/login", methods=["GET", "POST"])
