@@ -2,7 +2,7 @@
 
 Callers record inside the transaction of the action itself, so an action and its audit row
 commit together or not at all. Actions: ``sign_in``, ``sign_out``, ``model.activate``,
-``run.create``, ``run.cancel``, ``token.create``, ``token.revoke``, ``prune``.
+``run.create``, ``run.cancel``, ``token.create``, ``token.revoke``, ``token.weight``, ``prune``.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ ACTIONS = (
     "run.cancel",
     "token.create",
     "token.revoke",
+    "token.weight",
     "prune",
 )
 

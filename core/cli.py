@@ -492,7 +492,7 @@ def db_current() -> None:
 
 @cli.group()
 def token() -> None:
-    """API bearer tokens: create (shown once), list, revoke."""
+    """API bearer tokens: create (shown once), list, revoke, weight (fair share)."""
 
 
 def _token_engine() -> Any:
@@ -556,6 +556,24 @@ def token_revoke(token_id: str) -> None:
     except TokenNotFound as e:
         raise _fail(str(e)) from None
     click.echo(f"token {row_id} is revoked")
+
+
+@token.command("weight")
+@click.argument("token_id", type=click.IntRange(min=1))
+@click.argument("weight", type=float)
+def token_weight(token_id: int, weight: float) -> None:
+    """Set token TOKEN_ID's fair-share WEIGHT (0.1 to 100; default 1): its waiting jobs get
+    WEIGHT turns per round of the queue, against 1 for every other owner."""
+    from core.db import session_scope
+    from core.tokens import TokenNotFound, set_weight
+
+    try:
+        with session_scope(_token_engine()) as session:
+            row = set_weight(session, token_id, weight)
+            row_id, new = row.id, row.weight
+    except (TokenNotFound, ValueError) as e:
+        raise _fail(str(e)) from None
+    click.echo(f"token {row_id} has weight {new:g}")
 
 
 # --- web -------------------------------------------------------------------------------------

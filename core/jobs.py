@@ -25,6 +25,7 @@ from sqlalchemy.orm import Session
 
 from core.db.models import Job, JobStatus, utcnow
 from core.db.transitions import transition_job
+from core.fairness import queue_positions
 from core.model_versions import ServingModel, serving_model
 from core.settings import Settings
 
@@ -296,15 +297,17 @@ def list_jobs(
 
 
 def queue_position(session: Session, job: Job) -> int | None:
-    """How many queued jobs are ahead of this one, or None once it is no longer queued."""
+    """How many queued jobs will run before this one under fair share (``core.fairness``), or
+    None once it is no longer queued.
+
+    It is the jobs ahead in the fair order as the queue stands now, so it is approximate twice
+    over: a claim fills its batch with compatible jobs from further down the order, which may
+    pass incompatible ones ahead of them (or take this job early, alongside the head); and jobs
+    that other owners submit later may come before this one, because their rank is lower.
+    """
     if job.status is not JobStatus.QUEUED:
         return None
-    ahead = session.scalar(
-        select(func.count())
-        .select_from(Job)
-        .where(Job.status == JobStatus.QUEUED, Job.created_at < job.created_at)
-    )
-    return int(ahead or 0)
+    return queue_positions(session, [job.id]).get(job.id, 0)
 
 
 def cancel_job(session: Session, job: Job) -> Job:

@@ -12,7 +12,9 @@ ended, nor older than :data:`SIGN_IN_LIFETIME`, and its token must be live. Sign
 row; revoking the token ends all its rows in the same transaction, so neither waits for a
 cookie to expire.
 
-Creating and revoking tokens, signing in and out are recorded in the audit trail
+Each token has a fair-share weight (:func:`set_weight`, ``core.fairness``).
+
+Creating and revoking tokens, setting weights, signing in and out are recorded in the audit trail
 (:mod:`core.audit`) in the same transaction.
 
 No Flask here: the web app and the ``dq token`` commands both call these functions.
@@ -40,6 +42,9 @@ MAX_TOKEN_ID = 2**31 - 1
 SIGN_IN_LIFETIME = timedelta(hours=12)
 # last_seen_at is written at most this often per sign-in, not on every request.
 LAST_SEEN_RESOLUTION = timedelta(minutes=1)
+# Fair-share weights an admin may set (turns per round of the queue; the default is 1).
+MIN_WEIGHT = 0.1
+MAX_WEIGHT = 100.0
 # Who acts when a caller names no one: the `dq token` commands.
 CLI_ACTOR = "cli"
 
@@ -136,6 +141,30 @@ def revoke_token(session: Session, token: int | str, *, actor: str = CLI_ACTOR) 
             detail={"role": row.role.value, "sessions_ended": sessions_ended},
         )
         session.flush()
+    return row
+
+
+def set_weight(
+    session: Session, token_id: int, weight: float, *, actor: str = CLI_ACTOR
+) -> ApiToken:
+    """Give token ``token_id`` this fair-share weight (``core.fairness``): its jobs get
+    ``weight`` turns per round of the queue. ``actor`` is who set it, for the audit trail.
+    ValueError names the bounds; TokenNotFound when no token has that id."""
+    if isinstance(weight, bool) or not MIN_WEIGHT <= weight <= MAX_WEIGHT:
+        raise ValueError(f"weight must be from {MIN_WEIGHT:g} to {MAX_WEIGHT:g}")
+    row = session.get(ApiToken, token_id) if 0 < token_id <= MAX_TOKEN_ID else None
+    if row is None:
+        raise TokenNotFound(f"no token has id {token_id}")
+    previous = row.weight
+    row.weight = float(weight)
+    record(
+        session,
+        actor,
+        "token.weight",
+        f"token:{row.id}",
+        detail={"weight": row.weight, "previous": previous},
+    )
+    session.flush()
     return row
 
 

@@ -1,6 +1,6 @@
 """Admin REST API: start, watch and cancel training runs; choose the model that serves; revoke
-tokens; read the audit trail. Every action is recorded in the audit trail (core.audit) in the
-transaction that does it.
+tokens and set their fair-share weights; read the audit trail. Every action is recorded in the
+audit trail (core.audit) in the transaction that does it.
 
 Needs an admin token. A user token gets 403 before its request body is even read, so nothing
 is ever written on its behalf.
@@ -11,7 +11,9 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from apiflask import APIBlueprint
+from apiflask import APIBlueprint, Schema
+from apiflask.fields import Float
+from apiflask.validators import Range
 from flask import url_for
 from marshmallow import RAISE
 from sqlalchemy.exc import IntegrityError
@@ -20,7 +22,7 @@ from core.audit import recent, record
 from core.db.models import JobStatus
 from core.model_versions import activate_version, deactivate_all
 from core.storage import StorageError
-from core.tokens import TokenNotFound, revoke_token
+from core.tokens import MAX_WEIGHT, MIN_WEIGHT, TokenNotFound, revoke_token, set_weight
 from core.training_runs import (
     RunFinished,
     RunNotFound,
@@ -50,7 +52,15 @@ from web.auth import bearer_caller, require_admin
 from web.db import end_reads, get_session
 from web.problems import Problem, invalid
 from web.resources import run_resource, samples_key
-from web.schemas import LocationHeader, ModelsOut, PageQuery, RunPage, TrainingRunIn, TrainingRunOut
+from web.schemas import (
+    JsonNumber,
+    LocationHeader,
+    ModelsOut,
+    PageQuery,
+    RunPage,
+    TrainingRunIn,
+    TrainingRunOut,
+)
 from web.services import services
 from web.submission import start_training_run
 
@@ -256,6 +266,44 @@ def revoke_token_view(token_id: int) -> Any:
     session.commit()
     services().token_cache.discard(token.token_hash)
     return json_response(token_resource(token))
+
+
+class TokenWeightIn(Schema):
+    weight = JsonNumber(
+        required=True,
+        validate=Range(min=MIN_WEIGHT, max=MAX_WEIGHT, error="must be from {min} to {max}"),
+        metadata={
+            "description": "Turns per round of the queue that this token's jobs get, against "
+            "1 for every other owner (fair share between owners).",
+            "example": 2,
+        },
+    )
+
+
+class TokenWeightOut(TokenOut):
+    weight = Float(required=True, metadata={"description": "Fair-share weight (default 1)."})
+
+
+@admin_api.put("/tokens/<int:token_id>/weight")
+@admin_api.input(TokenWeightIn, location="json", arg_name="body")
+@admin_api.output(TokenWeightOut)
+@admin_api.doc(
+    summary="Set a token's fair-share weight",
+    description="Waiting jobs run in weighted round-robin across owners: each round, a token "
+    "of weight 2 gets two turns and one of weight 0.5 a turn every other round; owners "
+    "without a weight (other tokens, browser sessions) get one. Takes effect at the next "
+    "claim. Token ids are those of `dq token list`.",
+    security="BearerAuth",
+    responses={**ADMIN_ERRORS, **BODY_ERRORS, 404: "There is no token with that id."},
+)
+def token_weight_view(token_id: int, body: dict[str, Any]) -> Any:
+    session = audited_session()
+    try:
+        token = set_weight(session, token_id, body["weight"], actor=bearer_caller().owner)
+    except TokenNotFound:
+        raise Problem(404, f"There is no token {token_id}.") from None
+    session.commit()
+    return json_response({**token_resource(token), "weight": token.weight})
 
 
 @admin_api.get("/audit")

@@ -3,8 +3,9 @@ polls). One function per object, so that submit, poll and list all answer the sa
 
 Polling is the hot path: a client asks for its job every half second. :func:`load_job` reads a
 job in one query built once at import (building a SQLAlchemy statement costs more than running
-it): the job, its model's name and its queue position; the images take a second query once the
-job has succeeded.
+it): the job and its model's name; the images take a second query once the job has succeeded.
+While a job waits or runs, ``core.eta`` adds its queue position under fair share and its
+estimated start and finish (a few bounded queries, none for a finished job).
 """
 
 from __future__ import annotations
@@ -16,20 +17,23 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import bindparam, case, func, select
+from flask import has_app_context
+from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session
 
 from core.db.models import Image, Job, JobStatus, ModelKind, ModelVersion, TrainingRun
+from core.eta import UNKNOWN, Estimate, estimate
 from core.jobs import JobNotFound
 from core.model_versions import DEFAULT_MODEL_NAME, ServingModel
+from core.settings import Settings
 from core.storage import Storage
+from web.services import services
 
 _jobs, _images, _versions = Job.__table__, Image.__table__, ModelVersion.__table__
-_ahead = _jobs.alias("ahead")
 
-# What the job object shows of a job, its model's name, and while it is queued the queued jobs
-# created before it: the rule of core.jobs.queue_position, as a correlated subquery
-# (tests/web/test_resources.py keeps the two in step), so that a poll is one query.
+# What the job object shows of a job and its model's name. The queue position comes from
+# core.eta, by the rule of core.jobs.queue_position (tests/web/test_resources.py keeps the two in
+# step).
 _JOBS = (
     select(
         *(
@@ -58,18 +62,6 @@ _JOBS = (
             )
         ),
         _versions.c.name.label("model_name"),
-        case(
-            (
-                _jobs.c.status == JobStatus.QUEUED,
-                select(func.count())
-                .select_from(_ahead)
-                .where(
-                    _ahead.c.status == JobStatus.QUEUED, _ahead.c.created_at < _jobs.c.created_at
-                )
-                .scalar_subquery(),
-            ),
-            else_=None,
-        ).label("queued_ahead"),
     )
     .select_from(_jobs.outerjoin(_versions, _jobs.c.model_version_id == _versions.c.id))
     .where(_jobs.c.id.in_(bindparam("job_ids", expanding=True)))
@@ -85,11 +77,12 @@ _IMAGES = (
 
 @dataclass(frozen=True)
 class JobView:
-    """A job as the job object shows it (a row of ``_JOBS``: the job's columns, its model's name
-    and its queue position) and the job's images."""
+    """A job as the job object shows it (a row of ``_JOBS``: the job's columns and its model's
+    name), the job's images, and its queue position and estimated start and finish."""
 
     job: Any
     images: Sequence[Any]
+    estimate: Estimate = UNKNOWN
 
     @property
     def model_name(self) -> str:
@@ -97,8 +90,7 @@ class JobView:
 
     @property
     def queue_position(self) -> int | None:
-        ahead = self.job.queued_ahead
-        return None if ahead is None else int(ahead)
+        return self.estimate.queue_position
 
 
 def job_views(session: Session, job_ids: Sequence[uuid.UUID]) -> list[JobView]:
@@ -115,7 +107,15 @@ def job_views(session: Session, job_ids: Sequence[uuid.UUID]) -> list[JobView]:
     if done:
         for image in connection.execute(_IMAGES, {"job_ids": done}):
             images[image.job_id].append(image)
-    return [JobView(rows[i], images.get(i, [])) for i in job_ids if i in rows]
+    estimates = estimate(session, list(rows.values()), max_batch_size=_max_batch_size())
+    return [JobView(rows[i], images.get(i, []), estimates[i]) for i in job_ids if i in rows]
+
+
+def _max_batch_size() -> int:
+    """The app's DQ_MAX_BATCH_SIZE (the workers share its settings); the default outside one."""
+    if has_app_context():
+        return services().settings.max_batch_size
+    return Settings().max_batch_size
 
 
 def load_job(session: Session, job_id: uuid.UUID, scope: str | None) -> JobView:
@@ -144,6 +144,8 @@ def job_resource(view: JobView, storage: Storage) -> dict[str, Any]:
             "preview_url": storage.url(job.preview_key) if running and job.preview_key else None,
         },
         "queue_position": view.queue_position,
+        "estimated_start": iso(view.estimate.start),
+        "estimated_finish": iso(view.estimate.finish),
         "created_at": iso(job.created_at),
         "started_at": iso(job.started_at),
         "finished_at": iso(job.finished_at),

@@ -259,6 +259,19 @@ class JobOut(Schema):
         allow_none=True,
         metadata={"description": "Jobs ahead of this one; null once it is no longer queued."},
     )
+    estimated_start = DateTime(
+        required=True,
+        allow_none=True,
+        metadata={
+            "description": "When the job is expected to start (when it started, once running), "
+            "from measured throughput and live workers; null once it has finished."
+        },
+    )
+    estimated_finish = DateTime(
+        required=True,
+        allow_none=True,
+        metadata={"description": "When the job is expected to finish; null once it has finished."},
+    )
     created_at = DateTime(required=True)
     started_at = DateTime(required=True, allow_none=True)
     finished_at = DateTime(required=True, allow_none=True)

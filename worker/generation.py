@@ -1,10 +1,11 @@
 """Running generation jobs: claim, batch across compatible jobs, denoise, store, record.
 
-A task message names one job. The worker claims it with the conditional UPDATE of
-``core.db.transitions``; a message for a job that is no longer queued (another worker holds it,
-it finished, it was canceled, or this is a duplicate) does nothing. Having claimed one job, the
-worker also claims queued jobs that can share its batch: same model version, sampler, steps and
-size, up to DQ_MAX_BATCH_SIZE images. Their own messages, when they arrive, find them taken.
+A task message is a work token: the worker claims the job at the head of the fair order
+(``core.fairness``: weighted round-robin across owners), not necessarily the message's own job,
+with the conditional UPDATE of ``core.db.transitions``. It then claims queued jobs that can share
+its batch, in the same order: same model version, sampler, steps and size, up to
+DQ_MAX_BATCH_SIZE images. A message that finds no job queued (every job it could stand for went
+in earlier batches, or this is a duplicate) does nothing.
 
 Each image is bit-identical to what it would be alone: every image has its own seed and noise
 generator, and the model is batch-invariant (tests/core/test_pipeline.py). Each job keeps its
@@ -33,10 +34,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, func, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
+from core import eta
 from core.db.models import Image, Job, JobStatus
 from core.db.session import read_only_engine, session_scope
 from core.db.transitions import (
@@ -51,6 +53,7 @@ from core.db.transitions import (
     update_held,
 )
 from core.dispatch import publish_job
+from core.fairness import next_in_line
 from core.jobs import image_key, preview_key
 from core.notify import notify
 from core.storage import StorageError
@@ -66,6 +69,7 @@ log = logging.getLogger(__name__)
 
 PROGRESS_EVERY_S = 0.25  # progress writes and cancel checks: at most four a second
 PREVIEW_EVERY_S = 1.0
+HEAD_CANDIDATES = 8  # jobs at the head of the fair order that a claim tries, in turn
 PREVIEW_SIZE = 128  # previews larger than this are shrunk; the page scales them up
 TRANSIENT = (StorageError, SQLAlchemyError, ConnectionError, TimeoutError)
 OUT_OF_MEMORY = "the GPU ran out of memory for this job; try fewer images or a smaller size"
@@ -127,41 +131,50 @@ def _claim(ctx: WorkerContext, s: Session, job_id: uuid.UUID) -> Lease | None:
 
 
 def claim_batch(ctx: WorkerContext, job_id: uuid.UUID) -> Batch | None:
-    """Claim ``job_id`` and compatible queued jobs; None when ``job_id`` is not ours to run."""
+    """Claim the batch that is fairest to run now; None when no job is queued.
+
+    A message is a work token, not an order to run its own job: the worker claims the head of
+    the fair order (``core.fairness``: weighted round-robin across owners), then fills the batch
+    with compatible jobs in the same order, up to DQ_MAX_BATCH_SIZE images. Every job has its
+    own message and a claim takes at least one job, so there are never fewer messages than
+    batches to run: every job runs, and the messages left over (for ``job_id`` when some batch
+    already took it) find nothing queued and do nothing.
+    """
     with session_scope(ctx.engine) as s:
-        first_lease = _claim(ctx, s, job_id)
-        if first_lease is None:
+        first_lease, first = None, None
+        # Another worker may claim the same head at the same moment (PostgreSQL); the loser
+        # moves on to the next in line, and reads the order again when all of those are gone.
+        for _ in range(3):
+            heads = next_in_line(s, HEAD_CANDIDATES)
+            if not heads:
+                return None
+            for head in heads:
+                first_lease = _claim(ctx, s, head.id)
+                if first_lease is not None:
+                    first = head
+                    break
+            if first is not None:
+                break
+        if first_lease is None or first is None:
+            log.info("every job in line was claimed by other workers (message of job %s)", job_id)
             return None
-        first = s.get(Job, job_id)
-        assert first is not None
         budget = ctx.settings.max_batch_size - first.num_images
-        claimed = [(first_lease, first)]
+        claimed = [first_lease]
         if budget > 0:
-            candidates = s.execute(
-                select(Job.id, Job.num_images)
-                .where(
-                    Job.status == JobStatus.QUEUED,
-                    Job.model_version_id.is_not_distinct_from(first.model_version_id),
-                    Job.sampler == first.sampler,
-                    Job.steps == first.steps,
-                    Job.width == first.width,
-                    Job.height == first.height,
-                    Job.num_images <= budget,
-                )
-                .order_by(Job.created_at)
-                .limit(4 * ctx.settings.max_batch_size)
-            ).all()
-            for cid, n in candidates:
-                if n > budget:
+            candidates = next_in_line(
+                s, 4 * ctx.settings.max_batch_size, like=first, max_images=budget
+            )
+            for row in candidates:
+                if row.num_images > budget:
                     continue
-                lease = _claim(ctx, s, cid)
+                lease = _claim(ctx, s, row.id)
                 if lease is not None:
-                    job = s.get(Job, cid)
-                    assert job is not None
-                    claimed.append((lease, job))
-                    budget -= n
+                    claimed.append(lease)
+                    budget -= row.num_images
                 if budget == 0:
                     break
+        rows = s.scalars(select(Job).where(Job.id.in_([lease.id for lease in claimed])))
+        by_id = {j.id: j for j in rows}
         return Batch(
             jobs=[
                 BatchJob(
@@ -171,7 +184,7 @@ def claim_batch(ctx: WorkerContext, job_id: uuid.UUID) -> Batch | None:
                     guidance=j.guidance,
                     seeds=[j.seed + i for i in range(j.num_images)],
                 )
-                for lease, j in claimed
+                for lease, j in ((lease, by_id[lease.id]) for lease in claimed)
             ],
             model_version_id=first.model_version_id,
             sampler=first.sampler,
@@ -394,6 +407,7 @@ def run_batch(ctx: WorkerContext, batch: Batch) -> None:
         retry_or_fail(ctx, batch.jobs, e)
         return
 
+    started = time.monotonic()
     watcher = BatchWatcher(ctx, batch, model.fast_preview)
     parts = [list(batch.jobs)]
     while parts:
@@ -431,6 +445,28 @@ def run_batch(ctx: WorkerContext, batch: Batch) -> None:
             except TRANSIENT as e:
                 log.warning("storing job %s failed: %s", job.id, e)
                 retry_or_fail(ctx, [job], e)
+    record_throughput(ctx, batch, time.monotonic() - started)
+
+
+def record_throughput(ctx: WorkerContext, batch: Batch, seconds: float) -> None:
+    """A batch whose jobs all succeeded tells how fast its kind of batch runs (``core.eta``).
+    One short transaction, best effort: a failure is logged, never charged to a job."""
+    try:
+        with session_scope(ctx.engine) as s:
+            succeeded = s.scalar(
+                select(func.count()).where(Job.id.in_(batch.ids), Job.status == JobStatus.SUCCEEDED)
+            )
+            if succeeded == len(batch.jobs):
+                eta.record_throughput(
+                    s,
+                    model_version_id=batch.model_version_id,
+                    sampler=batch.sampler,
+                    steps=batch.steps,
+                    batch_size=sum(j.num_images for j in batch.jobs),
+                    seconds=seconds,
+                )
+    except Exception:
+        log.warning("could not record the throughput of a batch", exc_info=True)
 
 
 class _SplitOrFail(Exception):

@@ -9,21 +9,32 @@ task cannot keep its work forever.
 A renewal that finds the row no longer held (the reaper re-queued it while this process was
 stalled, and another worker claimed it) marks the lease lost: the task polls :meth:`lost` and
 stops that work at once.
+
+The same thread tells the database every :data:`PRESENCE_EVERY_S` that this worker is alive and
+which queues it has taken work from (``worker_presence``, read by ``core.eta``: waits divide by
+the live generation workers). It starts with the first claim, so a worker counts from its first
+job on; an idle worker with an empty queue changes no estimate.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 import uuid
 from datetime import timedelta
 
 from sqlalchemy.engine import Engine
 
+from core.db.models import Job
 from core.db.session import session_scope
 from core.db.transitions import Lease, renew
+from core.dispatch import QUEUE_GENERATE, QUEUE_TRAIN
+from core.eta import mark_present
 
 log = logging.getLogger(__name__)
+
+PRESENCE_EVERY_S = 10.0
 
 
 class Heartbeat:
@@ -35,6 +46,7 @@ class Heartbeat:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._queues: set[str] = set()  # the kinds of work held so far, for worker_presence
 
     @property
     def lease_seconds(self) -> float:
@@ -45,6 +57,7 @@ class Heartbeat:
             for lease in leases:
                 self._held[lease.id] = lease
                 self._lost.discard(lease.id)
+                self._queues.add(QUEUE_GENERATE if lease.model is Job else QUEUE_TRAIN)
         self._ensure_thread()
 
     def release(self, *ids: uuid.UUID) -> None:
@@ -86,13 +99,36 @@ class Heartbeat:
                         lease.token,
                     )
 
+    def announce(self) -> None:
+        """Mark this worker present now, with the queues it has taken work from."""
+        from worker.context import worker_identity  # worker.context imports this module
+
+        with self._lock:
+            queues = ",".join(sorted(self._queues))
+        with session_scope(self.engine) as session:
+            mark_present(session, worker_identity(), queues)
+
     def _run(self) -> None:
         interval = self.lease.total_seconds() / 3
-        while not self._stop.wait(interval):
-            try:
-                self.beat()
-            except Exception:  # the database blinked; the next beat tries again
-                log.exception("lease renewal failed")
+        tick = min(interval, PRESENCE_EVERY_S)
+        next_presence = time.monotonic()
+        next_beat = next_presence + interval
+        while True:
+            now = time.monotonic()
+            if now >= next_presence:
+                next_presence = now + PRESENCE_EVERY_S
+                try:
+                    self.announce()
+                except Exception:  # a nicety for ETAs; never worth a log line per tick
+                    log.debug("could not record this worker's presence", exc_info=True)
+            if now >= next_beat:
+                next_beat = now + interval
+                try:
+                    self.beat()
+                except Exception:  # the database blinked; the next beat tries again
+                    log.exception("lease renewal failed")
+            if self._stop.wait(tick):
+                return
 
     def stop(self) -> None:
         self._stop.set()

@@ -37,6 +37,8 @@ JOB_FIELDS = {
     "status",
     "progress",
     "queue_position",
+    "estimated_start",
+    "estimated_finish",
     "created_at",
     "started_at",
     "finished_at",
@@ -127,9 +129,10 @@ def test_whole_numbers_written_as_floats_and_prompts_with_leading_spaces_are_acc
 def test_queue_position_counts_the_jobs_ahead(
     client: FlaskClient, user_token: str, engine: Engine
 ) -> None:
+    # Two other owners' first jobs come first; a running job is ahead of no one.
     add_job(engine, "someone-else", seconds_ago=5)
-    add_job(engine, "someone-else", seconds_ago=4)
-    add_job(engine, "someone-else", JobStatus.RUNNING, seconds_ago=10)
+    add_job(engine, "a-third", seconds_ago=4)
+    add_job(engine, "a-fourth", JobStatus.RUNNING, seconds_ago=10)
     r = client.post("/api/v1/jobs", json={"prompt": "a square"}, headers=bearer(user_token))
     assert r.get_json()["queue_position"] == 2
 

@@ -32,7 +32,8 @@ def test_queue_positions_agree_with_core(engine: Engine) -> None:
     with session_scope(engine) as session:
         expected = [queue_position(session, get_job(session, i, None)) for i in ids]
         got = [view.queue_position for view in job_views(session, ids)]
-    assert expected == [0, None, 1, None, 2, None, 3]
+    # Fair share: "a" has a job running, so b's first job comes before a's first waiting one.
+    assert expected == [1, None, 0, None, 2, None, 3]
     assert got == expected
 
 

@@ -1,0 +1,371 @@
+"""Honest ETAs: when a job will start and finish, from measured throughput and live workers.
+
+Workers measure themselves. After each batch whose jobs all succeeded, the worker folds the
+batch's seconds per image per denoising step into an exponential moving average kept per model,
+sampler, steps and batch size (:func:`record_throughput`, table ``throughput_samples``); the
+batch's wall time counts everything from the claim's start to its last stored image. Every
+generation worker says it is alive every few seconds (:func:`mark_present`, table
+``worker_presence``); one seen within :data:`LIVE_SECONDS` is live.
+
+:func:`estimate` then works out, for a queued job, with the queue as it stands:
+
+- the jobs ahead of it in fair order (``core.fairness``), by kind of batch, in one aggregate
+  query. Jobs of its own kind ahead of it run in batches of DQ_MAX_BATCH_SIZE images, and the
+  last, partial one is the job's own batch: those images cost it nothing extra;
+- the work still left in the running batches, from their progress;
+- start = now + (work ahead + work left running) / live workers (at least one), where work is
+  images × steps × seconds per image per step at the batch size it will run at;
+- finish = start + its own batch (its images, the partial batch ahead, compatible jobs behind it,
+  up to the cap) × steps × the rate at that batch size.
+
+For a running job, start is when it was claimed, and finish is extrapolated from the time each
+step has taken so far (from the measured rate until the first step is recorded).
+
+What it cannot know: jobs that other owners submit later may come before a waiting job (their
+rank is lower), and a worker that joins or leaves changes every wait. Accuracy is measured by
+``bench/bench_eta.py``, not promised. No Flask, no Celery here.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import case, func, literal, select, true
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from core.db.models import Job, JobStatus, ThroughputSample, WorkerPresence, utcnow
+from core.db.transitions import db_now
+from core.dispatch import QUEUE_GENERATE
+from core.fairness import ahead_of, fair_queue
+
+# Used until a worker has measured anything: the shipped model on two CPU cores is about this
+# fast at batch 1 (bench/bench_eta.py prints what this machine measures).
+DEFAULT_SECONDS_PER_IMAGE_STEP = 0.05
+# Weight of the newest batch in the moving average. The first few samples are plain means, so
+# that the first measurement replaces the default at once.
+EMA_WEIGHT = 0.2
+LIVE_SECONDS = 60.0
+# Running jobs read per estimate: workers × the jobs of one batch, far below this.
+MAX_RUNNING = 2000
+
+
+def model_key(model_version_id: uuid.UUID | None) -> str:
+    """How ``throughput_samples.model`` names a model version (the shipped one: "default")."""
+    return "default" if model_version_id is None else str(model_version_id)
+
+
+# --- what workers record ---------------------------------------------------------------------
+
+
+def _upsert(session: Session, table: Any) -> Any:
+    """INSERT … ON CONFLICT for this session's backend (both spell it the same way)."""
+    dialect = session.get_bind().dialect.name
+    return (postgresql.insert if dialect == "postgresql" else sqlite.insert)(table)
+
+
+def record_throughput(
+    session: Session,
+    *,
+    model_version_id: uuid.UUID | None,
+    sampler: str,
+    steps: int,
+    batch_size: int,
+    seconds: float,
+) -> None:
+    """Fold one batch's wall time into the moving average of its kind of batch."""
+    if batch_size < 1 or steps < 1 or seconds <= 0:
+        return
+    rate = seconds / (batch_size * steps)
+    t = ThroughputSample.__table__
+    insert = _upsert(session, t).values(
+        model=model_key(model_version_id),
+        sampler=sampler,
+        steps=steps,
+        batch_size=batch_size,
+        seconds_per_image_step=rate,
+        samples=1,
+        updated_at=db_now(),
+    )
+    old = t.c.seconds_per_image_step
+    # A plain mean of the first 1/EMA_WEIGHT samples, then an exponential moving average.
+    weight = case((t.c.samples < round(1 / EMA_WEIGHT), 1.0 / (t.c.samples + 1)), else_=EMA_WEIGHT)
+    session.execute(
+        insert.on_conflict_do_update(
+            index_elements=[t.c.model, t.c.sampler, t.c.steps, t.c.batch_size],
+            set_={
+                "seconds_per_image_step": old
+                + (insert.excluded.seconds_per_image_step - old) * weight,
+                "samples": t.c.samples + 1,
+                "updated_at": insert.excluded.updated_at,
+            },
+        )
+    )
+
+
+def mark_present(session: Session, host: str, queues: str) -> None:
+    """This worker is alive now (by the database's clock) and takes work from ``queues``."""
+    t = WorkerPresence.__table__
+    insert = _upsert(session, t).values(host=host, queues=queues[:100], last_seen=db_now())
+    session.execute(
+        insert.on_conflict_do_update(
+            index_elements=[t.c.host],
+            set_={"queues": insert.excluded.queues, "last_seen": insert.excluded.last_seen},
+        )
+    )
+
+
+def live_workers(session: Session) -> int:
+    """Generation workers seen within :data:`LIVE_SECONDS`."""
+    t = WorkerPresence.__table__
+    found = session.scalar(
+        select(func.count())
+        .select_from(t)
+        .where(
+            t.c.last_seen >= db_now(-LIVE_SECONDS),
+            t.c.queues.contains(QUEUE_GENERATE, autoescape=True),
+        )
+    )
+    return int(found or 0)
+
+
+# --- rates ------------------------------------------------------------------------------------
+
+
+class Rates:
+    """Measured seconds per image per step, looked up by kind of batch. A kind never measured
+    borrows from the nearest one measured: the same model and sampler at other steps, then the
+    same model, then any, then :data:`DEFAULT_SECONDS_PER_IMAGE_STEP`; always at the batch
+    size nearest the one asked for."""
+
+    def __init__(self, samples: Iterable[tuple[str, str, int, int, float]]):
+        self._exact: dict[tuple[str, str, int], dict[int, float]] = defaultdict(dict)
+        self._sampler: dict[tuple[str, str], dict[int, list[float]]] = defaultdict(
+            lambda: defaultdict(list)
+        )
+        self._model: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+        self._any: dict[int, list[float]] = defaultdict(list)
+        for model, sampler, steps, batch, rate in samples:
+            self._exact[(model, sampler, steps)][batch] = rate
+            self._sampler[(model, sampler)][batch].append(rate)
+            self._model[model][batch].append(rate)
+            self._any[batch].append(rate)
+
+    @classmethod
+    def load(cls, session: Session) -> Rates:
+        t = ThroughputSample.__table__
+        rows = session.execute(
+            select(t.c.model, t.c.sampler, t.c.steps, t.c.batch_size, t.c.seconds_per_image_step)
+            .order_by(t.c.updated_at.desc())
+            .limit(5000)
+        ).all()
+        return cls((r[0], r[1], r[2], r[3], r[4]) for r in rows)
+
+    @staticmethod
+    def _nearest(by_batch: dict[int, Any], batch: int) -> int:
+        return min(by_batch, key=lambda b: (abs(b - batch), -b))
+
+    def largest_batch(self, model: str, sampler: str, steps: int) -> int | None:
+        sizes = self._exact.get((model, sampler, steps))
+        return max(sizes) if sizes else None
+
+    def seconds_per_image_step(self, model: str, sampler: str, steps: int, batch: int) -> float:
+        exact = self._exact.get((model, sampler, steps))
+        if exact:
+            return exact[self._nearest(exact, batch)]
+        for pooled in (self._sampler.get((model, sampler)), self._model.get(model), self._any):
+            if pooled:
+                rates = pooled[self._nearest(pooled, batch)]
+                return sorted(rates)[len(rates) // 2]
+        return DEFAULT_SECONDS_PER_IMAGE_STEP
+
+    def batch_seconds(
+        self, model_version_id: uuid.UUID | None, sampler: str, steps: int, images: int
+    ) -> float:
+        """Wall time of one batch of ``images`` images of this kind."""
+        if images <= 0:
+            return 0.0
+        rate = self.seconds_per_image_step(model_key(model_version_id), sampler, steps, images)
+        return images * steps * rate
+
+
+# --- estimates --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Estimate:
+    queue_position: int | None  # jobs ahead in fair order; None once it is no longer queued
+    start: datetime | None
+    finish: datetime | None
+
+
+UNKNOWN = Estimate(None, None, None)
+
+
+@dataclass(frozen=True)
+class _Running:
+    id: uuid.UUID
+    host: str | None
+    model_version_id: uuid.UUID | None
+    sampler: str
+    steps: int
+    num_images: int
+    progress_step: int
+    started_at: datetime | None
+
+
+def _running_finishes(
+    running: Sequence[_Running], rates: Rates, now: datetime
+) -> dict[uuid.UUID, datetime]:
+    """When each running job will finish. A worker runs its claimed jobs as one batch, so a
+    job's batch is the running jobs of its worker; once a step is recorded, the time per step
+    so far is the best guide."""
+    batch_images: dict[str | None, int] = defaultdict(int)
+    for job in running:
+        batch_images[job.host] += job.num_images
+    out = {}
+    for job in running:
+        left = max(job.steps - job.progress_step, 0)
+        elapsed = (now - job.started_at).total_seconds() if job.started_at else 0.0
+        if job.progress_step > 0 and elapsed > 0:
+            remaining = left * elapsed / job.progress_step
+        else:
+            whole = rates.batch_seconds(
+                job.model_version_id, job.sampler, job.steps, batch_images[job.host]
+            )
+            remaining = max(whole * left / max(job.steps, 1) - max(elapsed, 0.0), 0.0)
+        out[job.id] = now + timedelta(seconds=remaining)
+    return out
+
+
+def estimate(
+    session: Session,
+    jobs: Sequence[Any],
+    *,
+    max_batch_size: int,
+    now: datetime | None = None,
+) -> dict[uuid.UUID, Estimate]:
+    """Queue position, estimated start and finish of each of ``jobs`` (rows or ``Job``s with
+    ``id``, ``status`` and ``started_at``). Finished jobs get :data:`UNKNOWN`, with no query.
+    A few bounded queries whatever the number of jobs: one aggregate over the queue for all
+    the queued ones, the running jobs, the rates and the count of live workers."""
+    now = now or utcnow()
+    out = {job.id: UNKNOWN for job in jobs}
+    waiting = [job.id for job in jobs if job.status is JobStatus.QUEUED]
+    if not any(job.status in (JobStatus.QUEUED, JobStatus.RUNNING) for job in jobs):
+        return out
+    rates = Rates.load(session)
+    r = Job.__table__
+    running = [
+        _Running(*row)
+        for row in session.execute(
+            select(
+                r.c.id,
+                r.c.worker_host,
+                r.c.model_version_id,
+                r.c.sampler,
+                r.c.steps,
+                r.c.num_images,
+                r.c.progress_step,
+                r.c.started_at,
+            )
+            .where(r.c.status == JobStatus.RUNNING)
+            .limit(MAX_RUNNING)
+        )
+    ]
+    finishes = _running_finishes(running, rates, now)
+    for job in jobs:
+        if job.status is JobStatus.RUNNING:
+            out[job.id] = Estimate(None, job.started_at or now, finishes.get(job.id, now))
+    if not waiting:
+        return out
+
+    # Seconds each worker's batch has left; a worker whose jobs are all finishing counts 0.
+    left_by_host: dict[str | None, float] = defaultdict(float)
+    for job in running:
+        left = (finishes[job.id] - now).total_seconds()
+        left_by_host[job.host] = max(left_by_host[job.host], left)
+    running_left = sum(left_by_host.values())
+    workers = max(live_workers(session), len(left_by_host), 1)
+
+    for job_id, (position, ahead_work, own_batch) in _queued_work(
+        session, waiting, rates, max_batch_size
+    ).items():
+        start = now + timedelta(seconds=(ahead_work + running_left) / workers)
+        out[job_id] = Estimate(position, start, start + timedelta(seconds=own_batch))
+    return out
+
+
+def _queued_work(
+    session: Session, job_ids: list[uuid.UUID], rates: Rates, cap: int
+) -> dict[uuid.UUID, tuple[int, float, float]]:
+    """For each queued job: (jobs ahead, seconds of work ahead for one worker, seconds of its
+    own batch). One statement: every queued job against the asked ones, summed by kind."""
+    fair = fair_queue()
+    me = fair.alias("me")
+    other = fair.alias("other")
+    ahead = ahead_of(other, me)
+    same_kind = (
+        other.c.model_version_id.is_not_distinct_from(me.c.model_version_id)
+        & (other.c.sampler == me.c.sampler)
+        & (other.c.steps == me.c.steps)
+        & (other.c.width == me.c.width)
+        & (other.c.height == me.c.height)
+    )
+
+    def total(condition: Any, value: Any) -> Any:
+        return func.coalesce(func.sum(case((condition, value), else_=0)), 0)
+
+    rows = session.execute(
+        select(
+            me.c.id,
+            me.c.num_images.label("own_images"),
+            me.c.model_version_id.label("own_model"),
+            me.c.sampler.label("own_sampler"),
+            me.c.steps.label("own_steps"),
+            other.c.model_version_id,
+            other.c.sampler,
+            other.c.steps,
+            total(ahead, literal(1)).label("jobs_ahead"),
+            total(ahead, other.c.num_images).label("images_ahead"),
+            # Its own kind ahead of it and behind it: its batch is made of these.
+            total(ahead & same_kind, other.c.num_images).label("same_ahead"),
+            total(~ahead & same_kind & (other.c.id != me.c.id), other.c.num_images).label(
+                "same_behind"
+            ),
+        )
+        .select_from(me.join(other, true()))
+        .where(me.c.id.in_(job_ids))
+        .group_by(
+            me.c.id,
+            me.c.num_images,
+            me.c.model_version_id,
+            me.c.sampler,
+            me.c.steps,
+            other.c.model_version_id,
+            other.c.sampler,
+            other.c.steps,
+        )
+    ).all()
+    out: dict[uuid.UUID, tuple[int, float, float]] = {}
+    for g in rows:
+        position, work, own = out.get(g.id, (0, 0.0, 0.0))
+        kind = (g.model_version_id, g.sampler, g.steps)
+        position += int(g.jobs_ahead)
+        # Other kinds ahead run in batches of up to `cap` images.
+        full, rest = divmod(int(g.images_ahead) - int(g.same_ahead), cap)
+        work += full * rates.batch_seconds(*kind, cap) + rates.batch_seconds(*kind, rest)
+        if kind == (g.own_model, g.own_sampler, g.own_steps):
+            # Full batches of its own kind ahead run first; the partial one joins its batch,
+            # with compatible jobs behind it, up to the cap.
+            full, rest = divmod(int(g.same_ahead), cap)
+            work += full * rates.batch_seconds(*kind, cap)
+            batch = min(cap, rest + int(g.own_images) + int(g.same_behind))
+            own = rates.batch_seconds(*kind, max(batch, int(g.own_images)))
+        out[g.id] = (position, work, own)
+    return out
