@@ -30,7 +30,7 @@ from core.model_versions import ServingModel, serving_model
 from core.settings import Settings
 
 # The samplers of core.diffusion.samplers.SAMPLERS (a test keeps the two in step).
-SAMPLER_NAMES = ("ddpm", "ddim", "dpmpp-2m")
+SAMPLER_NAMES = ("ddpm", "ddim", "dpmpp-2m", "dpmpp-3m")
 MAX_SEED = 2**63 - 1
 # The largest seed a request may name: a job's seeds (seed, seed + 1, …) then stay within MAX_SEED
 # whatever its number of images, so the rule is one range that the API document can state.

@@ -19,7 +19,6 @@ from typing import Any
 import torch
 from PIL import Image
 from torch import nn
-from torch.nn import functional as F
 
 from core.diffusion.autoencoder import Autoencoder, AutoencoderConfig
 from core.diffusion.checkpoint import (
@@ -30,8 +29,8 @@ from core.diffusion.checkpoint import (
     unprefixed,
 )
 from core.diffusion.data.captioned import tensor_to_images
-from core.diffusion.data.shapes import BACKGROUNDS, COLORS
-from core.diffusion.samplers import SAMPLER_SPACING, get_sampler
+from core.diffusion.preview import fit_latent_rgb_map, latents_to_preview
+from core.diffusion.samplers import NoiseFn, SamplerSpec, get_sampler
 from core.diffusion.schedule import NoiseSchedule, ScheduleConfig, inference_timesteps
 from core.diffusion.text import TextConditioning, TextEncoder, TextEncoderConfig, WordTokenizer
 from core.diffusion.unet import UNet, UNetConfig
@@ -45,11 +44,36 @@ class PromptTruncatedWarning(UserWarning):
     """A prompt had more tokens than the text encoder reads; the rest was dropped."""
 
 
+Interval = tuple[float, float]
+
+
 @dataclass(frozen=True)
 class SamplingDefaults:
     steps: int = 20
     guidance: float = 4.0
     sampler: str = "dpmpp-2m"
+    # Noise levels t/(T−1) at which guidance applies; (0, 1) is every step.
+    guidance_interval: Interval = (0.0, 1.0)
+
+
+@dataclass
+class GenerationPlan:
+    """What :meth:`LatentDiffusion.prepare` makes and :meth:`LatentDiffusion.sample` runs."""
+
+    seeds: list[int]
+    sampler: SamplerSpec
+    denoise: GuidedDenoiser
+    timesteps: list[int]
+    x: torch.Tensor  # the starting noise, one row per image
+    noise: NoiseFn
+
+
+def _defaults(raw: dict[str, Any]) -> SamplingDefaults:
+    values = dict(raw)
+    if "guidance_interval" in values:
+        lo, hi = values["guidance_interval"]
+        values["guidance_interval"] = (float(lo), float(hi))
+    return SamplingDefaults(**values)
 
 
 def pick_device() -> torch.device:
@@ -123,7 +147,10 @@ class LatentDiffusion(nn.Module):
             "tokenizer": self.text_encoder.tokenizer.to_dict(),
             "unet": self.unet.config.to_dict(),
             "schedule": self.schedule.config.to_dict(),
-            "sampling_defaults": vars(self.defaults),
+            "sampling_defaults": {
+                **vars(self.defaults),
+                "guidance_interval": list(self.defaults.guidance_interval),
+            },
         }
 
     def save(self, directory: str | Path, extra: dict[str, Any] | None = None) -> Path:
@@ -150,7 +177,7 @@ class LatentDiffusion(nn.Module):
                 UNet(UNetConfig.from_dict(config["unet"])),
                 NoiseSchedule(ScheduleConfig(**config["schedule"])),
                 image_size=int(config["image_size"]),
-                defaults=SamplingDefaults(**config.get("sampling_defaults", {})),
+                defaults=_defaults(config.get("sampling_defaults", {})),
             )
         except (KeyError, TypeError) as e:
             raise CheckpointError(f"checkpoint config is incomplete or malformed: {e!r}") from None
@@ -176,39 +203,16 @@ class LatentDiffusion(nn.Module):
         z = latents / self.latent_scale_factor
         return run_batch_invariant(self.autoencoder.decode, z).clamp(-1, 1)
 
-    @torch.no_grad()
     def latent_rgb_map(self) -> torch.Tensor:
-        """A (F, 3) map from a scaled latent pixel's features (1, z, z_i·z_j) to the RGB of its
-        image patch: quadratic in z, linear in the fitted weights.
-
-        The "approx cheap" live preview of AUTOMATIC1111, fitted once for this autoencoder by least
-        squares on images of coloured blocks. On shapes images it is about half as far from the
-        decoder's output as the best flat colour (tests/core/test_pipeline.py). Deterministic.
-        """
+        """The live preview's map from latent pixels to RGB (:mod:`core.diffusion.preview`),
+        fitted for this autoencoder on first use."""
         if self._latent_rgb is None:
-            g = torch.Generator("cpu").manual_seed(0)
-            f = self.autoencoder.config.downsample_factor
-            side = 16 * f
-            # Images of blocks in the colours of the built-in shapes data (its shapes and
-            # backgrounds), encoded; each latent pixel is paired with its patch's colour.
-            palette = torch.tensor([*COLORS.values(), *BACKGROUNDS.values()]) / 127.5 - 1
-            pick = torch.randint(len(palette), (64, 4, 4), generator=g)
-            blocks = palette[pick].permute(0, 3, 1, 2)  # (B, 3, 4, 4)
-            images = F.interpolate(blocks, size=(side, side), mode="nearest").to(self.device)
-            z = self.autoencoder.encode(images).mean * self.latent_scale_factor  # (B, C, h, w)
-            rgb = F.avg_pool2d(images, f)  # (B, 3, h, w)
-            x = _preview_features(z.permute(0, 2, 3, 1).reshape(-1, z.shape[1]).cpu().double())
-            y = rgb.permute(0, 2, 3, 1).reshape(-1, 3).cpu().double()
-            self._latent_rgb = torch.linalg.lstsq(x, y).solution
+            self._latent_rgb = fit_latent_rgb_map(self.autoencoder, self.latent_scale_factor)
         return self._latent_rgb
 
     def fast_preview(self, latents: torch.Tensor, size: int = 64) -> list[Image.Image]:
-        """A cheap preview of scaled latents: the linear map, upscaled; no decoder pass."""
-        w = self.latent_rgb_map()
-        z = latents.detach().cpu().double().permute(0, 2, 3, 1)  # (B, h, w, C)
-        rgb = _preview_features(z) @ w  # (B, h, w, 3)
-        images = tensor_to_images(rgb.permute(0, 3, 1, 2).float().clamp(-1, 1))
-        return [im.resize((size, size), Image.Resampling.BILINEAR) for im in images]
+        """A cheap preview of scaled latents: the fitted map, upscaled; no decoder pass."""
+        return latents_to_preview(latents, self.latent_rgb_map(), size)
 
     def preview(self, latents: torch.Tensor) -> list[Image.Image]:
         """Decodes an x0 estimate from ``on_step`` into images for a live preview."""
@@ -228,13 +232,16 @@ class LatentDiffusion(nn.Module):
         on_step: OnStep | None = None,
         should_stop: Callable[[], bool] | None = None,
         size: int | None = None,
-        eta: float = 0.0,
+        guidance_interval: Interval | Sequence[Interval] | None = None,
     ) -> list[Image.Image]:
-        """Makes one RGB image per prompt.
+        """Makes one RGB image per prompt: :meth:`prepare`, then :meth:`sample`.
 
         - ``negative_prompts``: one per prompt; "" (the default) is the unconditional prompt.
         - ``guidance``: the classifier-free guidance scale, one for all or one per image;
           1 disables guidance, 0 ignores the prompt.
+        - ``guidance_interval``: ``(lo, hi)``, one for all or one per image: guidance applies
+          only at noise levels t/(T−1) within it (Kynkäänniemi et al. 2024); elsewhere the
+          image's step runs the conditional row alone. (0, 1) guides every step.
         - ``seeds``: one per image (random when omitted); each image's seed is in ``img.info``.
         - ``on_step(step, total, denoised)`` runs after every step with the current x0 estimate
           in latent space (decode it with :meth:`preview`); ``should_stop()`` is polled between
@@ -243,16 +250,45 @@ class LatentDiffusion(nn.Module):
         Raises ValueError, naming the parameter, for any bad input. A prompt over the text
         encoder's token limit is cut and a :class:`PromptTruncatedWarning` is issued.
         """
+        plan = self.prepare(
+            prompts,
+            negative_prompts,
+            steps,
+            guidance,
+            sampler,
+            seeds,
+            size,
+            guidance_interval,
+            _caller_depth=4,
+        )
+        return self.sample(plan, on_step, should_stop)
+
+    @torch.no_grad()
+    def prepare(
+        self,
+        prompts: Sequence[str],
+        negative_prompts: Sequence[str] | None = None,
+        steps: int | None = None,
+        guidance: float | Sequence[float] | None = None,
+        sampler: str | None = None,
+        seeds: Sequence[int] | None = None,
+        size: int | None = None,
+        guidance_interval: Interval | Sequence[Interval] | None = None,
+        _caller_depth: int = 3,  # for warnings: the frame of whoever called us
+    ) -> GenerationPlan:
+        """Everything before the first denoising step: defaults filled in and checked, seeds,
+        the text encoder's states, the guided denoiser, the timesteps and the starting noise."""
         n = len(prompts)
         steps = self.defaults.steps if steps is None else steps
-        sampler_name = self.defaults.sampler if sampler is None else sampler
+        spec = get_sampler(self.defaults.sampler if sampler is None else sampler)
         scales = _per_image(self.defaults.guidance if guidance is None else guidance, n, "guidance")
+        intervals = _intervals(
+            self.defaults.guidance_interval if guidance_interval is None else guidance_interval, n
+        )
         negatives = list(negative_prompts) if negative_prompts is not None else [""] * n
         seeds = list(seeds) if seeds is not None else [random_seed() for _ in range(n)]
         size = self.image_size if size is None else size
-        self._validate(prompts, negatives, steps, scales, seeds, size, eta)
-        sample = get_sampler(sampler_name)
-        extra = {"eta": eta} if sampler_name == "ddim" else {}
+        self._validate(prompts, negatives, steps, scales, seeds, size)
 
         cond = self.text_encoder.encode(list(prompts))
         for prompt, cut in zip(prompts, cond.truncated, strict=True):
@@ -261,15 +297,13 @@ class LatentDiffusion(nn.Module):
                     f"prompt was cut to {self.text_encoder.tokenizer.max_length} tokens: "
                     f"{prompt[:60]!r}…",
                     PromptTruncatedWarning,
-                    stacklevel=2,
+                    stacklevel=_caller_depth,
                 )
         needs_uncond = any(g != 1.0 for g in scales)
         uncond = self.text_encoder.encode(negatives) if needs_uncond else None
-        denoise = GuidedDenoiser(self.unet, self.schedule, cond, uncond, scales)
+        denoise = GuidedDenoiser(self.unet, self.schedule, cond, uncond, scales, intervals)
 
         generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
-        c = self.autoencoder.config.latent_channels
-        h = size // self.autoencoder.config.downsample_factor
         device = self.device
 
         def noise(like: torch.Tensor) -> torch.Tensor:
@@ -279,29 +313,41 @@ class LatentDiffusion(nn.Module):
                 device
             )
 
-        x = noise(torch.empty(n, c, h, h))
-        timesteps = inference_timesteps(
-            self.schedule.num_train_timesteps,
-            steps,
-            SAMPLER_SPACING[sampler_name],  # type: ignore[arg-type]
+        c = self.autoencoder.config.latent_channels
+        h = size // self.autoencoder.config.downsample_factor
+        return GenerationPlan(
+            seeds=seeds,
+            sampler=spec,
+            denoise=denoise,
+            timesteps=inference_timesteps(self.schedule.num_train_timesteps, steps, spec.spacing),
+            x=noise(torch.empty(n, c, h, h)),
+            noise=noise,
         )
+
+    @torch.no_grad()
+    def sample(
+        self,
+        plan: GenerationPlan,
+        on_step: OnStep | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> list[Image.Image]:
+        """Runs a plan's sampler from its noise to latents, and decodes them."""
 
         def callback(info: dict[str, Any]) -> None:
             if on_step is not None:
                 on_step(info["i"] + 1, info["total"], info["denoised"])
 
-        latents = sample(
-            denoise,
-            x,
+        latents = plan.sampler.sample(
+            plan.denoise,
+            plan.x,
             self.schedule,
-            timesteps,
-            noise,
+            plan.timesteps,
+            plan.noise,
             callback=callback,
             should_stop=should_stop,
-            **extra,
         )
         images = tensor_to_images(self.decode(latents))
-        for img, seed in zip(images, seeds, strict=True):
+        for img, seed in zip(images, plan.seeds, strict=True):
             img.info["seed"] = seed
         return images
 
@@ -313,7 +359,6 @@ class LatentDiffusion(nn.Module):
         scales: list[float],
         seeds: Sequence[int],
         size: int,
-        eta: float,
     ) -> None:
         if isinstance(prompts, str):
             raise ValueError("prompts must be a list of strings, not one string")
@@ -346,14 +391,6 @@ class LatentDiffusion(nn.Module):
             or size > 1024
         ):
             raise ValueError(f"size must be a multiple of {m} from {m} to 1024")
-        if not 0 <= eta <= 1:
-            raise ValueError("eta must be between 0 and 1")
-
-
-def _preview_features(z: torch.Tensor) -> torch.Tensor:
-    """(…, C) latent pixels → (…, 1 + C + C(C+1)/2): a constant, z, and every z_i·z_j."""
-    i, j = torch.triu_indices(z.shape[-1], z.shape[-1])
-    return torch.cat([torch.ones_like(z[..., :1]), z, z[..., i] * z[..., j]], -1)
 
 
 def _check_prompt(p: object, name: str, allow_empty: bool) -> None:
@@ -380,6 +417,32 @@ def _per_image(value: float | Sequence[float], n: int, name: str) -> list[float]
     return out
 
 
+def _intervals(value: Interval | Sequence[Interval], n: int) -> list[Interval]:
+    """One (lo, hi) guidance interval per image, checked: 0 ≤ lo ≤ hi ≤ 1."""
+    items: list[Any]
+    if (
+        isinstance(value, Sequence)
+        and len(value) == 2
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+    ):
+        items = [value] * n
+    elif isinstance(value, Sequence) and len(value) == n:
+        items = list(value)
+    else:
+        raise ValueError("guidance_interval must be (lo, hi) or one (lo, hi) per prompt")
+    out = []
+    for item in items:
+        if not isinstance(item, Sequence) or len(item) != 2:
+            raise ValueError("guidance_interval must be (lo, hi) or one (lo, hi) per prompt")
+        lo, hi = item
+        if any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in (lo, hi)) or not (
+            0 <= lo <= hi <= 1
+        ):
+            raise ValueError("guidance_interval must be (lo, hi) with 0 <= lo <= hi <= 1")
+        out.append((float(lo), float(hi)))
+    return out
+
+
 def run_batch_invariant(fn: Callable[..., torch.Tensor], *batched: torch.Tensor) -> torch.Tensor:
     """Calls ``fn`` on tensors that share a leading batch dimension, never with a batch of one.
 
@@ -396,8 +459,10 @@ class GuidedDenoiser:
     """``denoise(x, t) -> (x0, ε)``: the UNet, classifier-free guidance and the parameterisation.
 
     Guidance (Ho & Salimans 2022, eq. 6) mixes the conditional and unconditional outputs,
-    ``u + g·(c − u)``, per image; where g = 1 the conditional output is used as is, so an image
-    is identical whether or not its batch needed the unconditional pass.
+    ``u + g·(c − u)``, per image. An image gets the unconditional row only at the steps where it
+    is guided: g ≠ 1 and the noise level t/(T−1) inside its guidance interval. Elsewhere its
+    conditional output is used as is, so the UNet's batch holds B rows plus one per guided
+    image, and an image is identical whatever else its batch needed.
     """
 
     def __init__(
@@ -407,27 +472,46 @@ class GuidedDenoiser:
         cond: TextConditioning,
         uncond: TextConditioning | None,
         scales: list[float],
+        intervals: list[Interval] | None = None,
     ) -> None:
         self.unet = unet
         self.schedule = schedule
+        self.cond = cond
         self.uncond = uncond
-        if uncond is None:
-            self.context, self.mask = cond.states, cond.mask
-        else:
-            self.context = torch.cat([uncond.states, cond.states])  # (2B, L, D)
-            self.mask = torch.cat([uncond.mask, cond.mask])
+        self.scale_list = scales
+        self.intervals = intervals or [(0.0, 1.0)] * len(scales)
         device = cond.states.device
         self.scales = torch.tensor(scales, device=device).view(-1, 1, 1, 1)
 
+    def guided_rows(self, t: int) -> list[int]:
+        """The images guided at timestep ``t``."""
+        if self.uncond is None:
+            return []
+        level = t / max(self.schedule.num_train_timesteps - 1, 1)
+        return [
+            i
+            for i, (g, (lo, hi)) in enumerate(zip(self.scale_list, self.intervals, strict=True))
+            if g != 1.0 and lo <= level <= hi
+        ]
+
     def __call__(self, x: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor]:
         b = x.shape[0]
-        if self.uncond is None:
+        rows = self.guided_rows(t)
+        if not rows:
             t_b = torch.full((b,), t, device=x.device)
-            out = run_batch_invariant(self.unet, x, t_b, self.context, self.mask)
+            out = run_batch_invariant(self.unet, x, t_b, self.cond.states, self.cond.mask)
         else:
+            assert self.uncond is not None
+            idx = torch.tensor(rows, device=x.device)
+            k = len(rows)
             both = self.unet(
-                torch.cat([x, x]), torch.full((2 * b,), t, device=x.device), self.context, self.mask
+                torch.cat([x[idx], x]),
+                torch.full((k + b,), t, device=x.device),
+                torch.cat([self.uncond.states[idx], self.cond.states]),
+                torch.cat([self.uncond.mask[idx], self.cond.mask]),
             )
-            u, c = both.chunk(2)
-            out = torch.where(self.scales == 1.0, c, u + self.scales * (c - u))
+            u, c = both[:k], both[k:]
+            g = self.scales[idx]
+            out = c.clone()
+            out[idx] = u + g * (c[idx] - u)
         return self.schedule.split_prediction(out, x, t)

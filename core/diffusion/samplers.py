@@ -15,19 +15,26 @@ Every sampler has the same signature::
 - ``should_stop()`` is polled between steps; when it returns True, :class:`SamplingCanceled`
   is raised.
 
-Each step is also exposed on its own (``ddpm_step``, ``ddim_step``, ``dpmpp_2m_step``) so the
-tests can hold it against diffusers' schedulers for identical model outputs.
+Each step is also exposed on its own (``ddpm_step``, ``ddim_step``, ``dpmpp_2m_step``,
+``dpmpp_3m_step``) so the tests can hold it against diffusers' schedulers for identical model
+outputs.
+
+:data:`SAMPLERS` names each one with its timestep spacing; a sampler's own options (DDIM's η)
+are bound there with :func:`functools.partial`, so every entry has the one :class:`Sampler`
+signature and the pipeline treats them all alike.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
 
-from core.diffusion.schedule import NoiseSchedule
+from core.diffusion.schedule import NoiseSchedule, Spacing
 
 
 class SamplingCanceled(Exception):
@@ -41,6 +48,21 @@ class Denoise(Protocol):
 NoiseFn = Callable[[torch.Tensor], torch.Tensor]
 Callback = Callable[[dict[str, Any]], None]
 StopFn = Callable[[], bool]
+
+
+class Sampler(Protocol):
+    """What every entry of :data:`SAMPLERS` is: from x at ``timesteps[0]`` to the clean end."""
+
+    def __call__(
+        self,
+        denoise: Denoise,
+        x: torch.Tensor,
+        schedule: NoiseSchedule,
+        timesteps: list[int],
+        noise: NoiseFn,
+        callback: Callback | None = None,
+        should_stop: StopFn | None = None,
+    ) -> torch.Tensor: ...
 
 
 def ddpm_step(
@@ -129,6 +151,44 @@ def dpmpp_2m_step(
     return (sigma_p / sigma_t) * x - alpha_p * math.expm1(-h) * d
 
 
+def dpmpp_3m_step(
+    schedule: NoiseSchedule,
+    x: torch.Tensor,
+    x0s: list[torch.Tensor],
+    ts: list[int],
+    t_prev: int,
+) -> torch.Tensor:
+    """One DPM-Solver++(3M) step to ``t_prev`` (Lu et al. 2022, the multistep third-order
+    update in data prediction, as diffusers' ``multistep_dpm_solver_third_order_update``).
+
+    ``x0s`` are the data predictions at ``ts``, newest last: three give the third-order update,
+    two the second-order one (:func:`dpmpp_2m_step`), one the first-order one.
+    """
+    if len(x0s) < 3:
+        x0_prev = x0s[-2] if len(x0s) == 2 else None
+        t_last = ts[-2] if len(ts) == 2 else None
+        return dpmpp_2m_step(schedule, x, x0s[-1], x0_prev, ts[-1], t_prev, t_last)
+    _, sigma_s0, lam_s0 = _alpha_sigma_lambda(schedule, ts[-1])
+    _, _, lam_s1 = _alpha_sigma_lambda(schedule, ts[-2])
+    _, _, lam_s2 = _alpha_sigma_lambda(schedule, ts[-3])
+    alpha_t, sigma_t, lam_t = _alpha_sigma_lambda(schedule, t_prev)
+    if sigma_t == 0:
+        return x0s[-1]
+    m0, m1, m2 = x0s[-1], x0s[-2], x0s[-3]
+    h, h_0, h_1 = lam_t - lam_s0, lam_s0 - lam_s1, lam_s1 - lam_s2
+    r0, r1 = h_0 / h, h_1 / h
+    d1_0, d1_1 = (1 / r0) * (m0 - m1), (1 / r1) * (m1 - m2)
+    d1 = d1_0 + (r0 / (r0 + r1)) * (d1_0 - d1_1)
+    d2 = (1 / (r0 + r1)) * (d1_0 - d1_1)
+    phi_1 = math.expm1(-h)  # e^{−h} − 1
+    return (
+        (sigma_t / sigma_s0) * x
+        - alpha_t * phi_1 * m0
+        + alpha_t * (phi_1 / h + 1) * d1
+        - alpha_t * ((phi_1 + h) / h**2 - 0.5) * d2
+    )
+
+
 def _steps(
     timesteps: list[int],
 ) -> list[tuple[int, int, int]]:
@@ -210,18 +270,57 @@ def sample_dpmpp_2m(
     return x
 
 
-Sampler = Callable[..., torch.Tensor]
+def sample_dpmpp_3m(
+    denoise: Denoise,
+    x: torch.Tensor,
+    schedule: NoiseSchedule,
+    timesteps: list[int],
+    noise: NoiseFn,
+    callback: Callback | None = None,
+    should_stop: StopFn | None = None,
+) -> torch.Tensor:
+    """DPM-Solver++(3M): the multistep third-order solver in data prediction (Lu et al. 2022).
 
-# The names users type (CLI, API, form). The spacing each uses is part of its definition.
-SAMPLERS: dict[str, Sampler] = {
-    "ddpm": sample_ddpm,
-    "ddim": sample_ddim,
-    "dpmpp-2m": sample_dpmpp_2m,
+    As diffusers with ``lower_order_final``: the first two steps warm up at orders one and two,
+    the last step (onto ᾱ = 1) is first order, and with fewer than 15 steps the one before it is
+    second order, which keeps few-step sampling stable.
+    """
+    x0s: list[torch.Tensor] = []
+    ts: list[int] = []
+    total = len(timesteps)
+    for i, t, t_prev in _steps(timesteps):
+        x0, _ = denoise(x, t)
+        x0s, ts = [*x0s[-2:], x0], [*ts[-2:], t]
+        order = 3
+        if i == total - 1:
+            order = 1
+        elif i == total - 2 and total < 15:
+            order = 2
+        x = dpmpp_3m_step(schedule, x, x0s[-order:], ts[-order:], t_prev)
+        _report(callback, should_stop, x, i, t, x0, total)
+    return x
+
+
+@dataclass(frozen=True)
+class SamplerSpec:
+    """A sampler as users name it: the function, its timestep spacing, a display name."""
+
+    sample: Sampler
+    spacing: Spacing
+    label: str
+
+
+# The names users type (CLI, API, form). Options of a sampler are bound here, so that every
+# entry has the Sampler signature.
+SAMPLERS: dict[str, SamplerSpec] = {
+    "ddpm": SamplerSpec(sample_ddpm, "trailing", "DDPM"),
+    "ddim": SamplerSpec(functools.partial(sample_ddim, eta=0.0), "trailing", "DDIM"),
+    "dpmpp-2m": SamplerSpec(sample_dpmpp_2m, "trailing", "DPM-Solver++(2M)"),
+    "dpmpp-3m": SamplerSpec(sample_dpmpp_3m, "trailing", "DPM-Solver++(3M)"),
 }
-SAMPLER_SPACING = {"ddpm": "trailing", "ddim": "trailing", "dpmpp-2m": "trailing"}
 
 
-def get_sampler(name: str) -> Sampler:
+def get_sampler(name: str) -> SamplerSpec:
     try:
         return SAMPLERS[name]
     except KeyError:

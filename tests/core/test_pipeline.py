@@ -6,6 +6,7 @@ import json
 import pickle
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -37,17 +38,71 @@ def test_image_is_bit_identical_alone_and_inside_a_batch(
         assert np.array_equal(pixels(alone), pixels(batch[i]))
 
 
-@pytest.mark.parametrize("guidance", [1.0, 4.0])
+@pytest.mark.parametrize(
+    ("guidance", "sampler", "interval"),
+    [
+        (1.0, "dpmpp-2m", (0.0, 1.0)),
+        (4.0, "dpmpp-2m", (0.0, 1.0)),
+        (4.0, "dpmpp-3m", (0.0, 1.0)),
+        (4.0, "dpmpp-3m", (0.2, 0.7)),  # guided at some steps only
+    ],
+)
 def test_image_is_bit_identical_at_every_batch_size(
-    tiny_pipeline: LatentDiffusion, guidance: float
+    tiny_pipeline: LatentDiffusion, guidance: float, sampler: str, interval: tuple[float, float]
 ) -> None:
     prompts = [PROMPTS[i % 3] for i in range(8)]
     seeds = list(range(100, 108))
-    kw = {"steps": 3, "guidance": guidance}
+    kw = {"steps": 5, "guidance": guidance, "sampler": sampler, "guidance_interval": interval}
     full = [pixels(im) for im in tiny_pipeline.generate(prompts, seeds=seeds, **kw)]
     for b in (1, 2, 3, 5):
         part = tiny_pipeline.generate(prompts[:b], seeds=seeds[:b], **kw)
         assert all(np.array_equal(pixels(p), f) for p, f in zip(part, full, strict=False)), b
+
+
+def _unet_rows(pipeline: LatentDiffusion) -> tuple[list[int], Any]:
+    rows: list[int] = []
+    handle = pipeline.unet.register_forward_hook(lambda m, args, out: rows.append(out.shape[0]))
+    return rows, handle
+
+
+def test_outside_the_guidance_interval_the_unet_sees_only_the_conditional_rows(
+    tiny_pipeline: LatentDiffusion,
+) -> None:
+    from core.diffusion.schedule import inference_timesteps
+
+    steps, lo, hi = 10, 0.3, 0.7
+    rows, handle = _unet_rows(tiny_pipeline)
+    try:
+        tiny_pipeline.generate(
+            PROMPTS, seeds=[1, 2, 3], steps=steps, guidance=4.0, guidance_interval=(lo, hi)
+        )
+    finally:
+        handle.remove()
+    ts = inference_timesteps(tiny_pipeline.schedule.num_train_timesteps, steps)
+    T = tiny_pipeline.schedule.num_train_timesteps - 1
+    expected = [6 if lo <= t / T <= hi else 3 for t in ts]
+    assert rows == expected
+    assert 3 in rows and 6 in rows  # both kinds of step happened
+
+    # Per image: only the images guided at a step get their unconditional row.
+    rows, handle = _unet_rows(tiny_pipeline)
+    try:
+        tiny_pipeline.generate(
+            PROMPTS,
+            seeds=[1, 2, 3],
+            steps=steps,
+            guidance=[4.0, 4.0, 1.0],
+            guidance_interval=[(0.0, 1.0), (lo, hi), (0.0, 1.0)],
+        )
+    finally:
+        handle.remove()
+    assert rows == [3 + 1 + (1 if lo <= t / T <= hi else 0) for t in ts]
+
+
+def test_bad_guidance_intervals_are_refused(tiny_pipeline: LatentDiffusion) -> None:
+    for bad in [(0.5, 0.2), (-0.1, 1.0), (0.0, 1.5), [(0.0, 1.0)] * 2, "0,1"]:
+        with pytest.raises(ValueError, match="guidance_interval"):
+            tiny_pipeline.prepare(PROMPTS, guidance_interval=bad)  # type: ignore[arg-type]
 
 
 def test_batch_invariance_holds_with_mixed_guidance_and_negative_prompts(

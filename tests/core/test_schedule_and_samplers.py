@@ -9,6 +9,7 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
 from core.diffusion.samplers import (
+    SAMPLERS,
     SamplingCanceled,
     ddim_step,
     ddpm_step,
@@ -16,6 +17,7 @@ from core.diffusion.samplers import (
     sample_ddim,
     sample_ddpm,
     sample_dpmpp_2m,
+    sample_dpmpp_3m,
 )
 from core.diffusion.schedule import NoiseSchedule, ScheduleConfig, inference_timesteps
 
@@ -182,6 +184,60 @@ def test_dpmpp_2m_trajectory_matches_diffusers(steps: int, prediction: str, kind
     assert torch.allclose(x_ours, x_ref, atol=TOL, rtol=0), (x_ours - x_ref).abs().max()
 
 
+@pytest.mark.parametrize("steps", [8, 10, 20, 50])
+@pytest.mark.parametrize("prediction", ["sample", "v_prediction"])
+@pytest.mark.parametrize("kind", ["linear", "cosine"])
+def test_dpmpp_3m_trajectory_matches_diffusers(steps: int, prediction: str, kind: str) -> None:
+    """Full DPM-Solver++(3M) trajectories agree with diffusers' scheduler of the same name
+    (solver_order=3, lower_order_final: orders 1, 2, 3, …, 3, [2 under 15 steps], 1), compared
+    on x0 and v outputs as the 2M test explains."""
+    ours_pred = "epsilon" if prediction == "sample" else prediction
+    sched = NoiseSchedule(ScheduleConfig(kind=kind, prediction=ours_pred))  # type: ignore[arg-type]
+    ref = DPMSolverMultistepScheduler(
+        num_train_timesteps=1000,
+        beta_schedule=DIFFUSERS_BETA[kind],
+        prediction_type=prediction,
+        algorithm_type="dpmsolver++",
+        solver_order=3,
+        solver_type="midpoint",
+        lower_order_final=True,
+        final_sigmas_type="zero",
+        timestep_spacing="trailing",
+    )
+    ref.set_timesteps(steps)
+    ts = inference_timesteps(1000, steps, get_sampler("dpmpp-3m").spacing)
+    assert ts == ref.timesteps.tolist()
+    x_start = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    x_ref = x_start.clone()
+    for t in ts:
+        x_ref = ref.step(fake_model(x_ref, t), t, x_ref).prev_sample
+
+    def denoise(x: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if prediction == "sample":
+            x0 = fake_model(x, t)
+            a = sched.alpha_bar(t)
+            return x0, (x - math.sqrt(a) * x0) / math.sqrt(1 - a)
+        return sched.split_prediction(fake_model(x, t), x, t)
+
+    x_ours = sample_dpmpp_3m(denoise, x_start.clone(), sched, ts, noise=torch.randn_like)
+    assert torch.allclose(x_ours, x_ref, atol=TOL, rtol=0), (x_ours - x_ref).abs().max()
+
+
+def test_every_sampler_has_the_one_signature_and_options_are_bound_in_the_registry() -> None:
+    import inspect
+
+    expected = ["denoise", "x", "schedule", "timesteps", "noise", "callback", "should_stop"]
+    for name, spec in SAMPLERS.items():
+        params = list(inspect.signature(spec.sample).parameters)
+        assert params[: len(expected)] == expected, name
+        # Whatever else a sampler takes (DDIM's eta) has a value bound already.
+        for extra in params[len(expected) :]:
+            assert (
+                inspect.signature(spec.sample).parameters[extra].default
+                is not inspect.Parameter.empty
+            )
+
+
 def _identity_denoiser(sched: NoiseSchedule, target: torch.Tensor):  # type: ignore[no-untyped-def]
     """An oracle network that knows the data is exactly ``target``: ε = (x − √ᾱ·x0)/√(1−ᾱ)."""
 
@@ -192,13 +248,13 @@ def _identity_denoiser(sched: NoiseSchedule, target: torch.Tensor):  # type: ign
     return denoise
 
 
-@pytest.mark.parametrize("name", ["ddpm", "ddim", "dpmpp-2m"])
+@pytest.mark.parametrize("name", ["ddpm", "ddim", "dpmpp-2m", "dpmpp-3m"])
 def test_every_sampler_lands_on_the_data_when_the_model_is_perfect(name: str) -> None:
     sched = NoiseSchedule()
     target = torch.linspace(-1, 1, 64).view(1, 1, 8, 8)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 1, 8, 8, generator=g)
-    out = get_sampler(name)(
+    out = get_sampler(name).sample(
         _identity_denoiser(sched, target),
         x,
         sched,

@@ -50,8 +50,9 @@ from core.diffusion.eval.scenes import (
 )
 from core.diffusion.pipeline import LatentDiffusion
 from core.diffusion.sample_grid import save_grid
+from core.diffusion.samplers import SAMPLERS
 
-SAMPLER_NAMES = {"ddpm": "DDPM", "ddim": "DDIM", "dpmpp-2m": "DPM-Solver++(2M)"}
+SAMPLER_NAMES = {name: spec.label for name, spec in SAMPLERS.items()}
 GROUPS = (
     f"{SEEN}, 1 object",
     f"{HELD_OUT}, 1 object",
