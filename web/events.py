@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import threading
 import uuid
 from collections.abc import Iterator
@@ -64,7 +65,7 @@ log = logging.getLogger(__name__)
 RETRY_MS = 3000
 DEFAULT_TIMEOUT_SECONDS = 600
 MAX_TIMEOUT_SECONDS = 3600
-QUEUE_REFRESH_SECONDS = 5.0
+QUEUE_REFRESH_SECONDS = 10.0
 MAX_STREAMS_PER_OWNER = 100  # per web process
 REPLAY_BATCH = 500
 MAX_EVENT_ID = 2**63 - 1
@@ -178,25 +179,26 @@ class EventStream:
     def first_rows(self) -> list[Any]:
         return read_events(self.engine, self.job_id, self.last_id)
 
-    def body(self, rows: list[Any], status: str) -> Iterator[str]:
+    def body(self, rows: list[Any], status: str, job: dict[str, Any]) -> Iterator[str]:
         try:
-            yield from self._body(rows, status)
+            yield from self._body(rows, status, job)
         except SQLAlchemyError as e:  # the client reconnects and resumes where it was
             log.warning("event stream of job %s ends: the database failed (%s)", self.job_id, e)
         finally:
             self.close()
 
-    def _body(self, rows: list[Any], status: str) -> Iterator[str]:
+    def _body(self, rows: list[Any], status: str, opened: dict[str, Any]) -> Iterator[str]:
         yield f"retry: {RETRY_MS}\n\n"
         now = monotonic()
         deadline = now + self.timeout
         next_beat = now + self.heartbeat
         queue_seen = self.hub.queue_version
-        queue_check = now + QUEUE_REFRESH_SECONDS
+        # Spread out, so that the waiting streams do not all read at once when the queue moves.
+        queue_check = now + QUEUE_REFRESH_SECONDS * random.uniform(0.5, 1.0)
         more = len(rows) == REPLAY_BATCH
         if not rows and status in TERMINAL:
             # Ended before events were recorded (resumed streams of ended jobs got 204).
-            job = read_job(self.engine, self.storage, self.job_id)
+            job = opened
             if job is not None:
                 data = {"job_id": str(self.job_id), "status": status, "job": job}
                 data["progress"], data["at"] = job["progress"], job["finished_at"]
@@ -204,11 +206,18 @@ class EventStream:
             return
         while True:
             if rows:
-                job = read_job(self.engine, self.storage, self.job_id)
                 ended = next(
                     (i for i, r in enumerate(rows) if r.kind == "status" and r.status in TERMINAL),
                     None,
                 )
+                last = rows[-1 if ended is None else ended]
+                # The job as the view read it just before the first rows, when no later change
+                # came between: one read fewer per stream opened.
+                fresh = opened.get("status") == last.status and (
+                    opened["progress"]["step"] == last.step
+                )
+                job = opened if fresh else read_job(self.engine, self.storage, self.job_id)
+                opened = {}
                 if ended is not None:
                     yield self._batch(rows[: ended + 1], job)
                     return
@@ -278,7 +287,8 @@ def open_stream(
         stream.close()
         return Response(status=204)  # seen to the end: EventSource stops reconnecting
     response = Response(
-        stream_with_context(stream.body(rows, status)), mimetype="text/event-stream"
+        stream_with_context(stream.body(rows, status, job_resource(view, services().storage))),
+        mimetype="text/event-stream",
     )
     # The generator's own finally does not run if it never started; this always does.
     response.call_on_close(stream.close)
@@ -321,7 +331,7 @@ A `text/event-stream` (server-sent events) of the job's changes, closed after it
 
 Events: `status` (queued, running), `progress` (a step), `preview` (a new live preview), and
 one of `completed`, `failed`, `canceled`, after which the stream closes; `queue` (without an id)
-repeats the job while it waits when jobs ahead of it move, at most every 5 s. Each `data:` is
+repeats the job while it waits when jobs ahead of it move, at most every 10 s. Each `data:` is
 JSON: `job_id`, and `status`, `progress` {`step`, `total`, `preview_url`} and `at` as of the
 event; `job`, the job object of GET /api/v1/jobs/{job_id} as it is when sent (images with URLs
 once it succeeded), comes on the newest event of each change, so always on the last one.

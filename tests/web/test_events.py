@@ -290,6 +290,8 @@ def test_the_job_page_streams_with_the_browser_session_only(
     with client.session_transaction() as session:
         session["owner"] = "a" * 32
     job_id = add_job(engine, "session:" + "a" * 32)
+    page = client.get(f"/jobs/{job_id}").get_data(as_text=True)
+    assert f'data-events-url="/jobs/{job_id}/events"' in page
     set_job(engine, job_id, status=JobStatus.CANCELED)
     response = client.get(f"/jobs/{job_id}/events", buffered=False)
     assert response.mimetype == "text/event-stream"
