@@ -219,6 +219,8 @@ def browser_submits_and_sees_the_image(served: Served) -> None:
             time.sleep(0.1)
         assert "running" in seen, seen
         assert page.inner_text("#status").strip().lower() == "succeeded"
+        # It followed the job's event stream (SSE) to its end, not the polling fallback.
+        assert page.get_attribute("#job", "data-live") == "done"
         assert page.inner_text("#seed").strip() == "5"
         src = page.get_attribute("#images img", "src")
         assert src and "/files/images/" in src
