@@ -584,7 +584,11 @@ def token_weight(token_id: int, weight: float) -> None:
 @click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
 @click.option("--workers", type=click.IntRange(1, 64), default=2, show_default=True)
 @click.option(
-    "--threads", type=click.IntRange(1, 64), default=4, show_default=True, help="Per process."
+    "--threads",
+    type=click.IntRange(1, 1024),
+    default=64,
+    show_default=True,
+    help="Per process. Each open event stream (SSE) holds one while it is open.",
 )
 @click.option(
     "--migrate",
