@@ -1,14 +1,15 @@
 """ETA benchmark: how far the estimated finish given at submission is from the real finish.
 
-    .venv/bin/python bench/bench_eta.py                       # 50 jobs, ~3 min on 2 cores
-    .venv/bin/python bench/bench_eta.py --jobs 20 --steps 6   # quicker
+    .venv/bin/python bench/bench_eta.py                       # 50 jobs, under a minute
+    .venv/bin/python bench/bench_eta.py --steps 20 --batch 8  # longer waits
 
 One real worker (``dq worker``) serves the shipped default model with batches of up to
 ``--batch`` images. A warm-up runs a few batches, so that the worker has measured its speed
 (``throughput_samples``) and said it is alive (``worker_presence``). Then a backlog of
 ``--backlog`` jobs is queued by one owner, and ``--jobs`` jobs follow from five other owners, one
-every ``--every`` seconds, while the worker drains the queue. Right after each of those jobs is
-committed, its estimated finish is read the way the API reads it (``core.eta.estimate``).
+every ``--every`` seconds (default: all at once), while the worker drains the queue. Right after
+each of those jobs is committed, its estimated finish is read the way the API reads it
+(``core.eta.estimate``).
 When all have run, each estimate is compared with the job's real ``finished_at``.
 
 The error is |estimated − actual finish| in seconds, and as a share of the job's wait (actual
@@ -136,9 +137,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--jobs", type=int, default=50)
     ap.add_argument("--backlog", type=int, default=12)
-    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--every", type=float, default=0.4, help="seconds between submissions")
+    ap.add_argument("--every", type=float, default=0.0, help="seconds between submissions")
     args = ap.parse_args()
     import torch
 

@@ -18,8 +18,8 @@ generation worker says it is alive every few seconds (:func:`mark_present`, tabl
 - finish = start + its own batch (its images, the partial batch ahead, compatible jobs behind it,
   up to the cap) × steps × the rate at that batch size.
 
-For a running job, start is when it was claimed, and finish is extrapolated from the time each
-step has taken so far (from the measured rate until the first step is recorded).
+For a running job, start is when it was claimed, and finish is now + the steps left × the time
+a step takes: the measured rate's at first, its own pace so far more and more as it progresses.
 
 What it cannot know: jobs that other owners submit later may come before a waiting job (their
 rank is lower), and a worker that joins or leaves changes every wait. Accuracy is measured by
@@ -223,23 +223,24 @@ def _running_finishes(
     running: Sequence[_Running], rates: Rates, now: datetime
 ) -> dict[uuid.UUID, datetime]:
     """When each running job will finish. A worker runs its claimed jobs as one batch, so a
-    job's batch is the running jobs of its worker; once a step is recorded, the time per step
-    so far is the best guide."""
+    job's batch is the running jobs of its worker. The time a step takes is the measured rate's,
+    blended with the batch's own pace so far as it progresses: at the start the pace is mostly
+    set-up (its first progress write comes after text encoding, and progress is written at
+    most four times a second), near the end it is the best guide."""
     batch_images: dict[str | None, int] = defaultdict(int)
     for job in running:
         batch_images[job.host] += job.num_images
     out = {}
     for job in running:
+        steps = max(job.steps, 1)
         left = max(job.steps - job.progress_step, 0)
+        images = batch_images[job.host]
+        step_time = rates.batch_seconds(job.model_version_id, job.sampler, steps, images) / steps
         elapsed = (now - job.started_at).total_seconds() if job.started_at else 0.0
         if job.progress_step > 0 and elapsed > 0:
-            remaining = left * elapsed / job.progress_step
-        else:
-            whole = rates.batch_seconds(
-                job.model_version_id, job.sampler, job.steps, batch_images[job.host]
-            )
-            remaining = max(whole * left / max(job.steps, 1) - max(elapsed, 0.0), 0.0)
-        out[job.id] = now + timedelta(seconds=remaining)
+            done = min(job.progress_step / steps, 1.0)
+            step_time = (1 - done) * step_time + done * elapsed / job.progress_step
+        out[job.id] = now + timedelta(seconds=left * step_time)
     return out
 
 

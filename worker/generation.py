@@ -448,9 +448,19 @@ def run_batch(ctx: WorkerContext, batch: Batch) -> None:
     record_throughput(ctx, batch, time.monotonic() - started)
 
 
+_WARM: set[tuple[uuid.UUID | None, str, int, int]] = set()  # kinds of batch run in this process
+
+
 def record_throughput(ctx: WorkerContext, batch: Batch, seconds: float) -> None:
     """A batch whose jobs all succeeded tells how fast its kind of batch runs (``core.eta``).
-    One short transaction, best effort: a failure is logged, never charged to a job."""
+    The first batch of a kind in a process is not counted: it pays one-off costs (kernels
+    built for new shapes, caches warming) that are no guide to the next one. One short
+    transaction, best effort: a failure is logged, never charged to a job."""
+    images = sum(j.num_images for j in batch.jobs)
+    kind = (batch.model_version_id, batch.sampler, batch.steps, images)
+    if kind not in _WARM:
+        _WARM.add(kind)
+        return
     try:
         with session_scope(ctx.engine) as s:
             succeeded = s.scalar(
@@ -462,7 +472,7 @@ def record_throughput(ctx: WorkerContext, batch: Batch, seconds: float) -> None:
                     model_version_id=batch.model_version_id,
                     sampler=batch.sampler,
                     steps=batch.steps,
-                    batch_size=sum(j.num_images for j in batch.jobs),
+                    batch_size=images,
                     seconds=seconds,
                 )
     except Exception:

@@ -119,8 +119,13 @@ def test_running_jobs_extrapolate_their_progress(engine: Engine) -> None:
     rate(engine, 0.01)
     got = estimates(engine, [quarter, half, fresh])
     assert all(e.start == started for e in got[:2]) and got[2].start == NOW
-    # 10 s for 5 steps: 15 more steps take 30 s; for 10 steps, 10 more take 10 s.
-    assert [seconds(e.finish) for e in got] == [30.0, 10.0, 0.2]
+    # A step takes 0.01 s by the measured rate and 2 s (or 1 s) by the job's pace so far,
+    # weighed 3:1 a quarter of the way through and 1:1 half way.
+    assert [seconds(e.finish) for e in got] == [
+        pytest.approx(15 * (0.75 * 0.01 + 0.25 * 2)),
+        pytest.approx(10 * (0.5 * 0.01 + 0.5 * 1)),
+        pytest.approx(0.2),
+    ]
     assert all(e.queue_position is None for e in got)
 
 
@@ -182,8 +187,11 @@ def test_running_work_delays_the_queue_and_progress_brings_it_forward(engine: En
         s.execute(update(Job).where(Job.id == running).values(progress_step=15))
     late_run, late_wait = estimates(engine, [running, waiting])
     assert early_run.start == late_run.start == NOW - timedelta(seconds=10)
-    assert seconds(late_run.finish) < seconds(early_run.finish)  # 3.3 s left, not 30 s
-    assert seconds(early_wait.start) == 30.0 and seconds(late_wait.start) == pytest.approx(10 / 3)
+    early_left, late_left = 15 * (0.75 * 0.01 + 0.25 * 2), 5 * (0.25 * 0.01 + 0.75 * 10 / 15)
+    assert seconds(early_run.finish) == pytest.approx(early_left)
+    assert seconds(late_run.finish) == pytest.approx(late_left)
+    assert seconds(early_wait.start) == pytest.approx(early_left)
+    assert seconds(late_wait.start) == pytest.approx(late_left)
     assert late_wait.start is not None and early_wait.start is not None
     assert late_wait.start < early_wait.start
 
@@ -242,11 +250,15 @@ def test_the_worker_records_the_rate_of_each_batch_and_the_api_shows_estimates(
     from worker.generation import run_generation
 
     ctx = context(engine, tmp_path)
-    with session_scope(engine) as s:
-        for seed in range(3):
-            request = JobRequest(prompt="a red circle", steps=3, seed=seed)
-            submit_job(s, request, "session:earlier", ctx.settings)
-    assert run_generation(ctx, uuid.uuid4())  # one batch of three
+    for batch in range(2):
+        with session_scope(engine) as s:
+            for seed in range(3):
+                request = JobRequest(prompt="a red circle", steps=3, seed=seed)
+                submit_job(s, request, "session:earlier", ctx.settings)
+        assert run_generation(ctx, uuid.uuid4())  # one batch of three
+        with Session(engine) as s:
+            rows = s.scalars(select(ThroughputSample)).all()
+        assert len(rows) == batch  # the first batch of its kind in a process is not counted
     with Session(engine) as s:
         row = s.scalars(select(ThroughputSample)).one()
         assert (row.sampler, row.steps, row.batch_size, row.samples) == ("dpmpp-2m", 3, 3, 1)
@@ -258,7 +270,7 @@ def test_the_worker_records_the_rate_of_each_batch_and_the_api_shows_estimates(
         token = create_token(s, "user")[1]
         admin = create_token(s, "admin")[1]
         finished = s.scalars(select(Job.id).where(Job.status == JobStatus.SUCCEEDED)).all()
-    assert len(finished) == 3
+    assert len(finished) == 6
     app = create_app(make_settings(db_url, tmp_path), publisher=RecordingPublisher())
     client = app.test_client()
     r = client.post("/api/v1/jobs", json={"prompt": "a square"}, headers=bearer(token))
