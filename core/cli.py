@@ -305,6 +305,13 @@ def train_classifier_cmd(**kw: Any) -> None:
 @click.option(
     "--sweeps/--no-sweeps", default=True, show_default=True, help="Sampler and guidance sweeps."
 )
+@click.option(
+    "--speed-sweep",
+    is_flag=True,
+    help="Also images/s against FID and adherence for faster settings (fewer steps, "
+    "higher-order solvers, guidance in an interval), each at N = --speed-n.",
+)
+@click.option("--speed-n", type=int, default=None, help="Prompts per speed-sweep row (default N).")
 @click.option("--batch-size", type=int, default=32, show_default=True, help="Images per batch.")
 @click.option("--device", default=None, help="cpu or cuda (default: cuda when present).")
 @click.option("--threads", type=int, default=None, help="torch CPU threads (default: torch's).")
@@ -319,6 +326,8 @@ def eval_cmd(
     out: str,
     quick: bool,
     sweeps: bool,
+    speed_sweep: bool,
+    speed_n: int | None,
     batch_size: int,
     device: str | None,
     threads: int | None,
@@ -343,6 +352,8 @@ def eval_cmd(
         guidance_n=base.guidance_n if guidance_n is None else guidance_n,
         seed=seed,
         sweeps=sweeps,
+        speed=speed_sweep,
+        speed_n=speed_n,
         batch_size=batch_size,
     )
     settings.validate()

@@ -190,6 +190,46 @@ def test_dq_eval_quick_writes_the_report_and_the_sample_grid(
     assert grid.mode == "RGB" and grid.height > 32
 
 
+@pytest.mark.filterwarnings("ignore::core.diffusion.pipeline.PromptTruncatedWarning")
+def test_dq_eval_speed_sweep_puts_images_per_second_beside_fid_and_adherence(
+    tiny_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "eval"
+    main(
+        [
+            "eval",
+            "--quick",
+            "--checkpoint",
+            str(tiny_checkpoint),
+            "--out",
+            str(out),
+            "--quiet",
+            "--n",
+            "4",
+            "--no-sweeps",
+            "--speed-sweep",
+            "--speed-n",
+            "4",
+            "--batch-size",
+            "4",
+        ]
+    )
+    report = (out / "eval.md").read_text()
+    assert "## Speed sweep" in report and "## Sampler sweep" not in report
+    data = json.loads((out / "eval.json").read_text())
+    rows = data["speed_sweep"]
+    assert [(r["sampling"]["sampler"], r["sampling"]["steps"]) for r in rows][:2] == [
+        ("dpmpp-2m", 20),
+        ("dpmpp-3m", 10),
+    ]
+    assert [r["sampling"]["guidance_interval"] for r in rows][1:3] == [[0.0, 1.0], [0.0, 0.6]]
+    speeds = data["timings"]["speed_sweep_images_per_second"]
+    assert len(speeds) == len(rows) and all(v > 0 for v in speeds)
+    # Every row of the table names its speed relative to the first.
+    table = report.split("## Speed sweep", 1)[1].split("##", 1)[0]
+    assert table.count("×") >= len(rows) and "1.00×" in table
+
+
 def test_dq_eval_refuses_bad_options_in_one_line(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -77,6 +77,17 @@ class EvalSettings:
         ("dpmpp-2m", 10),
     )
     guidance_sweep: tuple[float, ...] = (1.0, 2.0, 4.0, 7.0)
+    # Images/s against quality: (sampler, steps, guidance interval lo, hi) at the model's
+    # guidance, each at N = speed_n (None: n), beside the current defaults.
+    speed: bool = False
+    speed_n: int | None = None
+    speed_sweep: tuple[tuple[str, int, float, float], ...] = (
+        ("dpmpp-2m", 20, 0.0, 1.0),
+        ("dpmpp-3m", 10, 0.0, 1.0),
+        ("dpmpp-3m", 10, 0.0, 0.6),
+        ("dpmpp-3m", 8, 0.0, 0.6),
+        ("dpmpp-2m", 10, 0.0, 0.6),
+    )
     grid_columns: int = 6
     psnr_images: int = 256
 
@@ -85,6 +96,11 @@ class EvalSettings:
             raise ValueError(
                 "n must be at least 4, sweep_n and guidance_n at least 2 (FID needs 2 images)"
             )
+        if self.speed_n is not None and self.speed_n < 2:
+            raise ValueError("speed_n must be at least 2 (FID needs 2 images)")
+        for sampler, steps, lo, hi in self.speed_sweep:
+            if sampler not in SAMPLER_NAMES or steps < 1 or not 0 <= lo <= hi <= 1:
+                raise ValueError(f"bad speed-sweep setting {(sampler, steps, lo, hi)}")
         if self.batch_size < 1:
             raise ValueError("batch_size must be at least 1")
         if self.seed < 0 or self.seed >= 2**40:
@@ -100,11 +116,17 @@ class Sampling:
     sampler: str
     steps: int
     guidance: float
+    guidance_interval: tuple[float, float] = (0.0, 1.0)
 
     @property
     def label(self) -> str:
         name = SAMPLER_NAMES.get(self.sampler, self.sampler)
-        return f"{name}, {self.steps} steps, guidance {self.guidance:g}"
+        return f"{name}, {self.steps} steps, guidance {self.guidance:g}{self.interval_label}"
+
+    @property
+    def interval_label(self) -> str:
+        lo, hi = self.guidance_interval
+        return "" if (lo, hi) == (0.0, 1.0) else f" at t/T ∈ [{lo:g}, {hi:g}]"
 
 
 @dataclass(frozen=True)
@@ -127,6 +149,8 @@ class Row:
     floor: float  # real against real, two disjoint samples of n
     adherence: dict[str, Adherence]
     seconds: float  # generation wall-clock; 0 when the images were made for an earlier row
+    # Images per second of the model's generate() alone (no judging), from when they were made.
+    images_per_second: float = 0.0
 
 
 @dataclass
@@ -144,6 +168,7 @@ class EvalResult:
     autoencoder_psnr_images: int
     classifier_info: dict[str, Any]
     grid_rows: list[tuple[str, str, int]]  # caption, pairs, images read as the prompt
+    speed_rows: list[Row] = field(default_factory=list)
     environment: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
 
@@ -165,6 +190,7 @@ class EvalResult:
             "real_adherence": {k: vars(a) for k, a in self.real_adherence.items()},
             "sampler_sweep": [row(r) for r in self.sampler_rows],
             "guidance_sweep": [row(r) for r in self.guidance_rows],
+            "speed_sweep": [row(r) for r in self.speed_rows],
             "autoencoder_psnr_db": self.autoencoder_psnr_db,
             "autoencoder_psnr_images": self.autoencoder_psnr_images,
             "grid_rows": self.grid_rows,
@@ -176,6 +202,8 @@ class EvalResult:
             "main_seconds": self.main.seconds,
             "sampler_sweep_seconds": [r.seconds for r in self.sampler_rows],
             "guidance_sweep_seconds": [r.seconds for r in self.guidance_rows],
+            "main_images_per_second": self.main.images_per_second,
+            "speed_sweep_images_per_second": [r.images_per_second for r in self.speed_rows],
         }
         return {
             "checkpoint": self.checkpoint,
@@ -197,6 +225,7 @@ class _Generated:
     features: torch.Tensor  # (n, d)
     scenes: list[Scene]  # the classifier's readings
     seconds: float
+    images_per_second: float = 0.0  # generate() alone
 
 
 class _Generations:
@@ -224,10 +253,11 @@ class _Generations:
         """The first ``n`` prompts' results; ``seconds`` is 0 when an earlier call made them."""
         done = self.cache.get(sampling)
         if done is not None and len(done.scenes) >= n:
-            return _Generated(done.features[:n], done.scenes[:n], 0.0)
+            return _Generated(done.features[:n], done.scenes[:n], 0.0, done.images_per_second)
         captions = [p.caption for p in self.prompts[:n]]
         seeds = [image_seed(self.seed, i) for i in range(n)]
         t0 = time.perf_counter()
+        generating = 0.0
         features, scenes = [], []
         bar = tqdm(
             total=n * sampling.steps,
@@ -244,6 +274,7 @@ class _Generations:
                 def on_step(step: int, total: int, x0: torch.Tensor, k: int = len(batch)) -> None:
                     bar.update(k)
 
+                t_gen = time.perf_counter()
                 images = self.model.generate(
                     batch,
                     steps=sampling.steps,
@@ -251,11 +282,15 @@ class _Generations:
                     sampler=sampling.sampler,
                     seeds=seeds[i : i + self.batch_size],
                     on_step=on_step,
+                    guidance_interval=sampling.guidance_interval,
                 )
+                generating += time.perf_counter() - t_gen
                 x = pil_to_tensor(images)
                 features.append(self.classifier.features(x))
                 scenes += self.classifier.read(x)
-        result = _Generated(torch.cat(features), scenes, time.perf_counter() - t0)
+        result = _Generated(
+            torch.cat(features), scenes, time.perf_counter() - t0, n / max(generating, 1e-9)
+        )
         self.cache[sampling] = result
         return result
 
@@ -306,7 +341,7 @@ class _Judge:
         g = gens.get(sampling, n)
         fid = frechet_distance(self.real_at(n), _stats(g.features))
         adherence = adherence_by_group(g.scenes, self.prompts[:n])
-        return Row(sampling, n, fid, self.floor(n), adherence, g.seconds)
+        return Row(sampling, n, fid, self.floor(n), adherence, g.seconds, g.images_per_second)
 
 
 @torch.no_grad()
@@ -334,7 +369,7 @@ def evaluate(
     classifier_config = read_config(classifier_dir)
     held_out = held_out_pairs(read_config(checkpoint))
     d = model.defaults
-    defaults = Sampling(d.sampler, d.steps, d.guidance)
+    defaults = Sampling(d.sampler, d.steps, d.guidance, d.guidance_interval)
     n = settings.n
     sweep_n = settings.sweep_n if settings.sweeps else 0
     guidance_n = (settings.guidance_n or n) if settings.sweeps else 0
@@ -370,6 +405,13 @@ def evaluate(
         order = {s: i for i, s in enumerate(settings.sampler_sweep)}
         sampler_rows.sort(key=lambda r: order[(r.sampling.sampler, r.sampling.steps)])
 
+    speed_rows: list[Row] = []
+    if settings.speed:
+        speed_n = settings.speed_n or n
+        for sampler, steps, lo, hi in settings.speed_sweep:
+            sampling = Sampling(sampler, steps, d.guidance, (lo, hi))
+            speed_rows.append(judge.row(gens, sampling, speed_n))
+
     grid = grid_scenes(prompts[:n]) or list(prompts[:1])
     cols = settings.grid_columns
     grid_images = model.generate(
@@ -400,6 +442,7 @@ def evaluate(
         real_adherence=adherence_by_group(real_read[:n], prompts[:n]),
         sampler_rows=sampler_rows,
         guidance_rows=guidance_rows,
+        speed_rows=speed_rows,
         autoencoder_psnr_db=autoencoder_psnr(model, psnr_scenes),
         autoencoder_psnr_images=len(psnr_scenes),
         classifier_info={

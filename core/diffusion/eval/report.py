@@ -73,6 +73,41 @@ def _sweep_table(first: str, rows: list[tuple[str, Row]], ratio_to: float | None
     return out
 
 
+def _speed_section(result: EvalResult) -> list[str]:
+    """Images/s beside FID and adherence for each speed-sweep setting, against the first row
+    (the current defaults), in one table."""
+    rows = result.speed_rows
+    base = rows[0]
+    n = base.n
+    out = [
+        f"## Speed sweep: images/s against quality; guidance {result.defaults.guidance:g}; "
+        f"N = {n} per row",
+        "",
+        "Images/s counts the model's `generate` alone (text encoder, denoising, decoding), batches "
+        f"of {result.settings.batch_size}, on the machine above; each row against the first. "
+        "Δ adherence is the largest change, in points, over the four prompt groups.",
+        "",
+        "| setting | images/s | × first | FID | FID / first | seen, 1 obj | held-out, 1 obj "
+        "| seen, 2 obj | held-out, 2 obj | Δ adherence |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        cells = " | ".join(_pct(r.adherence.get(g)) for g in GROUPS)
+        deltas = [
+            abs((r.adherence[g].rate or 0) - (base.adherence[g].rate or 0)) * 100
+            for g in GROUPS
+            if g in r.adherence and g in base.adherence and r.adherence[g].total
+        ]
+        speed = r.images_per_second / base.images_per_second if base.images_per_second else 0
+        label = f"{_short(r)}{r.sampling.interval_label}"
+        out.append(
+            f"| {label} | {r.images_per_second:.2f} | {speed:.2f}× | {r.fid:.2f} "
+            f"| {r.fid / base.fid:.3f} | {cells} | {max(deltas, default=0):.1f} |"
+        )
+    out.append("")
+    return out
+
+
 def targets(result: EvalResult) -> list[tuple[str, str, bool | None]]:
     """(target, result, met) rows; met is None where the run did not measure it."""
     main = result.main
@@ -224,6 +259,9 @@ def markdown(result: EvalResult, command: str = "") -> str:
             ),
             "",
         ]
+
+    if result.speed_rows:
+        lines += _speed_section(result)
 
     lines += ["## Targets", "", "| target | result | met |", "|---|---:|---|"]
     for name, value, met in targets(result):
