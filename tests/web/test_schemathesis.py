@@ -83,6 +83,7 @@ def test_every_endpoint_of_the_api_is_in_the_document() -> None:
         ("POST", "/api/v1/jobs/{job_id}/cancel"),
         ("POST", "/api/v1/jobs/{job_id}/webhooks/{delivery_id}/replay"),
         ("POST", "/api/v1/webhooks/secret/rotate"),
+        ("PUT", "/api/v1/admin/tokens/{token_id}/weight"),
     ]
 
 
