@@ -104,6 +104,10 @@ def create_app(
         TAGS=[
             {"name": "Jobs", "description": "Generation jobs and the models they run on."},
             {"name": "Admin", "description": "Training runs and model versions (admin tokens)."},
+            {
+                "name": "Webhooks",
+                "description": "Signing keys, delivery logs and replays of signed webhooks.",
+            },
         ],
     )
     if settings.trusted_proxy_hops:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -159,7 +160,7 @@ def test_dq_serve_runs_jobs_from_the_api_and_the_browser_and_survives_a_restart(
     time.sleep(0.5)
     alive = {p for p in children if _alive(p)}
     assert alive == set(), f"orphaned processes: {alive}"
-    assert "serve   | stopped" in served.log.read_text()
+    assert re.search(r"^serve +\| stopped$", served.log.read_text(), re.M)
 
     served.start()
     for job_id in (waiting["id"], long["id"]):

@@ -45,6 +45,8 @@ JOB_FIELDS = {
     "params",
     "images",
     "error",
+    "webhook",
+    "webhook_events_filter",
 }
 
 
