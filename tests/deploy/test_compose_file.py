@@ -9,7 +9,7 @@ import yaml
 from tests.deploy.manifests import DEPLOY, compose, pinned
 
 ROOT_CREDENTIAL_SERVICES = {"minio", "minio-init"}
-APP_SERVICES = {"migrate", "web", "reaper", "worker-generate", "worker-train"}
+APP_SERVICES = {"migrate", "web", "reaper", "worker-generate", "worker-train", "worker-webhooks"}
 
 
 def test_only_minio_and_its_init_get_the_root_credentials() -> None:

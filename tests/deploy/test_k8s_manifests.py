@@ -28,7 +28,7 @@ from tests.deploy.manifests import (
 K8S_VERSIONS = ("1.30", "latest")
 # Custom resources: no OpenAPI schema ships for them; test_deploy_files checks their fields.
 CUSTOM_KINDS = {("keda.sh/v1alpha1", "ScaledObject")}
-OUR_COMPONENTS = {"web", "worker-generate", "worker-train", "reaper", "migrate"}
+OUR_COMPONENTS = {"web", "worker-generate", "worker-train", "worker-webhooks", "reaper", "migrate"}
 
 
 def schema_validated() -> list[dict[str, Any]]:
@@ -119,7 +119,7 @@ def test_the_read_only_root_has_bounded_writable_scratch(doc: dict[str, Any]) ->
         liveness = env.get("DQ_WORKER_LIVENESS_FILE")
         if liveness:
             assert any(liveness.startswith(path + "/") for path in mounts), liveness
-        if c["command"][:2] == ["dq", "worker"]:
+        if c["command"][:2] == ["dq", "worker"] and "webhooks" not in c["command"]:
             config = next(d for d in k8s_docs() if d["kind"] == "ConfigMap")["data"]
             for setting in ("DQ_MODEL_CACHE_DIR", "DQ_WORK_DIR"):
                 assert any(config[setting].startswith(p + "/") for p in mounts), setting
@@ -182,9 +182,17 @@ def test_app_egress_reaches_only_dns_and_the_backing_services() -> None:
         ports = {
             port["port"] for p in mine for rule in p["spec"]["egress"] for port in rule["ports"]
         }
-        assert ports == {53, 5432, 6379, 9000}, component
+        # Only the webhook sender leaves the cluster: HTTPS to public addresses.
+        webhooks = component == "worker-webhooks"
+        assert ports == {53, 5432, 6379, 9000} | ({443} if webhooks else set()), component
         for rule in (rule for p in mine for rule in p["spec"]["egress"]):
-            assert all("ipBlock" not in to for to in rule["to"]), "no open egress to addresses"
+            blocks = [to["ipBlock"] for to in rule["to"] if "ipBlock" in to]
+            if not webhooks:
+                assert not blocks, "no open egress to addresses"
+            for block in blocks:
+                assert rule["ports"] == [{"protocol": "TCP", "port": 443}]
+                for private in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "169.254.0.0/16"):
+                    assert private in block.get("except", []), private
     # The backing services take connections from the app pods, not from the whole namespace.
     for name, port in (("postgresql", 5432), ("redis", 6379), ("minio", 9000)):
         rules = [
