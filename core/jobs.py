@@ -106,10 +106,14 @@ class JobRequest:
     seed: int | None = None
     num_images: int = 1
     size: int | None = None
+    guidance_interval: list[float] | None = None
 
     def fingerprint(self) -> str:
         """SHA-256 of the request as given, to recognise a replay under one idempotency key."""
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()
+        given = asdict(self)
+        if given["guidance_interval"] is None:
+            del given["guidance_interval"]  # as requests were hashed before it existed
+        return hashlib.sha256(json.dumps(given, sort_keys=True).encode()).hexdigest()
 
 
 def _int(value: object, field: str, lo: int, hi: int) -> int:
@@ -118,6 +122,21 @@ def _int(value: object, field: str, lo: int, hi: int) -> int:
     if not lo <= value <= hi:
         raise JobRequestError(field, f"must be from {lo} to {hi}")
     return value
+
+
+def _guidance_interval(value: object, model: ServingModel) -> list[float]:
+    """Two noise levels t/(T−1) in [0, 1], either order, between which guidance applies; None:
+    the serving model's default."""
+    if value is None:
+        return list(model.guidance_interval)
+    if not isinstance(value, (list, tuple)) or len(value) != 2:
+        raise JobRequestError("guidance_interval", "must be two numbers from 0 to 1")
+    out = []
+    for v in value:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1:
+            raise JobRequestError("guidance_interval", "must be two numbers from 0 to 1")
+        out.append(float(v))
+    return sorted(out)
 
 
 def size_bounds(model: ServingModel) -> tuple[int, int]:
@@ -160,6 +179,7 @@ def validate_request(request: JobRequest, settings: Settings, model: ServingMode
     _int(size, "size", m, biggest)
     if size % m:
         raise JobRequestError("size", f"must be a multiple of {m}")
+    interval = _guidance_interval(request.guidance_interval, model)
     return JobRequest(
         prompt=request.prompt,
         negative_prompt=request.negative_prompt,
@@ -169,6 +189,7 @@ def validate_request(request: JobRequest, settings: Settings, model: ServingMode
         seed=seed,
         num_images=num_images,
         size=size,
+        guidance_interval=interval,
     )
 
 
@@ -236,6 +257,7 @@ def submit_job(
         webhook_url=webhook.url if webhook else None,
         webhook_events=list(webhook.events) if webhook and webhook.events is not None else None,
         batch_id=batch_id,
+        guidance_interval=full.guidance_interval,
     )
     if idempotency_key is None:
         session.add(job)

@@ -32,12 +32,18 @@ class ServingModel:
     sampler: str
     image_size: int
     size_multiple: int
+    guidance_interval: tuple[float, float] = (0.0, 1.0)
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "id": str(self.version_id) if self.version_id else None,
             "name": self.name,
-            "defaults": {"steps": self.steps, "guidance": self.guidance, "sampler": self.sampler},
+            "defaults": {
+                "steps": self.steps,
+                "guidance": self.guidance,
+                "sampler": self.sampler,
+                "guidance_interval": list(self.guidance_interval),
+            },
             "image_size": self.image_size,
         }
 
@@ -56,7 +62,15 @@ def _from_config(version_id: uuid.UUID | None, name: str, config: dict[str, Any]
         sampler=str(defaults.get("sampler", "dpmpp-2m")),
         image_size=int(config.get("image_size", 64)),
         size_multiple=downsample * 2 ** (unet_levels - 1),
+        guidance_interval=_interval(defaults.get("guidance_interval")),
     )
+
+
+def _interval(raw: Any) -> tuple[float, float]:
+    if isinstance(raw, (list, tuple)) and len(raw) == 2:
+        lo, hi = sorted(float(v) for v in raw)
+        return (lo, hi)
+    return (0.0, 1.0)
 
 
 def default_model_config() -> dict[str, Any]:

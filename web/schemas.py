@@ -175,6 +175,17 @@ class JobIn(Schema):
         },
     )
     num_images = JsonInteger(load_default=1, validate=_range(1))
+    guidance_interval = List(
+        JsonNumber(validate=_range(0, 1)),
+        allow_none=True,
+        validate=Length(min=2, max=2, error="must be two numbers from 0 to 1"),
+        metadata={
+            "description": "Two noise levels t/T from 0 (clean) to 1 (pure noise), either order: "
+            "guidance applies only between them, and steps outside run the conditional pass "
+            "alone (faster). null: the serving model's default.",
+            "example": [0.0, 0.6],
+        },
+    )
     size = JsonInteger(
         allow_none=True,
         validate=_range(1),
@@ -243,6 +254,7 @@ class JobParams(Schema):
     negative_prompt = String(required=True)
     steps = Integer(required=True)
     guidance = Float(required=True)
+    guidance_interval = List(Float(), required=True, metadata={"description": "[lo, hi] in t/T."})
     sampler = String(required=True)
     seed = Integer(required=True, metadata={"description": "The seed actually used."})
     num_images = Integer(required=True)
@@ -307,6 +319,7 @@ class ModelDefaults(Schema):
     steps = Integer(required=True)
     guidance = Float(required=True)
     sampler = String(required=True)
+    guidance_interval = List(Float(), required=True, metadata={"description": "[lo, hi] in t/T."})
 
 
 class ServingOut(Schema):

@@ -88,6 +88,7 @@ class BatchJob:
     negative_prompt: str
     guidance: float
     seeds: list[int]
+    guidance_interval: tuple[float, float] = (0.0, 1.0)
 
     @property
     def id(self) -> uuid.UUID:
@@ -114,6 +115,11 @@ class Batch:
     @property
     def ids(self) -> list[uuid.UUID]:
         return [j.id for j in self.jobs]
+
+
+def _interval(stored: list[float] | None) -> tuple[float, float]:
+    """A job's guidance interval; jobs from before the setting are guided at every step."""
+    return (float(stored[0]), float(stored[1])) if stored else (0.0, 1.0)
 
 
 def _claim(ctx: WorkerContext, s: Session, job_id: uuid.UUID) -> Lease | None:
@@ -183,6 +189,7 @@ def claim_batch(ctx: WorkerContext, job_id: uuid.UUID) -> Batch | None:
                     negative_prompt=j.negative_prompt,
                     guidance=j.guidance,
                     seeds=[j.seed + i for i in range(j.num_images)],
+                    guidance_interval=_interval(j.guidance_interval),
                 )
                 for lease, j in ((lease, by_id[lease.id]) for lease in claimed)
             ],
@@ -498,12 +505,14 @@ def _generate(
     prompts: list[str] = []
     negatives: list[str] = []
     guidance: list[float] = []
+    intervals: list[tuple[float, float]] = []
     seeds: list[int] = []
     for job in part:
         batch.rows[job.id] = list(range(len(prompts), len(prompts) + job.num_images))
         prompts += [job.prompt] * job.num_images
         negatives += [job.negative_prompt] * job.num_images
         guidance += [job.guidance] * job.num_images
+        intervals += [job.guidance_interval] * job.num_images
         seeds += job.seeds
     watcher.active = {j.id for j in part}
     log.info(
@@ -521,6 +530,7 @@ def _generate(
             negatives,
             steps=batch.steps,
             guidance=guidance,
+            guidance_interval=intervals,
             sampler=batch.sampler,
             seeds=seeds,
             size=batch.size,

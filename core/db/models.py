@@ -157,6 +157,8 @@ class Job(LeasedWork, Base):
     negative_prompt: Mapped[str] = mapped_column(Text, default="")
     steps: Mapped[int] = mapped_column(Integer)
     guidance: Mapped[float] = mapped_column(Float)
+    # [lo, hi]: guidance applies at noise levels t/(T−1) in it (None: every step).
+    guidance_interval: Mapped[list[float] | None] = mapped_column(JSON(none_as_null=True))
     sampler: Mapped[str] = mapped_column(String(32))
     seed: Mapped[int] = mapped_column(BigInteger)  # the first image's; image i uses seed + i
     width: Mapped[int] = mapped_column(Integer)
@@ -395,6 +397,13 @@ class Batch(Base):
 
     __table_args__ = (
         UniqueConstraint("owner", "idempotency_key", name="uq_batches_owner_idempotency_key"),
+        # The reaper's pass looks for batches still running; finished ones are most of the table.
+        Index(
+            "ix_batches_unfinished",
+            "created_at",
+            sqlite_where=text("finished_at IS NULL"),
+            postgresql_where=text("finished_at IS NULL"),
+        ),
     )
 
 

@@ -128,6 +128,23 @@ def test_whole_numbers_written_as_floats_and_prompts_with_leading_spaces_are_acc
         assert client.post("/api/v1/jobs", json=bad, headers=bearer(user_token)).status_code == 422
 
 
+def test_guidance_interval_is_two_levels_in_either_order_defaulting_to_the_models(
+    client: FlaskClient, user_token: str
+) -> None:
+    def submit(**extra: Any) -> Any:
+        body = {"prompt": "a red circle", **extra}
+        return client.post("/api/v1/jobs", json=body, headers=bearer(user_token))
+
+    r = submit(guidance_interval=[0.6, 0.1])
+    assert r.status_code == 202 and r.get_json()["params"]["guidance_interval"] == [0.1, 0.6]
+    default = submit().get_json()["params"]["guidance_interval"]
+    models = client.get("/api/v1/models", headers=bearer(user_token)).get_json()
+    assert default == models["serving"]["defaults"]["guidance_interval"]
+    for bad in ([0.5], [0.1, 0.2, 0.3], [0.1, 1.5], ["a", 0.2], [True, 0.5]):
+        problem = assert_problem(submit(guidance_interval=bad), 422, "guidance_interval")
+        assert problem["errors"][0]["field"].startswith("guidance_interval")
+
+
 def test_queue_position_counts_the_jobs_ahead(
     client: FlaskClient, user_token: str, engine: Engine
 ) -> None:
@@ -527,7 +544,12 @@ def test_models_lists_versions_and_the_one_serving(
         activate_version(session, version_id)
     body = client.get("/api/v1/models", headers=bearer(user_token)).get_json()
     assert body["serving"]["name"] == "shapes-v2"
-    assert body["serving"]["defaults"] == {"steps": 31, "guidance": 3.0, "sampler": "ddim"}
+    assert body["serving"]["defaults"] == {
+        "steps": 31,
+        "guidance": 3.0,
+        "sampler": "ddim",
+        "guidance_interval": [0.0, 1.0],
+    }
     assert [(v["name"], v["is_active"], v["metrics"]) for v in body["versions"]] == [
         ("shapes-v2", True, {"fid": 12.5})
     ]

@@ -253,3 +253,30 @@ def test_previews_are_deleted_once_the_job_has_ended(
     assert f"previews/{job_id}/1.png" in written  # there was one while it ran
     assert list(ctx.storage.list(f"previews/{job_id}")) == []
     assert list(ctx.storage.list(f"images/{job_id}/")) == [f"images/{job_id}/1/0.png"]
+
+
+def test_a_jobs_guidance_interval_reaches_the_model_and_its_images(
+    engine: Engine, tmp_path: Path
+) -> None:
+    """A job guided only in [0.2, 0.6] makes exactly the image the pipeline makes with that
+    interval, which differs from the image guided at every step."""
+    import numpy as np
+
+    from tests.conftest import make_tiny_pipeline
+
+    ctx = context(engine, tmp_path)
+    job_id = submit(ctx, guidance=4.0, seed=5, guidance_interval=[0.6, 0.2])
+    assert run_generation(ctx, job_id)
+    done = job(engine, job_id)
+    assert done.status is JobStatus.SUCCEEDED and done.guidance_interval == [0.2, 0.6]
+    import io
+
+    from PIL import Image as PILImage
+
+    got = np.asarray(PILImage.open(io.BytesIO(ctx.storage.get(done.images[0].storage_key))))
+    pipeline = make_tiny_pipeline()
+    kw = {"steps": 3, "guidance": 4.0, "seeds": [5], "sampler": done.sampler}
+    interval = pipeline.generate(["a red circle"], guidance_interval=(0.2, 0.6), **kw)[0]
+    every = pipeline.generate(["a red circle"], **kw)[0]
+    assert np.array_equal(got, np.asarray(interval))
+    assert not np.array_equal(np.asarray(interval), np.asarray(every))
