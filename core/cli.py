@@ -680,7 +680,21 @@ def web_cmd(host: str, port: int, workers: int, threads: int, migrate: bool) -> 
     help="Also run a worker for admin training runs.",
 )
 @click.option("--web-workers", type=click.IntRange(1, 64), default=2, show_default=True)
-def serve_cmd(host: str, port: int, workers: int, train_worker: bool, web_workers: int) -> None:
+@click.option(
+    "--threads-per-worker",
+    type=click.IntRange(1, 256),
+    default=None,
+    help="torch CPU threads of each generation worker (default: the cores shared out among "
+    "the workers, at least 1).",
+)
+def serve_cmd(
+    host: str,
+    port: int,
+    workers: int,
+    train_worker: bool,
+    web_workers: int,
+    threads_per_worker: int | None,
+) -> None:
     """Run everything on this machine: migrations, web app, workers and reaper.
 
     State lives under ./var unless DQ_* settings say otherwise. Ctrl-C or SIGTERM stops every
@@ -694,7 +708,10 @@ def serve_cmd(host: str, port: int, workers: int, train_worker: bool, web_worker
         path.mkdir(parents=True, exist_ok=True)
     settings.effective_secret_key  # noqa: B018 -- made once here, before the children race for it
     _migrate(settings.database_url)
-    sys.exit(serve(host, port, workers, train_worker, web_workers))
+    import os
+
+    threads = threads_per_worker or max(1, (os.cpu_count() or 1) // workers)
+    sys.exit(serve(host, port, workers, train_worker, web_workers, threads))
 
 
 # --- worker and reaper ---------------------------------------------------------------------
@@ -717,7 +734,16 @@ def serve_cmd(host: str, port: int, workers: int, train_worker: bool, web_worker
 )
 @click.option("--name", default=None, help="Worker node name (default: QUEUES@HOST).")
 @click.option("--loglevel", default="INFO", show_default=True)
-def worker_cmd(queues: str, concurrency: int, name: str | None, loglevel: str) -> None:
+@click.option(
+    "--threads",
+    type=click.IntRange(1, 256),
+    default=None,
+    help="torch CPU threads per process (default: torch's, one per core). On a CPU-only host "
+    "running several workers, give each cores ÷ workers.",
+)
+def worker_cmd(
+    queues: str, concurrency: int, name: str | None, loglevel: str, threads: int | None
+) -> None:
     """Run a Celery worker on the given queues (replaces this process)."""
     import os
     import shutil
@@ -753,6 +779,9 @@ def worker_cmd(queues: str, concurrency: int, name: str | None, loglevel: str) -
         "--without-gossip",
         "--without-mingle",
     ]
+    if threads is not None:
+        # Read by torch (OpenMP) and MKL when they start in the worker.
+        os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(threads)
     sys.stdout.flush()
     os.execv(celery, args)
 

@@ -183,6 +183,7 @@ def serve(
     workers: int,
     train_worker: bool,
     web_workers: int,
+    threads_per_worker: int | None = None,
 ) -> int:
     """Run until SIGINT or SIGTERM; returns the exit status."""
     dq = [sys.executable, "-m", "core.cli"]
@@ -196,7 +197,15 @@ def serve(
         *(
             Child(
                 f"worker{i + 1}",
-                [*dq, "worker", "--queues", "generate", "--name", f"generate{i + 1}@%h"],
+                [
+                    *dq,
+                    "worker",
+                    "--queues",
+                    "generate",
+                    "--name",
+                    f"generate{i + 1}@%h",
+                    *(["--threads", str(threads_per_worker)] if threads_per_worker else []),
+                ],
                 grace_s=30,
                 liveness_file=RUN_DIR / f"worker{i + 1}.alive",
             )
@@ -221,7 +230,14 @@ def serve(
             grace_s=15,
             liveness_file=RUN_DIR / "webhooks.alive",
         ),
-        Child("reaper", [*dq, "reaper"], grace_s=10),
+        Child(
+            "reaper",
+            [*dq, "reaper", "--liveness-file", str(RUN_DIR / "reaper.alive")],
+            grace_s=10,
+            # Touched after every pass, work done or not: a database outage is not a hang.
+            liveness_file=RUN_DIR / "reaper.alive",
+            liveness_max_age_s=120.0,
+        ),
     ]
     supervisor = Supervisor(children)
     signals_seen = []
