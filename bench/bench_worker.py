@@ -168,13 +168,21 @@ def scaling(
         start_worker(env, tmp, batch, threads, f"{tag}-{k}") for k, threads in enumerate(layout)
     ]
     try:
-        # Warm-up: every worker loads the model on its first job (one message each).
-        run_jobs(
-            settings,
-            engine,
-            publisher,
-            [JobRequest(prompt="a red circle", steps=steps, seed=k) for k in range(len(layout))],
-        )
+        # Warm-up: every worker loads the model on its first job. Jobs of different step counts
+        # cannot share a batch, so each claim takes one; repeat until every worker has run one.
+        logs = [tmp / f"worker-{batch}{tag}-{k}.log" for k in range(len(layout))]
+        for attempt in range(10):
+            run_jobs(
+                settings,
+                engine,
+                publisher,
+                [
+                    JobRequest(prompt="a red circle", steps=steps + k + 1, seed=attempt)
+                    for k in range(2 * len(layout))
+                ],
+            )
+            if all("running " in log.read_text(errors="replace") for log in logs):
+                break
         reqs = [JobRequest(prompt=p, steps=steps, seed=seed0 + i) for i, p in enumerate(prompts(n))]
         jobs = run_jobs(settings, engine, publisher, reqs)
     finally:

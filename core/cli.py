@@ -55,9 +55,18 @@ def resolve_checkpoint(checkpoint: str | None) -> Path:
     help="Model directory (default: the shipped model).",
 )
 @click.option("--steps", type=int, default=None, help="Denoising steps (default: the model's).")
-@click.option("--sampler", default=None, help="ddpm, ddim or dpmpp-2m (default: the model's).")
+@click.option(
+    "--sampler", default=None, help="ddpm, ddim, dpmpp-2m or dpmpp-3m (default: the model's)."
+)
 @click.option(
     "--guidance", type=float, default=None, help="Classifier-free guidance scale; 1 turns it off."
+)
+@click.option(
+    "--guidance-interval",
+    type=(float, float),
+    default=None,
+    metavar="LO HI",
+    help="Guide only at noise levels t/T from LO to HI (default: the model's; 0 1: every step).",
 )
 @click.option(
     "--seed", type=int, default=None, help="Seed of the first image; the rest use seed+1, seed+2, …"
@@ -79,6 +88,7 @@ def generate(
     steps: int | None,
     sampler: str | None,
     guidance: float | None,
+    guidance_interval: tuple[float, float] | None,
     seed: int | None,
     num_images: int,
     size: int | None,
@@ -111,6 +121,7 @@ def generate(
             sampler=sampler,
             seeds=seeds,
             size=size,
+            guidance_interval=guidance_interval,
         )
     for w in caught:
         if issubclass(w.category, PromptTruncatedWarning):
@@ -273,6 +284,18 @@ def train_classifier_cmd(**kw: Any) -> None:
 # --- eval ------------------------------------------------------------------------------------
 
 
+def _speed_setting(raw: str) -> tuple[str, int, float, float]:
+    parts = raw.split(":")
+    try:
+        if len(parts) == 2:
+            return parts[0], int(parts[1]), 0.0, 1.0
+        if len(parts) == 4:
+            return parts[0], int(parts[1]), float(parts[2]), float(parts[3])
+    except ValueError:
+        pass
+    raise _fail(f"--speed-setting {raw!r} is not SAMPLER:STEPS or SAMPLER:STEPS:LO:HI")
+
+
 @cli.command("eval")
 @click.option(
     "--checkpoint",
@@ -312,6 +335,14 @@ def train_classifier_cmd(**kw: Any) -> None:
     "higher-order solvers, guidance in an interval), each at N = --speed-n.",
 )
 @click.option("--speed-n", type=int, default=None, help="Prompts per speed-sweep row (default N).")
+@click.option(
+    "--speed-setting",
+    "speed_settings",
+    multiple=True,
+    metavar="SAMPLER:STEPS[:LO:HI]",
+    help="A speed-sweep row, e.g. dpmpp-3m:10:0.3:1 (guided at t/T in [0.3, 1]); repeat for "
+    "more rows. Default: the built-in list. The first row is what the others compare with.",
+)
 @click.option("--batch-size", type=int, default=32, show_default=True, help="Images per batch.")
 @click.option("--device", default=None, help="cpu or cuda (default: cuda when present).")
 @click.option("--threads", type=int, default=None, help="torch CPU threads (default: torch's).")
@@ -328,6 +359,7 @@ def eval_cmd(
     sweeps: bool,
     speed_sweep: bool,
     speed_n: int | None,
+    speed_settings: tuple[str, ...],
     batch_size: int,
     device: str | None,
     threads: int | None,
@@ -352,10 +384,14 @@ def eval_cmd(
         guidance_n=base.guidance_n if guidance_n is None else guidance_n,
         seed=seed,
         sweeps=sweeps,
-        speed=speed_sweep,
+        speed=speed_sweep or bool(speed_settings),
         speed_n=speed_n,
         batch_size=batch_size,
     )
+    if speed_settings:
+        settings = dataclasses.replace(
+            settings, speed_sweep=tuple(_speed_setting(s) for s in speed_settings)
+        )
     settings.validate()
     if threads is not None:
         if threads < 1:
@@ -669,9 +705,9 @@ def web_cmd(host: str, port: int, workers: int, threads: int, migrate: bool) -> 
 @click.option(
     "--workers",
     type=click.IntRange(1, 32),
-    default=1,
-    show_default=True,
-    help="Generation worker processes.",
+    default=None,
+    help="Generation worker processes (default: one per CPU core, up to 8, on a host without a "
+    "GPU, each with one torch thread, as bench/bench_worker.py measured fastest; 1 with a GPU).",
 )
 @click.option(
     "--train-worker/--no-train-worker",
@@ -690,7 +726,7 @@ def web_cmd(host: str, port: int, workers: int, threads: int, migrate: bool) -> 
 def serve_cmd(
     host: str,
     port: int,
-    workers: int,
+    workers: int | None,
     train_worker: bool,
     web_workers: int,
     threads_per_worker: int | None,
@@ -710,6 +746,9 @@ def serve_cmd(
     _migrate(settings.database_url)
     import os
 
+    from core.serve import default_workers
+
+    workers = workers or default_workers(settings)
     threads = threads_per_worker or max(1, (os.cpu_count() or 1) // workers)
     sys.exit(serve(host, port, workers, train_worker, web_workers, threads))
 

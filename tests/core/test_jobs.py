@@ -44,9 +44,10 @@ def test_defaults_come_from_the_serving_model_and_the_seed_is_random(engine: Eng
     assert created and job.status is JobStatus.QUEUED
     # The shipped default model declares these (core/diffusion/default_model/model.json).
     assert (job.steps, job.guidance, job.sampler, job.width, job.num_images) == (
-        20, 4.0, "dpmpp-2m", 64, 1,
+        10, 4.0, "dpmpp-3m", 64, 1,
     )  # fmt: skip
-    assert job.model_version_id is None and job.progress_total == 20
+    assert job.guidance_interval == [0.3, 1.0]
+    assert job.model_version_id is None and job.progress_total == 10
     other, _ = submit(engine)
     assert job.seed != other.seed and 0 <= job.seed < 2**63
 

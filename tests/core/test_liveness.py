@@ -145,3 +145,13 @@ def test_a_stopped_reaper_goes_stale_and_a_resumed_one_fresh_again(tmp_path: Pat
     # DQ_LOG_FORMAT=json: the reaper's own lines are JSON objects.
     lines = [line for line in err.splitlines() if line.startswith("{")]
     assert any('"message": "reaper started' in line for line in lines), err[-2000:]
+
+
+def test_dq_serve_runs_one_single_threaded_worker_per_core_without_a_gpu() -> None:
+    from core.serve import default_workers
+    from core.settings import Settings
+
+    cores = os.cpu_count() or 1
+    assert default_workers(Settings.from_env({"DQ_DEVICE": "cpu"})) == max(1, min(8, cores))
+    assert default_workers(Settings.from_env({"DQ_DEVICE": "cuda"})) == 1
+    assert default_workers(Settings.from_env({"DQ_DEVICE": "cuda:1"})) == 1

@@ -59,7 +59,7 @@ def submit(client: FlaskClient, **changes: str) -> Any:
 
 def test_form_shows_the_serving_models_defaults(client: FlaskClient, engine: Engine) -> None:
     html = client.get("/").get_data(as_text=True)
-    assert input_value(html, "steps") == "20" and input_value(html, "guidance") == "4.0"
+    assert input_value(html, "steps") == "10" and input_value(html, "guidance") == "4.0"
     version = add_version(
         engine, "v9", config={"sampling_defaults": {"steps": 37, "sampler": "ddim", "guidance": 6}}
     )

@@ -84,9 +84,10 @@ class EvalSettings:
     speed_sweep: tuple[tuple[str, int, float, float], ...] = (
         ("dpmpp-2m", 20, 0.0, 1.0),
         ("dpmpp-3m", 10, 0.0, 1.0),
+        ("dpmpp-3m", 8, 0.0, 1.0),
         ("dpmpp-3m", 10, 0.0, 0.6),
-        ("dpmpp-3m", 8, 0.0, 0.6),
-        ("dpmpp-2m", 10, 0.0, 0.6),
+        ("dpmpp-3m", 10, 0.2, 0.8),
+        ("dpmpp-3m", 10, 0.3, 1.0),
     )
     grid_columns: int = 6
     psnr_images: int = 256
