@@ -50,6 +50,10 @@ IDLE_STOP_SECONDS = 30.0
 REDIS_RETRY_SECONDS = 5.0
 
 
+class ServerBusy(Exception):
+    """This process holds its DQ_SSE_MAX_STREAMS streams already."""
+
+
 class TooManyStreams(Exception):
     """The owner already has the most open streams one process allows."""
 
@@ -83,6 +87,7 @@ class EventHub:
         poll_seconds: float = POLL_SECONDS,
         fallback_poll_seconds: float = FALLBACK_POLL_SECONDS,
         max_streams_per_owner: int = 100,
+        max_streams: int | None = None,
         idle_stop_seconds: float = IDLE_STOP_SECONDS,
     ):
         self.engine = engine
@@ -90,6 +95,7 @@ class EventHub:
         self.poll_seconds = poll_seconds
         self.fallback_poll_seconds = fallback_poll_seconds
         self.max_streams_per_owner = max_streams_per_owner
+        self.max_streams = max_streams
         self.idle_stop_seconds = idle_stop_seconds
         # Counts status changes of any job: a queued job's position may have moved.
         self.queue_version = 0
@@ -107,6 +113,9 @@ class EventHub:
     def subscribe(self, job_id: uuid.UUID, owner: str) -> Subscription:
         sub = Subscription(job_id, owner)
         with self._lock:
+            held = sum(self._per_owner.values())
+            if self.max_streams is not None and held >= self.max_streams:
+                raise ServerBusy(f"this server holds {held} event streams, its most")
             if self._per_owner[owner] >= self.max_streams_per_owner:
                 raise TooManyStreams(
                     f"{self.max_streams_per_owner} event streams are open for you already"

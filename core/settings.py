@@ -259,6 +259,12 @@ class Settings:
     max_batch_items: int = _setting(
         100, "Most jobs one batch submission (a prompt list or matrix) may make; more get 422."
     )
+    sse_max_streams: int = _setting(
+        48,
+        "Event streams (SSE) one web process holds at once; each holds a gunicorn thread, so "
+        "keep it below `dq web --threads` (64) to leave threads for pages and API calls. Past "
+        "it a stream gets 503 with Retry-After, and the job page falls back to polling.",
+    )
     sse_heartbeat_seconds: float = _setting(
         15.0, "Seconds between heartbeat comments on an open event stream (SSE).", _positive_float
     )
@@ -327,6 +333,7 @@ class Settings:
             "max_active_jobs_per_owner",
             "max_queued_jobs",
             "max_batch_items",
+            "sse_max_streams",
         ):
             if getattr(self, name) < 1:
                 raise SettingsError(f"{env_var(name)} must be a positive integer")

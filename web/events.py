@@ -48,7 +48,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from core.db.models import JobEvent, JobStatus
-from core.event_hub import EventHub, TooManyStreams
+from core.event_hub import EventHub, ServerBusy, TooManyStreams
 from core.jobs import JobNotFound
 from core.notify import redis_url
 from core.storage import Storage
@@ -88,6 +88,7 @@ def event_hub(app: Flask) -> EventHub:
                 svc.read_engine,
                 redis_url(svc.settings),
                 max_streams_per_owner=MAX_STREAMS_PER_OWNER,
+                max_streams=svc.settings.sse_max_streams,
             )
             app.extensions["dq_event_hub"] = hub
         return hub
@@ -277,6 +278,9 @@ def open_stream(
         stream = EventStream(event_hub(current_app), job_id, owner, last_event_id, timeout)
     except TooManyStreams as e:
         raise Problem(429, f"{e}; close some first.", headers={"Retry-After": "30"}) from None
+    except ServerBusy as e:
+        # Threads stay free for pages and API calls; the job page polls instead.
+        raise Problem(503, f"{e}; poll the job instead.", headers={"Retry-After": "5"}) from None
     try:
         rows = stream.first_rows()
     except BaseException:
@@ -359,6 +363,8 @@ has ended with nothing after Last-Event-ID answers 204.
         **COMMON_ERRORS,
         404: "No such job, or another owner's.",
         429: f"The caller has {MAX_STREAMS_PER_OWNER} streams open on this server already.",
+        503: "The database is down, or this server holds DQ_SSE_MAX_STREAMS streams already "
+        "(see Retry-After): poll the job instead.",
     },
 )
 def job_events_view(job_id: uuid.UUID, query: dict[str, Any], headers: dict[str, Any]) -> Any:

@@ -336,3 +336,27 @@ def test_a_notification_on_redis_wakes_the_stream_before_the_fallback_poll(
         stream.close()
     finally:
         hub.close()
+
+
+def test_past_dq_sse_max_streams_a_stream_gets_503_and_the_threads_stay_free(
+    app: Any, client: FlaskClient, engine: Engine, user_token: str
+) -> None:
+    svc = app.extensions["dq"]
+    full = EventHub(svc.read_engine, None, poll_seconds=0.05, max_streams=1)
+    app.extensions["dq_event_hub"] = full
+    try:
+        job_id = add_job(engine, owner_of(user_token, engine), JobStatus.QUEUED)
+        held = full.subscribe(uuid.uuid4(), "token:someone")  # the one stream it may hold
+        r = client.get(f"/api/v1/jobs/{job_id}/events", headers=bearer(user_token))
+        assert r.status_code == 503 and r.headers["Retry-After"] == "5"
+        assert r.mimetype == "application/problem+json" and "poll" in r.get_json()["detail"]
+        # Pages and API calls still answer while streams are refused.
+        assert client.get(f"/api/v1/jobs/{job_id}", headers=bearer(user_token)).status_code == 200
+        full.unsubscribe(held)
+        r = client.get(
+            f"/api/v1/jobs/{job_id}/events?timeout=1", headers=bearer(user_token), buffered=False
+        )
+        assert r.status_code == 200 and r.mimetype == "text/event-stream"
+        r.close()
+    finally:
+        full.close()
