@@ -35,10 +35,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from sqlalchemy import func, select  # noqa: E402
+from sqlalchemy import select  # noqa: E402
 from sqlalchemy.orm import Session  # noqa: E402
 
-from core.db import Base, Job, JobStatus, make_engine  # noqa: E402
+from core.db import Base, Job, make_engine  # noqa: E402
 from core.db.models import ThroughputSample  # noqa: E402
 from core.db.session import session_scope  # noqa: E402
 from core.dispatch import publish_job  # noqa: E402
@@ -46,6 +46,9 @@ from core.eta import DEFAULT_SECONDS_PER_IMAGE_STEP, estimate, live_workers  # n
 from core.jobs import JobRequest, submit_job  # noqa: E402
 from core.machine import cpu_name  # noqa: E402
 from core.settings import Settings  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_worker import wait_for_jobs  # noqa: E402
 
 COLORS = ["red", "blue", "green", "white", "yellow", "purple", "orange", "black"]
 SHAPES = ["circle", "square", "triangle"]
@@ -109,25 +112,6 @@ def predicted_finish(engine, job_id: uuid.UUID, cap: int) -> datetime | None:  #
         return estimate(s, [job], max_batch_size=cap)[job_id].finish
 
 
-def wait_all(engine, ids: list[uuid.UUID], timeout: float = 900) -> list[Job]:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with Session(engine) as s:
-            left = s.scalar(
-                select(func.count()).where(
-                    Job.id.in_(ids), Job.status.in_([JobStatus.QUEUED, JobStatus.RUNNING])
-                )
-            )
-            if left == 0:
-                jobs = list(s.scalars(select(Job).where(Job.id.in_(ids))))
-                failed = [j.error for j in jobs if j.status is not JobStatus.SUCCEEDED]
-                if failed:
-                    raise SystemExit(f"jobs failed: {failed[:3]}")
-                return jobs
-        time.sleep(0.5)  # poll gently: this process shares the CPU with the worker
-    raise SystemExit("jobs did not finish in time")
-
-
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
@@ -164,7 +148,7 @@ def main() -> None:
             # Warm-up: the model loads, full and partial batches are measured, presence is said.
             warm = [submit(settings, engine, publisher, "session:warm", i, args.steps)
                     for i in range(2 * args.batch + 1)]  # fmt: skip
-            wait_all(engine, warm)
+            wait_for_jobs(engine, warm, timeout=900)
             time.sleep(1.0)
             backlog = [submit(settings, engine, publisher, "token:backlog", 100 + i, args.steps)
                        for i in range(args.backlog)]  # fmt: skip
@@ -177,7 +161,10 @@ def main() -> None:
                 assert created is not None
                 measured.append((job_id, created, predicted_finish(engine, job_id, args.batch)))
                 time.sleep(args.every)
-            jobs = {j.id: j for j in wait_all(engine, [m[0] for m in measured] + backlog)}
+            jobs = {
+                j.id: j
+                for j in wait_for_jobs(engine, [m[0] for m in measured] + backlog, timeout=900)
+            }
             with Session(engine) as s:
                 rates = s.execute(
                     select(

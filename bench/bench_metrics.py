@@ -15,15 +15,13 @@ Not a test: numbers depend on the machine and its load.
 from __future__ import annotations
 
 import argparse
-import os
 import platform
 import statistics
 import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -34,33 +32,10 @@ from core.db import Base, Job, JobStatus, TrainingRun, make_engine
 from core.db.counts import fold
 from core.machine import cpu_name
 
-POSTGRES_URL = os.environ.get(
-    "DQ_BENCH_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_web import postgres_schema
+
 STATUSES = [JobStatus.SUCCEEDED] * 90 + [JobStatus.FAILED] * 6 + [JobStatus.CANCELED] * 4
-
-
-@contextmanager
-def postgres_schema() -> Iterator[str | None]:
-    from sqlalchemy import create_engine
-    from sqlalchemy.exc import OperationalError
-
-    schema = f"dq_bench_{uuid.uuid4().hex[:8]}"
-    admin = create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
-    try:
-        with admin.connect() as conn:
-            conn.execute(text(f'CREATE SCHEMA "{schema}"'))
-    except OperationalError:
-        admin.dispose()
-        yield None
-        return
-    sep = "&" if "?" in POSTGRES_URL else "?"
-    try:
-        yield f"{POSTGRES_URL}{sep}options=-csearch_path%3D{schema}"
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
-        admin.dispose()
 
 
 def fill(engine: Engine, total: int) -> None:

@@ -98,10 +98,16 @@ def run_jobs(settings: Settings, engine, publisher, reqs: list[JobRequest]) -> l
         ids = [submit_job(s, r, "token:bench", settings)[0].id for r in reqs]
     for job_id in ids:
         publish_job(engine, publisher, job_id)
+    return wait_for_jobs(engine, ids)
+
+
+def wait_for_jobs(engine, ids: list[uuid.UUID], timeout: float | None = None) -> list[Job]:  # type: ignore[no-untyped-def]
+    """The jobs once none is queued or running; exits naming failures, or after ``timeout``."""
     from sqlalchemy import func, select
     from sqlalchemy.orm import Session
 
-    while True:
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while deadline is None or time.monotonic() < deadline:
         with Session(engine) as s:
             left = s.scalar(
                 select(func.count()).where(
@@ -115,6 +121,7 @@ def run_jobs(settings: Settings, engine, publisher, reqs: list[JobRequest]) -> l
                     raise SystemExit(f"jobs failed: {failed[:3]}")
                 return jobs
         time.sleep(0.5)  # poll gently: this process shares the CPU with the worker
+    raise SystemExit("jobs did not finish in time")
 
 
 def service(

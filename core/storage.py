@@ -394,18 +394,8 @@ class S3Storage(Storage):
             raise self._error(e, key) from e
 
     def list(self, prefix: str = "") -> Iterator[str]:
-        validate_key(prefix, prefix=True)
-        full = f"{self.prefix}/{prefix}" if self.prefix else prefix
-        strip = len(self.prefix) + 1 if self.prefix else 0
-        paginator = self.client.get_paginator("list_objects_v2")
-        from botocore.exceptions import BotoCoreError, ClientError
-
-        try:
-            for page in paginator.paginate(Bucket=self.bucket, Prefix=full):
-                for item in page.get("Contents", []):
-                    yield item["Key"][strip:]
-        except (ClientError, BotoCoreError) as e:
-            raise self._error(e) from e
+        for key, _size in self.list_sizes(prefix):
+            yield key
 
     def list_sizes(self, prefix: str = "") -> Iterator[tuple[str, int]]:
         validate_key(prefix, prefix=True)
