@@ -16,8 +16,6 @@ from core.diffusion.samplers import (
     get_sampler,
     sample_ddim,
     sample_ddpm,
-    sample_dpmpp_2m,
-    sample_dpmpp_3m,
 )
 from core.diffusion.schedule import NoiseSchedule, ScheduleConfig, inference_timesteps
 
@@ -141,11 +139,16 @@ def test_ddim_trajectory_matches_diffusers(eta: float, prediction: str) -> None:
         assert torch.allclose(x_ours, x_ref, atol=TOL, rtol=0), (i, (x_ours - x_ref).abs().max())
 
 
-@pytest.mark.parametrize("steps", [10, 20, 50])
+@pytest.mark.parametrize("steps", [8, 10, 20, 50])
 @pytest.mark.parametrize("prediction", ["sample", "v_prediction"])
 @pytest.mark.parametrize("kind", ["linear", "cosine"])
-def test_dpmpp_2m_trajectory_matches_diffusers(steps: int, prediction: str, kind: str) -> None:
-    """Full DPM-Solver++(2M) trajectories agree for identical model outputs.
+@pytest.mark.parametrize(("order", "name"), [(2, "dpmpp-2m"), (3, "dpmpp-3m")])
+def test_dpmpp_multistep_trajectories_match_diffusers(
+    order: int, name: str, steps: int, prediction: str, kind: str
+) -> None:
+    """Full DPM-Solver++(2M) and (3M) trajectories agree with diffusers' scheduler of the same
+    order (lower_order_final: the 3M warms up at orders 1 and 2, ends at 1, and under 15 steps
+    takes order 2 just before) for identical model outputs.
 
     diffusers runs this solver in float32 only. With ε-prediction its first step divides by
     √ᾱ_999 ≈ 0.006 (0.0003 for cosine), so float32 rounding of σ, not the solver, would dominate;
@@ -159,14 +162,15 @@ def test_dpmpp_2m_trajectory_matches_diffusers(steps: int, prediction: str, kind
         beta_schedule=DIFFUSERS_BETA[kind],
         prediction_type=prediction,
         algorithm_type="dpmsolver++",
-        solver_order=2,
+        solver_order=order,
         solver_type="midpoint",
         lower_order_final=True,
         final_sigmas_type="zero",
         timestep_spacing="trailing",
     )
     ref.set_timesteps(steps)
-    ts = inference_timesteps(1000, steps, "trailing")
+    spec = get_sampler(name)
+    ts = inference_timesteps(1000, steps, spec.spacing)
     assert ts == ref.timesteps.tolist()
     x_start = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
     x_ref = x_start.clone()
@@ -180,46 +184,7 @@ def test_dpmpp_2m_trajectory_matches_diffusers(steps: int, prediction: str, kind
             return x0, (x - math.sqrt(a) * x0) / math.sqrt(1 - a)
         return sched.split_prediction(fake_model(x, t), x, t)
 
-    x_ours = sample_dpmpp_2m(denoise, x_start.clone(), sched, ts, noise=torch.randn_like)
-    assert torch.allclose(x_ours, x_ref, atol=TOL, rtol=0), (x_ours - x_ref).abs().max()
-
-
-@pytest.mark.parametrize("steps", [8, 10, 20, 50])
-@pytest.mark.parametrize("prediction", ["sample", "v_prediction"])
-@pytest.mark.parametrize("kind", ["linear", "cosine"])
-def test_dpmpp_3m_trajectory_matches_diffusers(steps: int, prediction: str, kind: str) -> None:
-    """Full DPM-Solver++(3M) trajectories agree with diffusers' scheduler of the same name
-    (solver_order=3, lower_order_final: orders 1, 2, 3, …, 3, [2 under 15 steps], 1), compared
-    on x0 and v outputs as the 2M test explains."""
-    ours_pred = "epsilon" if prediction == "sample" else prediction
-    sched = NoiseSchedule(ScheduleConfig(kind=kind, prediction=ours_pred))  # type: ignore[arg-type]
-    ref = DPMSolverMultistepScheduler(
-        num_train_timesteps=1000,
-        beta_schedule=DIFFUSERS_BETA[kind],
-        prediction_type=prediction,
-        algorithm_type="dpmsolver++",
-        solver_order=3,
-        solver_type="midpoint",
-        lower_order_final=True,
-        final_sigmas_type="zero",
-        timestep_spacing="trailing",
-    )
-    ref.set_timesteps(steps)
-    ts = inference_timesteps(1000, steps, get_sampler("dpmpp-3m").spacing)
-    assert ts == ref.timesteps.tolist()
-    x_start = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
-    x_ref = x_start.clone()
-    for t in ts:
-        x_ref = ref.step(fake_model(x_ref, t), t, x_ref).prev_sample
-
-    def denoise(x: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if prediction == "sample":
-            x0 = fake_model(x, t)
-            a = sched.alpha_bar(t)
-            return x0, (x - math.sqrt(a) * x0) / math.sqrt(1 - a)
-        return sched.split_prediction(fake_model(x, t), x, t)
-
-    x_ours = sample_dpmpp_3m(denoise, x_start.clone(), sched, ts, noise=torch.randn_like)
+    x_ours = spec.sample(denoise, x_start.clone(), sched, ts, noise=torch.randn_like)
     assert torch.allclose(x_ours, x_ref, atol=TOL, rtol=0), (x_ours - x_ref).abs().max()
 
 
