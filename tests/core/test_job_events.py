@@ -9,27 +9,9 @@ from sqlalchemy import select, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
-from core.db import Job, JobStatus, utcnow
+from core.db import Job, JobStatus
 from core.db.models import JobEvent, WebhookDelivery
-
-
-def _job(**values: Any) -> Job:
-    return Job(
-        id=uuid.uuid4(),
-        status=JobStatus.QUEUED,
-        prompt="a red circle",
-        steps=4,
-        guidance=3.0,
-        sampler="ddim",
-        seed=1,
-        width=32,
-        height=32,
-        num_images=1,
-        progress_total=4,
-        owner="token:7",
-        created_at=utcnow(),
-        **values,
-    )
+from tests.core.test_db import new_job
 
 
 def _set(session: Session, job_id: uuid.UUID, **values: Any) -> None:
@@ -41,7 +23,7 @@ def test_every_status_change_progress_step_and_preview_is_an_event_in_order(
     engine: Engine,
 ) -> None:
     with Session(engine) as session:
-        job = _job()
+        job = new_job(owner="token:7")
         session.add(job)
         session.commit()
         _set(session, job.id, status=JobStatus.RUNNING)
@@ -70,9 +52,11 @@ def test_webhook_deliveries_follow_the_filter_and_a_retried_start_is_one_message
     engine: Engine,
 ) -> None:
     with Session(engine) as session:
-        every = _job(webhook_url="https://example.com/hook")
-        only_end = _job(
-            webhook_url="https://example.com/end", webhook_events=["completed", "failed"]
+        every = new_job(owner="token:7", webhook_url="https://example.com/hook")
+        only_end = new_job(
+            owner="token:7",
+            webhook_url="https://example.com/end",
+            webhook_events=["completed", "failed"],
         )
         session.add_all([every, only_end])
         session.commit()
@@ -96,7 +80,7 @@ def test_webhook_deliveries_follow_the_filter_and_a_retried_start_is_one_message
 
 def test_a_rolled_back_change_leaves_no_event_and_no_delivery(engine: Engine) -> None:
     with Session(engine) as session:
-        job = _job(webhook_url="https://example.com/hook")
+        job = new_job(owner="token:7", webhook_url="https://example.com/hook")
         session.add(job)
         session.commit()
         session.execute(update(Job).where(Job.id == job.id).values(status=JobStatus.CANCELED))

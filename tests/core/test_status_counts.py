@@ -9,25 +9,10 @@ from sqlalchemy import delete, func, select, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
-from core.db import Job, JobStatus, migrate
+from core.db import Job, JobStatus, migrate, utcnow
 from core.db.counts import fold, read
 from core.db.models import StatusCountDelta
-
-
-def _job(status: JobStatus = JobStatus.QUEUED) -> Job:
-    return Job(
-        id=uuid.uuid4(),
-        status=status,
-        prompt="a red circle",
-        steps=4,
-        guidance=3.0,
-        sampler="ddim",
-        seed=1,
-        width=32,
-        height=32,
-        num_images=1,
-        owner="session:x",
-    )
+from tests.core.test_db import new_job
 
 
 def _truth(session: Session) -> dict[str, int]:
@@ -39,7 +24,9 @@ def _truth(session: Session) -> dict[str, int]:
 
 def test_counts_follow_inserts_updates_and_deletes_through_folds(engine: Engine) -> None:
     with Session(engine) as session:
-        session.add_all([_job() for _ in range(7)] + [_job(JobStatus.SUCCEEDED) for _ in range(3)])
+        session.add_all(
+            [new_job() for _ in range(7)] + [new_job(status=JobStatus.SUCCEEDED) for _ in range(3)]
+        )
         session.commit()
         assert read(session, "job") == _truth(session)
         assert fold(session) == 10
@@ -75,7 +62,10 @@ def test_the_migration_counts_rows_that_existed_before_it(db_url: str) -> None:
             Job.__table__.insert(),
             [
                 {
-                    **{c: getattr(j, c) for c in ("id", "prompt", "negative_prompt", "steps")},
+                    "id": uuid.uuid4(),
+                    "prompt": "a red circle",
+                    "negative_prompt": "",
+                    "steps": 4,
                     "status": "succeeded",
                     "guidance": 3.0,
                     "sampler": "ddim",
@@ -87,9 +77,9 @@ def test_the_migration_counts_rows_that_existed_before_it(db_url: str) -> None:
                     "attempts": 0,
                     "progress_step": 0,
                     "progress_total": 0,
-                    "created_at": j.created_at,
+                    "created_at": utcnow(),
                 }
-                for j in [_prefilled() for _ in range(5)]
+                for _ in range(5)
             ],
         )
         session.commit()
@@ -97,12 +87,3 @@ def test_the_migration_counts_rows_that_existed_before_it(db_url: str) -> None:
     with Session(engine) as session:
         assert read(session, "job")["succeeded"] == 5
     engine.dispose()
-
-
-def _prefilled() -> Job:
-    from core.db import utcnow
-
-    job = _job()
-    job.negative_prompt = ""
-    job.created_at = utcnow()
-    return job

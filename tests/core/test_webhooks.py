@@ -37,6 +37,7 @@ from core.webhooks import (
     signing_keys,
     validate_target,
 )
+from tests.core.test_db import new_job
 
 OPEN = Settings.from_env({}, webhook_allowed_networks="127.0.0.0/8")
 STRICT = Settings.from_env({})
@@ -222,21 +223,7 @@ def token_id(engine: Engine) -> int:
 def _delivery(engine: Engine, owner: str, url: str) -> int:
     """A job with a webhook, canceled: the trigger writes its delivery."""
     with session_scope(engine) as s:
-        job = Job(
-            id=uuid.uuid4(),
-            status=JobStatus.QUEUED,
-            prompt="a red circle",
-            steps=4,
-            guidance=3.0,
-            sampler="ddim",
-            seed=1,
-            width=32,
-            height=32,
-            num_images=1,
-            owner=owner,
-            created_at=utcnow(),
-            webhook_url=url,
-        )
+        job = new_job(owner=owner, webhook_url=url)
         s.add(job)
         s.flush()
         s.execute(update(Job).where(Job.id == job.id).values(status=JobStatus.CANCELED))
