@@ -7,8 +7,6 @@ The encoder is trained jointly with the denoiser, as in Latent Diffusion's text-
 
 from __future__ import annotations
 
-import re
-import unicodedata
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Protocol
@@ -17,9 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from core.diffusion.words import split_words
+
 PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
 SPECIAL_TOKENS = (PAD, BOS, EOS, UNK)
-_WORD = re.compile(r"\w+|[^\w\s]", re.UNICODE)
 
 
 @dataclass(frozen=True)
@@ -52,7 +51,7 @@ class WordTokenizer:
 
     @staticmethod
     def split(text: str) -> list[str]:
-        return _WORD.findall(unicodedata.normalize("NFKC", text).lower())
+        return split_words(text)
 
     @property
     def pad_id(self) -> int:
@@ -111,9 +110,19 @@ class TextEncoderConfig:
     heads: int = 4
     max_length: int = 32
     dropout: float = 0.0
+    # Append each token's own word embedding (no position, no context) to its contextual state,
+    # so the states are [contextual | lexical], 2·width wide. A UNet with lexical_values reads
+    # cross-attention keys from the first half and values from the second: attention finds a
+    # word by its context (which object, where) but reads back only the word itself.
+    lexical: bool = False
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
+
+    @property
+    def state_width(self) -> int:
+        """Width of the per-token states the encoder hands the denoiser."""
+        return 2 * self.width if self.lexical else self.width
 
 
 class _Block(nn.Module):
@@ -149,7 +158,7 @@ class TextEncoder(nn.Module):
             raise ValueError("text encoder width must be divisible by heads")
         self.config = config
         self.tokenizer = tokenizer
-        self.width = config.width
+        self.width = config.state_width
         self.token_embedding = nn.Embedding(len(tokenizer), config.width)
         self.position_embedding = nn.Parameter(torch.zeros(config.max_length, config.width))
         nn.init.normal_(self.position_embedding, std=0.02)
@@ -157,13 +166,18 @@ class TextEncoder(nn.Module):
             _Block(config.width, config.heads, config.dropout) for _ in range(config.layers)
         )
         self.ln_final = nn.LayerNorm(config.width)
+        self.ln_lexical = nn.LayerNorm(config.width) if config.lexical else None
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         n = ids.shape[1]
-        x = self.token_embedding(ids) + self.position_embedding[:n]  # (B, L, D)
+        words = self.token_embedding(ids)  # (B, L, D)
+        x = words + self.position_embedding[:n]
         for block in self.blocks:
             x = block(x, mask)
-        return self.ln_final(x)
+        x = self.ln_final(x)
+        if self.ln_lexical is None:
+            return x
+        return torch.cat([x, self.ln_lexical(words)], dim=-1)  # (B, L, 2D)
 
     def encode(self, prompts: Sequence[str]) -> TextConditioning:
         tok = self.tokenizer.encode(prompts)

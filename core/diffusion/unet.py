@@ -14,6 +14,8 @@ network there and compare speed at equal configuration.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import torch
@@ -31,6 +33,9 @@ class UNetConfig:
     context_width: int = 128  # the text encoder's width
     groups: int = 32
     dropout: float = 0.0
+    # The context is [contextual | lexical] (TextEncoderConfig.lexical), 2·context_width wide:
+    # cross-attention keys come from the first half, values from the second.
+    lexical_values: bool = False
 
     def to_dict(self) -> dict[str, object]:
         d = asdict(self)
@@ -91,14 +96,24 @@ class ResBlock(nn.Module):
 class Attention(nn.Module):
     """Multi-head attention; self-attention when no context is given, else cross-attention."""
 
-    def __init__(self, width: int, heads: int, context_width: int | None = None) -> None:
+    def __init__(
+        self,
+        width: int,
+        heads: int,
+        context_width: int | None = None,
+        lexical_values: bool = False,
+    ) -> None:
         super().__init__()
         self.heads = heads
+        self.lexical_values = lexical_values
         kv_width = context_width or width
         self.to_q = nn.Linear(width, width, bias=False)
         self.to_k = nn.Linear(kv_width, width, bias=False)
         self.to_v = nn.Linear(kv_width, width, bias=False)
         self.to_out = nn.Linear(width, width)
+        # Set by UNet.recording_cross_attention: keep the last attention probabilities.
+        self.keep_probs = False
+        self.probs: torch.Tensor | None = None  # (B, nh, N, L) when kept
 
     def forward(
         self,
@@ -108,11 +123,23 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         b, n, c = x.shape
         ctx = x if context is None else context
-        q, k, v = self.to_q(x), self.to_k(ctx), self.to_v(ctx)
+        if self.lexical_values:
+            ctx_k, ctx_v = ctx.chunk(2, dim=-1)  # [contextual | lexical]
+            q, k, v = self.to_q(x), self.to_k(ctx_k), self.to_v(ctx_v)
+        else:
+            q, k, v = self.to_q(x), self.to_k(ctx), self.to_v(ctx)
         q, k, v = (z.view(b, -1, self.heads, c // self.heads).transpose(1, 2) for z in (q, k, v))
         # (B, nh, N, hs) against (B, nh, L, hs); padding text tokens are masked out of the keys
         mask = None if context_mask is None else context_mask[:, None, None, :]
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        if self.keep_probs:
+            # The same attention, spelled out so training can read the maps (grounding loss).
+            scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])  # (B, nh, N, L)
+            if mask is not None:
+                scores = scores.masked_fill(~mask, float("-inf"))
+            self.probs = scores.softmax(dim=-1)
+            y = self.probs @ v
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.to_out(y.transpose(1, 2).reshape(b, n, c))
 
 
@@ -132,12 +159,17 @@ class GEGLU(nn.Module):
 class SpatialTransformer(nn.Module):
     """GroupNorm, project to tokens, [self-attn, cross-attn, MLP] with pre-LN, project back."""
 
-    def __init__(self, width: int, heads: int, context_width: int, groups: int) -> None:
+    def __init__(
+        self, width: int, heads: int, context_width: int, groups: int, lexical_values: bool = False
+    ) -> None:
         super().__init__()
         self.norm = nn.GroupNorm(groups, width)
         self.proj_in = nn.Linear(width, width)
         self.ln1, self.attn1 = nn.LayerNorm(width), Attention(width, heads)
-        self.ln2, self.attn2 = nn.LayerNorm(width), Attention(width, heads, context_width)
+        self.ln2, self.attn2 = (
+            nn.LayerNorm(width),
+            Attention(width, heads, context_width, lexical_values),
+        )
         self.ln3, self.ff = nn.LayerNorm(width), GEGLU(width)
         self.proj_out = nn.Linear(width, width)
 
@@ -181,7 +213,11 @@ class UNet(nn.Module):
 
         def stage(c_in: int, c_out: int, attn: bool) -> _Stage:
             res = ResBlock(c_in, c_out, t_dim, c.groups, c.dropout)
-            st = SpatialTransformer(c_out, c.heads, c.context_width, c.groups) if attn else None
+            st = (
+                SpatialTransformer(c_out, c.heads, c.context_width, c.groups, c.lexical_values)
+                if attn
+                else None
+            )
             return _Stage(res, st)
 
         self.down = nn.ModuleList()
@@ -249,6 +285,23 @@ class UNet(nn.Module):
             if i < len(self.upsample):
                 h = self.upsample[i](F.interpolate(h, scale_factor=2.0, mode="nearest"))
         return self.conv_out(F.silu(self.norm_out(h)))
+
+    def cross_attentions(self) -> list[Attention]:
+        """Every text cross-attention layer, in forward order."""
+        return [m.attn2 for m in self.modules() if isinstance(m, SpatialTransformer)]
+
+    @contextmanager
+    def recording_cross_attention(self) -> Iterator[list[Attention]]:
+        """Within the block, each forward leaves every cross-attention layer's probabilities in
+        its ``probs`` (B, heads, h·w, L); the maps are dropped on the way out."""
+        layers = self.cross_attentions()
+        for layer in layers:
+            layer.keep_probs = True
+        try:
+            yield layers
+        finally:
+            for layer in layers:
+                layer.keep_probs, layer.probs = False, None
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -69,6 +69,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from core.diffusion.data.captioned import CaptionedImage
+from core.diffusion.words import split_words
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
 """Shape kinds an object can have."""
@@ -176,6 +177,10 @@ class ShapesSample(CaptionedImage):
     # Per-object (dx, dy) jitter in frame pixels, so the image can be re-rendered exactly;
     # empty means the objects sit on their position centers.
     offsets: Offsets = ()
+    # For each word of the caption (as the tokenizer splits it), the index of the object whose
+    # size, color, shape or position it names, or -1 (a, in, the, and, the background, ...).
+    # Training's grounding loss reads it; the model itself only ever sees the caption.
+    word_objects: tuple[int, ...] = ()
 
 
 # --- captions -------------------------------------------------------------------------------
@@ -251,14 +256,30 @@ def _checked_background(background: str) -> str:
     return background
 
 
+def _compose_aligned(
+    template: _Template, objects: Sequence[ShapeObject], background_suffix: str | None, bg: str
+) -> tuple[str, tuple[int, ...]]:
+    """The caption, and for each of its words the object it names (see ShapesSample)."""
+    pieces: list[tuple[str, int]] = [(template.prefix, -1)]
+    for k, obj in enumerate(objects):
+        if k:
+            pieces.append((template.joiner, -1))
+        fields = _fields(obj)
+        for literal, field_name, _, _ in string.Formatter().parse(template.phrase):
+            pieces.append((literal, -1))
+            if field_name is not None:
+                pieces.append((fields[field_name], k))
+    if background_suffix is not None:
+        pieces.append((background_suffix.format(background=bg), -1))
+    # Every piece starts and ends at a word boundary, so its words are the caption's words.
+    owners = tuple(k for text, k in pieces for _ in split_words(text))
+    return "".join(text for text, _ in pieces), owners
+
+
 def _compose(
     template: _Template, objects: Sequence[ShapeObject], background_suffix: str | None, bg: str
 ) -> str:
-    phrases = [template.phrase.format(**_fields(o)) for o in objects]
-    text = template.prefix + template.joiner.join(phrases)
-    if background_suffix is not None:
-        text += background_suffix.format(background=bg)
-    return text
+    return _compose_aligned(template, objects, background_suffix, bg)[0]
 
 
 def canonical_caption(objects: Iterable[ShapeObject], background: str | None = None) -> str:
@@ -272,13 +293,23 @@ def canonical_caption(objects: Iterable[ShapeObject], background: str | None = N
 
 def caption(objects: Iterable[ShapeObject], background: str, rng: np.random.Generator) -> str:
     """A random caption: the canonical form or a paraphrase, naming the background about 1 in 3."""
+    return aligned_caption(objects, background, rng)[0]
+
+
+def aligned_caption(
+    objects: Iterable[ShapeObject], background: str, rng: np.random.Generator | None
+) -> tuple[str, tuple[int, ...]]:
+    """:func:`caption` (or, without ``rng``, :func:`canonical_caption` with no background) and
+    the object each of its words names, -1 for none (see ``ShapesSample.word_objects``)."""
     objects = _checked_objects(objects)
     background = _checked_background(background)
+    if rng is None:
+        return _compose_aligned(_CANONICAL, objects, None, background)
     template = _TEMPLATES[int(rng.integers(len(_TEMPLATES)))]
     suffix = None
     if rng.random() < _BACKGROUND_PROBABILITY:
         suffix = _BACKGROUND_SUFFIXES[int(rng.integers(len(_BACKGROUND_SUFFIXES)))]
-    return _compose(template, objects, suffix, background)
+    return _compose_aligned(template, objects, suffix, background)
 
 
 def vocabulary() -> list[str]:
@@ -381,18 +412,33 @@ def render(
     shifts = _checked_offsets(objects, offsets)
     if image_size < 1:
         raise ValueError(f"image_size must be positive, got {image_size}")
+    image = np.empty((image_size, image_size, 3), dtype=np.float64)
+    image[:] = BACKGROUNDS[background]
+    for obj, offset in zip(objects, shifts, strict=True):
+        coverage = _coverage(obj, offset, image_size)[..., None]
+        image += (np.asarray(COLORS[obj.color], dtype=np.float64) - image) * coverage
+    return np.clip(np.rint(image), 0, 255).astype(np.uint8)
+
+
+def _coverage(obj: ShapeObject, offset: tuple[float, float], image_size: int) -> np.ndarray:
+    """The share of each pixel the object covers, (H, W) in [0, 1], anti-aliased."""
     scale = image_size / FRAME
     # Pixel centers in frame coordinates: the sample, not the pixel's corner, decides coverage.
     centers = (np.arange(image_size) + 0.5) / scale
     xs, ys = centers[None, :], centers[:, None]
-    image = np.empty((image_size, image_size, 3), dtype=np.float64)
-    image[:] = BACKGROUNDS[background]
-    for obj, (dx, dy) in zip(objects, shifts, strict=True):
-        cx, cy = POSITION_CENTERS[obj.position]
-        distance = _sdf(obj, xs - (cx + dx), ys - (cy + dy)) * scale  # in output pixels
-        coverage = np.clip(0.5 - distance, 0.0, 1.0)[..., None]
-        image += (np.asarray(COLORS[obj.color], dtype=np.float64) - image) * coverage
-    return np.clip(np.rint(image), 0, 255).astype(np.uint8)
+    cx, cy = POSITION_CENTERS[obj.position]
+    distance = _sdf(obj, xs - (cx + offset[0]), ys - (cy + offset[1])) * scale  # output pixels
+    return np.clip(0.5 - distance, 0.0, 1.0)
+
+
+def object_masks(sample: ShapesSample, image_size: int | None = None) -> np.ndarray:
+    """Each object's coverage of the image, (objects, H, W) float32 in [0, 1]: the masks that
+    training's grounding loss pulls each object's words toward. Objects never overlap."""
+    size = image_size or sample.image.shape[0]
+    shifts = _checked_offsets(sample.objects, sample.offsets)
+    return np.stack(
+        [_coverage(o, d, size) for o, d in zip(sample.objects, shifts, strict=True)]
+    ).astype(np.float32)
 
 
 def layout_is_clear(
@@ -515,13 +561,14 @@ class ShapesDataset:
         rng = np.random.default_rng([self.seed, _SPLIT_CODES[self.split], index])
         objects, offsets = self._draw_layout(rng)
         background = tuple(BACKGROUNDS)[int(rng.integers(len(BACKGROUNDS)))]
-        text = caption(objects, background, rng) if self.paraphrase else canonical_caption(objects)
+        text, owners = aligned_caption(objects, background, rng if self.paraphrase else None)
         return ShapesSample(
             image=render(objects, background, self.image_size, offsets),
             caption=text,
             objects=objects,
             background=background,
             offsets=offsets,
+            word_objects=owners,
         )
 
     def _split_accepts(self, objects: Sequence[ShapeObject]) -> bool:

@@ -35,6 +35,9 @@ class LoopConfig:
     seed: int = 0
     caption_dropout: float = 0.1  # denoiser only: share of captions replaced by "" for CFG
     min_snr_gamma: float = 0.0  # denoiser only: 0 turns min-SNR-γ weighting off
+    # Denoiser on shapes only: weights of the grounding losses (training/grounding.py); 0 is off.
+    grounding_token: float = 0.0
+    grounding_spatial: float = 0.0
     threads: int = 0  # torch CPU threads; 0 keeps torch's default
 
     def validate(self) -> None:
@@ -52,6 +55,8 @@ class LoopConfig:
             raise ValueError("train.ema_decay must be in [0, 1)")
         if self.min_snr_gamma < 0:
             raise ValueError("train.min_snr_gamma must be ≥ 0")
+        if self.grounding_token < 0 or self.grounding_spatial < 0:
+            raise ValueError("train.grounding_token and train.grounding_spatial must be ≥ 0")
 
 
 @dataclass

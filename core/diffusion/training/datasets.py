@@ -11,7 +11,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from core.diffusion.data.captioned import CaptionedDataset, images_to_tensor
+from core.diffusion.data.captioned import CaptionedDataset, CaptionedImage, images_to_tensor
 from core.diffusion.data.imagefolder import ImageFolderDataset
 from core.diffusion.data.shapes import ShapesDataset
 from core.diffusion.training.config import DataConfig
@@ -44,9 +44,16 @@ def batch_indices(length: int, seed: int, step: int, batch_size: int) -> list[in
     return out
 
 
+def load_samples(
+    dataset: CaptionedDataset, seed: int, step: int, batch_size: int
+) -> list[CaptionedImage]:
+    """The samples of batch ``step``."""
+    return [dataset[i] for i in batch_indices(len(dataset), seed, step, batch_size)]
+
+
 def load_batch(
     dataset: CaptionedDataset, seed: int, step: int, batch_size: int
 ) -> tuple[torch.Tensor, list[str]]:
     """Images (B, 3, H, W) in [−1, 1] and their captions."""
-    samples = [dataset[i] for i in batch_indices(len(dataset), seed, step, batch_size)]
+    samples = load_samples(dataset, seed, step, batch_size)
     return images_to_tensor([s.image for s in samples]), [s.caption for s in samples]

@@ -16,14 +16,16 @@ import torch
 from torch import nn
 
 from core.diffusion.autoencoder import Autoencoder
+from core.diffusion.data.captioned import images_to_tensor
 from core.diffusion.data.imagefolder import ImageFolderDataset
-from core.diffusion.data.shapes import vocabulary
+from core.diffusion.data.shapes import ShapesSample, vocabulary
 from core.diffusion.pipeline import LatentDiffusion, load_autoencoder, pick_device
 from core.diffusion.sample_grid import save_grid
 from core.diffusion.schedule import NoiseSchedule
 from core.diffusion.text import TextEncoder, WordTokenizer
 from core.diffusion.training.config import DenoiserTrainConfig, config_to_dict
-from core.diffusion.training.datasets import build_dataset, load_batch
+from core.diffusion.training.datasets import build_dataset, load_samples
+from core.diffusion.training.grounding import grounding_losses, sample_masks, word_owner_tokens
 from core.diffusion.training.loop import LoopResult, MetricsCallback, TrainLoop
 from core.diffusion.unet import UNet
 
@@ -97,6 +99,10 @@ def train_denoiser(
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     torch.manual_seed(cfg.train.seed)
+    if cfg.unet.context_width != cfg.text.width:
+        raise ValueError("unet.context_width must equal text.width")
+    if cfg.unet.lexical_values != cfg.text.lexical:
+        raise ValueError("unet.lexical_values and text.lexical must be set together")
     ae: Autoencoder = load_autoencoder(autoencoder_dir, device).requires_grad_(False)
     scale = ae.config.latent_scale_factor
     if cfg.unet.in_channels != ae.config.latent_channels:
@@ -104,25 +110,52 @@ def train_denoiser(
             f"unet.in_channels is {cfg.unet.in_channels} but the autoencoder makes "
             f"{ae.config.latent_channels}-channel latents"
         )
-    if cfg.unet.context_width != cfg.text.width:
-        raise ValueError("unet.context_width must equal text.width")
     tokenizer = build_tokenizer(cfg)
     model = TextToLatent(TextEncoder(cfg.text, tokenizer), UNet(cfg.unet)).to(device)
     schedule = NoiseSchedule(cfg.schedule)
     dataset = build_dataset(cfg.data)
     out = Path(out_dir)
 
+    grounding = cfg.train.grounding_token > 0 or cfg.train.grounding_spatial > 0
+    if grounding and cfg.data.kind != "shapes":
+        raise ValueError("the grounding losses need object masks: data.kind must be 'shapes'")
+
     def step_fn(step: int, gen: torch.Generator) -> tuple[torch.Tensor, dict[str, float], int]:
-        images, captions = load_batch(dataset, cfg.data.seed, step, cfg.train.batch_size)
+        samples = load_samples(dataset, cfg.data.seed, step, cfg.train.batch_size)
+        images = images_to_tensor([s.image for s in samples])
+        captions = [s.caption for s in samples]
         with torch.no_grad():
             x0 = ae.encode(images.to(device)).sample(gen) * scale
         drop = torch.rand(len(captions), generator=gen) < cfg.train.caption_dropout
         captions = ["" if d else c for c, d in zip(captions, drop.tolist(), strict=True)]
         cond = model.text_encoder.encode(captions)
-        loss = diffusion_loss(
-            model.unet, schedule, x0, cond.states, cond.mask, gen, cfg.train.min_snr_gamma
+        if not grounding:
+            loss = diffusion_loss(
+                model.unet, schedule, x0, cond.states, cond.mask, gen, cfg.train.min_snr_gamma
+            )
+            return loss, {}, len(captions)
+        with model.unet.recording_cross_attention() as layers:
+            loss = diffusion_loss(
+                model.unet, schedule, x0, cond.states, cond.mask, gen, cfg.train.min_snr_gamma
+            )
+            shapes = [s for s in samples if isinstance(s, ShapesSample)]
+            owners = word_owner_tokens(shapes, [not d for d in drop.tolist()], cond.mask.shape[1])
+            terms = grounding_losses(
+                [layer.probs for layer in layers if layer.probs is not None],
+                sample_masks(shapes),
+                owners,
+            )
+        total = (
+            loss
+            + cfg.train.grounding_token * terms["token"]
+            + cfg.train.grounding_spatial * terms["spatial"]
         )
-        return loss, {}, len(captions)
+        metrics = {
+            "diffusion_loss": loss.item(),
+            "ground_token": terms["token"].item(),
+            "ground_spatial": terms["spatial"].item(),
+        }
+        return total, metrics, len(captions)
 
     def pipeline(ema: nn.Module) -> LatentDiffusion:
         assert isinstance(ema, TextToLatent)

@@ -1,0 +1,146 @@
+"""Binding: words aligned to objects, the grounding losses, lexical cross-attention values."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from core.diffusion.data.shapes import (
+    ShapeObject,
+    ShapesDataset,
+    aligned_caption,
+    canonical_caption,
+    object_masks,
+)
+from core.diffusion.text import TextEncoder, WordTokenizer
+from core.diffusion.training.grounding import grounding_losses, sample_masks, word_owner_tokens
+from core.diffusion.unet import UNet
+from core.diffusion.words import split_words
+from tests.conftest import TINY_TEXT, TINY_UNET
+
+CIRCLE = ShapeObject("circle", "red", "large", "top left")
+SQUARE = ShapeObject("square", "blue", "small", "bottom right")
+
+
+def test_every_content_word_of_every_paraphrase_names_its_own_object() -> None:
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        text, owners = aligned_caption([CIRCLE, SQUARE], "navy", rng)
+        words = split_words(text)
+        assert len(owners) == len(words)
+        named = {k: {w for w, o in zip(words, owners, strict=True) if o == k} for k in (0, 1)}
+        assert named[0] == {"large", "red", "circle", "top", "left"} | (
+            {"corner"} if "corner" in words else set()
+        )
+        assert {"small", "blue", "square", "bottom", "right"} <= named[1]
+        # the background and the glue words belong to no object
+        assert all(o == -1 for w, o in zip(words, owners, strict=True) if w in {"navy", "and"})
+
+
+def test_the_dataset_carries_the_alignment_and_the_canonical_caption_keeps_its_text() -> None:
+    text, owners = aligned_caption([CIRCLE, SQUARE], "gray", None)
+    assert text == canonical_caption([CIRCLE, SQUARE])
+    assert owners[:5] == (-1, 0, 0, 0, -1)  # "a large red circle in"
+    sample = ShapesDataset(seed=3)[5]
+    assert len(sample.word_objects) == len(split_words(sample.caption))
+
+
+def test_object_masks_cover_each_object_where_it_is_drawn() -> None:
+    sample = ShapesDataset(seed=0, max_objects=2)[1]
+    masks = object_masks(sample)
+    assert masks.shape == (len(sample.objects), 64, 64)
+    for mask, obj in zip(masks, sample.objects, strict=True):
+        inside = mask > 0.99
+        assert inside.any()
+        assert (sample.image[inside] == np.array(_rgb(obj.color))).all()
+    assert (masks.sum(0) <= 1.0 + 1e-6).all()  # objects never overlap
+
+
+def _rgb(color: str) -> tuple[int, int, int]:
+    from core.diffusion.data.shapes import COLORS
+
+    return COLORS[color]
+
+
+def _two_object_case(attention_to: str) -> dict[str, torch.Tensor]:
+    """A 4×4 grid, two objects (left half, right half), tokens 1 and 2 naming object 0 and 1.
+    ``attention_to``: "own" puts each half's attention on its object's token, "other" on the
+    other object's."""
+    masks = torch.zeros(1, 2, 4, 4)
+    masks[0, 0, :, :2] = 1.0
+    masks[0, 1, :, 2:] = 1.0
+    owners = torch.zeros(1, 4, 2)
+    owners[0, 1, 0] = owners[0, 2, 1] = 1.0
+    probs = torch.full((1, 2, 16, 4), 0.02)  # two heads, 16 positions, 4 tokens
+    left = torch.arange(16) % 4 < 2
+    own, other = (1, 2) if attention_to == "own" else (2, 1)
+    probs[0, :, left, own] = probs[0, :, ~left, other] = 0.94
+    return grounding_losses([probs], masks, owners)
+
+
+def test_attention_inside_the_objects_mask_gives_lower_grounding_losses_than_outside() -> None:
+    right, wrong = _two_object_case("own"), _two_object_case("other")
+    assert right["token"] < 0.1 < 2.0 < wrong["token"]
+    assert right["spatial"] < 0.1 < 2.0 < wrong["spatial"]
+
+
+def test_grounding_losses_ignore_dropped_captions_and_need_two_objects_for_the_token_term() -> None:
+    samples = [ShapesDataset(seed=0)[i] for i in range(12)]
+    owners = word_owner_tokens(samples, [i % 2 == 0 for i in range(12)], 32)
+    assert owners[1::2].sum() == 0  # dropped captions name nothing
+    assert owners[0].sum() == sum(k >= 0 for k in samples[0].word_objects)
+    masks = sample_masks(samples)
+    one = [i for i, s in enumerate(samples) if len(s.objects) == 1]
+    assert one and masks[one, 1].sum() == 0
+    probs = torch.softmax(torch.randn(12, 2, 16, 32, requires_grad=True), dim=-1)
+    losses = grounding_losses([probs], masks, owners)
+    losses["token"].backward()
+    assert torch.isfinite(losses["token"]) and torch.isfinite(losses["spatial"])
+
+
+def test_recorded_cross_attention_changes_nothing_and_keeps_the_maps() -> None:
+    torch.manual_seed(0)
+    tok = WordTokenizer(["a", "red", "circle"], max_length=TINY_TEXT.max_length)
+    text = TextEncoder(TINY_TEXT, tok)
+    unet = UNet(TINY_UNET).eval()
+    cond = text.encode(["a red circle", "circle"])
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([10, 900])
+    fast = unet(x, t, cond.states, cond.mask)
+    with unet.recording_cross_attention() as layers:
+        slow = unet(x, t, cond.states, cond.mask)
+        maps = [layer.probs for layer in layers]
+    assert torch.allclose(fast, slow, atol=1e-5)
+    assert maps and all(m is not None for m in maps)
+    assert all(torch.allclose(m.sum(-1), torch.ones(())) for m in maps if m is not None)
+    assert all(m is not None and m[1, :, :, 3:].max() == 0 for m in maps)  # padding unseen
+    assert all(layer.probs is None for layer in unet.cross_attentions())
+
+
+def test_lexical_values_read_keys_from_context_and_values_from_the_words() -> None:
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(TINY_TEXT, lexical=True)
+    tok = WordTokenizer(["a", "red", "blue", "circle", "in", "top", "left"], cfg.max_length)
+    text = TextEncoder(cfg, tok)
+    assert text.width == 2 * cfg.width
+    states = text.encode(["a red circle in top left", "a red circle"]).states
+    half = cfg.width
+    # the lexical half of "red" is the same whatever its context; the contextual half is not
+    assert torch.allclose(states[0, 2, half:], states[1, 2, half:])
+    assert not torch.allclose(states[0, 2, :half], states[1, 2, :half])
+    unet = UNet(dataclasses.replace(TINY_UNET, lexical_values=True))
+    cond = text.encode(["a red circle"])
+    out = unet(torch.randn(1, 4, 8, 8), torch.tensor([5]), cond.states, cond.mask)
+    assert out.shape == (1, 4, 8, 8)
+
+
+def test_training_refuses_lexical_values_without_a_lexical_encoder(tmp_path: Path) -> None:
+    from core.diffusion.training.config import DenoiserTrainConfig, load_config
+    from core.diffusion.training.denoiser import train_denoiser
+
+    cfg = load_config(DenoiserTrainConfig, overrides={"unet": {"lexical_values": True}})
+    with pytest.raises(ValueError, match=r"lexical_values and text\.lexical"):
+        train_denoiser(cfg, tmp_path / "ae", tmp_path / "out", progress=False)
