@@ -508,7 +508,8 @@ class ShapesDataset:
     ``split`` is ``"train"`` (no object uses a held-out color-shape pair), ``"held_out"`` (at
     least one object does) or ``"all"``. Colors, shapes, sizes, positions and the background are
     drawn uniformly, conditioned on the split rule and a clear layout (rejection sampling); the
-    number of objects is drawn first, 1 or 2 at about 60/40, so the split does not skew it.
+    number of objects is drawn first, 1 or 2 at about 60/40 (``two_object_share`` sets the 40),
+    so the split does not skew it.
     """
 
     def __init__(
@@ -520,6 +521,7 @@ class ShapesDataset:
         max_objects: int = 2,
         paraphrase: bool = True,
         length: int = 1_000_000,
+        two_object_share: float = 1.0 - ONE_OBJECT_PROBABILITY,
     ) -> None:
         if split not in _SPLIT_CODES:
             raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
@@ -543,6 +545,8 @@ class ShapesDataset:
             raise ValueError(f"max_objects must be 1 or 2, got {max_objects}")
         if length < 0:
             raise ValueError(f"length must be non-negative, got {length}")
+        if not 0.0 <= two_object_share <= 1.0:
+            raise ValueError(f"two_object_share must be in [0, 1], got {two_object_share}")
         self.seed = seed
         self.split = split
         self.held_out: frozenset[tuple[str, str]] = frozenset(pairs)
@@ -550,6 +554,7 @@ class ShapesDataset:
         self.max_objects = max_objects
         self.paraphrase = paraphrase
         self.length = length
+        self.two_object_share = two_object_share
 
     def __len__(self) -> int:
         return self.length
@@ -580,7 +585,7 @@ class ShapesDataset:
         return True
 
     def _draw_layout(self, rng: np.random.Generator) -> tuple[tuple[ShapeObject, ...], Offsets]:
-        one = self.max_objects == 1 or rng.random() < ONE_OBJECT_PROBABILITY
+        one = self.max_objects == 1 or rng.random() < 1.0 - self.two_object_share
         count = 1 if one else 2
         colors = tuple(COLORS)
         for _ in range(_MAX_ATTEMPTS):

@@ -44,12 +44,13 @@ from core.diffusion.eval.scenes import (
     SEEN,
     EvalScene,
     grid_label,
+    grid_mark,
     grid_scenes,
     held_out_pairs,
     scene_stream,
 )
 from core.diffusion.pipeline import LatentDiffusion
-from core.diffusion.sample_grid import save_grid
+from core.diffusion.sample_grid import Cell, save_grid
 from core.diffusion.samplers import SAMPLERS
 
 SAMPLER_NAMES = {name: spec.label for name, spec in SAMPLERS.items()}
@@ -425,11 +426,15 @@ def evaluate(
         for k, s in enumerate(grid)
     ]
     if out_dir is not None:
-        save_grid(
-            [grid_images[k * cols : (k + 1) * cols] for k in range(len(grid))],
-            Path(out_dir) / "samples.png",
-            row_labels=[grid_label(s) for s in grid],
-        )
+        cells = [
+            Cell(
+                grid_images[k * cols : (k + 1) * cols],
+                f"{grid_label(s)} — read as the prompt in {hits} of {cols}",
+                grid_mark(s, held_out),
+            )
+            for k, (s, (_, _, hits)) in enumerate(zip(grid, grid_rows, strict=True))
+        ]
+        save_grid(cells, Path(out_dir) / "samples.png", cells_per_row=1, scale=2)
 
     psnr_scenes = [s for s in prompts if s.pairs == HELD_OUT][: settings.psnr_images]
     training = classifier_config.get("training", {})

@@ -102,27 +102,16 @@ def grid_scenes(scenes: Sequence[EvalScene], seen: int = 5) -> list[EvalScene]:
     return rows
 
 
-_SHORT_POSITIONS = {
-    "top left": "TL",
-    "top right": "TR",
-    "bottom left": "BL",
-    "bottom right": "BR",
-    "center": "C",
-}
-
-
 def grid_label(s: EvalScene) -> str:
-    """A row label that fits the grid's 64 characters (a full caption can take 100):
-    "large purple triangle, bottom right, brown bg (held out)" for one object,
-    "small red circle TL + large blue square C, gray bg *" for two (TL is top left, C the
-    center, and * marks a held-out pair)."""
-    bg = f"{s.scene.background} bg"
-    if s.objects == 1:
-        o = s.scene.objects[0]
-        held = " (held out)" if s.pairs == HELD_OUT else ""
-        return f"{o.size} {o.color} {o.shape}, {o.position}, {bg}{held}"
-    objects = " + ".join(
-        f"{o.size} {o.color} {o.shape} {_SHORT_POSITIONS.get(o.position, o.position)}"
-        for o in s.scene.objects
-    )
-    return f"{objects}, {bg}{' *' if s.pairs == HELD_OUT else ''}"
+    """A short caption for the grid: each object as "size color shape, position", objects
+    joined by " + ", then the background: "small red circle, top left + large blue square,
+    center; gray bg"."""
+    objects = " + ".join(f"{o.size} {o.color} {o.shape}, {o.position}" for o in s.scene.objects)
+    return f"{objects}; {s.scene.background} bg"
+
+
+def grid_mark(s: EvalScene, held_out: Iterable[tuple[str, str]]) -> str:
+    """ "held-out pair: orange square" for a scene that uses one, else ""."""
+    pairs = set(held_out)
+    used = [f"{o.color} {o.shape}" for o in s.scene.objects if o.pair in pairs]
+    return f"held-out pair: {', '.join(used)}" if used else ""

@@ -67,12 +67,15 @@ class DataConfig:
     image_size: int = 64
     held_out: list[list[str]] = field(default_factory=lambda: [list(p) for p in DEFAULT_HELD_OUT])
     max_objects: int = 2
+    two_object_share: float = 0.4  # shapes: share of images with two objects (max_objects 2)
 
     def validate(self) -> None:
         if self.kind not in ("shapes", "imagefolder"):
             raise ValueError(f"data.kind must be 'shapes' or 'imagefolder', not {self.kind!r}")
         if self.kind == "imagefolder" and not self.path:
             raise ValueError("data.path is required when data.kind is 'imagefolder'")
+        if not 0.0 <= self.two_object_share <= 1.0:
+            raise ValueError("data.two_object_share must be in [0, 1]")
         if self.image_size < 16:
             raise ValueError("data.image_size must be at least 16")
 

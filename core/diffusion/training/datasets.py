@@ -27,6 +27,7 @@ def build_dataset(cfg: DataConfig, split: str = "train") -> CaptionedDataset:
         held_out=held_out,
         image_size=cfg.image_size,
         max_objects=cfg.max_objects,
+        two_object_share=cfg.two_object_share,
     )
 
 

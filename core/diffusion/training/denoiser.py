@@ -8,11 +8,12 @@ the UNet's output on ε (or on v), optionally weighted by min-SNR-γ.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 from torch import nn
 
 from core.diffusion.autoencoder import Autoencoder
@@ -20,7 +21,7 @@ from core.diffusion.data.captioned import images_to_tensor
 from core.diffusion.data.imagefolder import ImageFolderDataset
 from core.diffusion.data.shapes import ShapesSample, vocabulary
 from core.diffusion.pipeline import LatentDiffusion, load_autoencoder, pick_device
-from core.diffusion.sample_grid import save_grid
+from core.diffusion.sample_grid import Cell, save_grid
 from core.diffusion.schedule import NoiseSchedule
 from core.diffusion.text import TextEncoder, WordTokenizer
 from core.diffusion.training.config import DenoiserTrainConfig, config_to_dict
@@ -40,6 +41,23 @@ PREVIEW_PROMPTS = (
     "a large green circle in the bottom left",
     "a small orange square in the top left",
 )
+
+
+def save_preview(
+    images: Sequence[Image.Image],
+    prompts: Sequence[str],
+    held_out: Sequence[Sequence[str]],
+    path: Path,
+    cells_per_row: int = 4,
+) -> Path:
+    """The prompts' images as large tiles, each prompt under its image, held-out pairs marked."""
+    pairs = [f"{color} {shape}" for color, shape in held_out]
+    cells = []
+    for img, prompt in zip(images, prompts, strict=True):
+        used = [p for p in pairs if p in prompt]
+        mark = f"held-out pair: {', '.join(used)}" if used else ""
+        cells.append(Cell([img], prompt, mark))
+    return save_grid(cells, path, cells_per_row=cells_per_row, scale=3)
 
 
 class TextToLatent(nn.Module):
@@ -184,7 +202,7 @@ def train_denoiser(
 
     final = pipeline(loop.ema.module).eval()
     images = final.generate(list(PREVIEW_PROMPTS), seeds=list(range(len(PREVIEW_PROMPTS))))
-    save_grid([[img] for img in images], out / "samples.png", row_labels=list(PREVIEW_PROMPTS))
+    save_preview(images, list(PREVIEW_PROMPTS), cfg.data.held_out, out / "samples.png")
     summary = {
         "steps": loop.step,
         "train_seconds": round(result.elapsed_s, 1),
