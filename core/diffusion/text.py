@@ -115,6 +115,10 @@ class TextEncoderConfig:
     # cross-attention keys from the first half and values from the second: attention finds a
     # word by its context (which object, where) but reads back only the word itself.
     lexical: bool = False
+    # When > 0, every attention layer adds a learned bias per head for each relative distance
+    # between two tokens, clipped to ±relative_positions (as in T5, Raffel et al. 2020), so
+    # "the words next to me" is as easy to find wherever the phrase sits in the caption.
+    relative_positions: int = 0
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -139,12 +143,17 @@ class _Block(nn.Module):
             nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width), nn.Dropout(dropout)
         )
 
-    def forward(self, x: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, key_mask: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
         b, n, c = x.shape
         q, k, v = self.qkv(self.ln1(x)).split(c, dim=2)
         q, k, v = (z.view(b, n, self.heads, c // self.heads).transpose(1, 2) for z in (q, k, v))
         # (B, nh, L, hs); key_mask (B, 1, 1, L) keeps padding out of every token's attention
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask[:, None, None, :])
+        mask: torch.Tensor = key_mask[:, None, None, :]
+        if bias is not None:  # (nh, L, L) relative-position bias, added to the logits
+            mask = bias[None].masked_fill(~mask, float("-inf"))
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         x = x + self.proj(y.transpose(1, 2).reshape(b, n, c))
         return x + self.mlp(self.ln2(x))
 
@@ -165,6 +174,10 @@ class TextEncoder(nn.Module):
         self.blocks = nn.ModuleList(
             _Block(config.width, config.heads, config.dropout) for _ in range(config.layers)
         )
+        r = config.relative_positions
+        self.relative_bias = (
+            nn.Parameter(torch.zeros(config.layers, config.heads, 2 * r + 1)) if r > 0 else None
+        )
         self.ln_final = nn.LayerNorm(config.width)
         self.ln_lexical = nn.LayerNorm(config.width) if config.lexical else None
 
@@ -172,8 +185,14 @@ class TextEncoder(nn.Module):
         n = ids.shape[1]
         words = self.token_embedding(ids)  # (B, L, D)
         x = words + self.position_embedding[:n]
-        for block in self.blocks:
-            x = block(x, mask)
+        biases: list[torch.Tensor | None] = [None] * len(self.blocks)
+        if self.relative_bias is not None:
+            r = self.config.relative_positions
+            pos = torch.arange(n, device=ids.device)
+            distance = (pos[None, :] - pos[:, None]).clamp(-r, r) + r  # (L, L) key − query
+            biases = list(self.relative_bias[:, :, distance])  # each (nh, L, L)
+        for block, bias in zip(self.blocks, biases, strict=True):
+            x = block(x, mask, bias)
         x = self.ln_final(x)
         if self.ln_lexical is None:
             return x

@@ -144,3 +144,20 @@ def test_training_refuses_lexical_values_without_a_lexical_encoder(tmp_path: Pat
     cfg = load_config(DenoiserTrainConfig, overrides={"unet": {"lexical_values": True}})
     with pytest.raises(ValueError, match=r"lexical_values and text\.lexical"):
         train_denoiser(cfg, tmp_path / "ae", tmp_path / "out", progress=False)
+
+
+def test_relative_position_bias_is_learned_per_layer_and_head_and_keeps_padding_out() -> None:
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(TINY_TEXT, relative_positions=3)
+    tok = WordTokenizer(["a", "red", "circle"], cfg.max_length)
+    text = TextEncoder(cfg, tok)
+    assert text.relative_bias is not None
+    assert text.relative_bias.shape == (cfg.layers, cfg.heads, 7)
+    before = text.encode(["a red circle"]).states
+    with torch.no_grad():
+        text.relative_bias[:, :, 3 + 1] = 5.0  # every head looks at the next token
+    after = text.encode(["a red circle"]).states
+    assert not torch.allclose(before[0, :5], after[0, :5])
+    # padding never leaks in: the same prompt beside a longer one encodes the same
+    pair = text.encode(["a red circle", "a red circle red red red red"]).states
+    assert torch.allclose(pair[0], after[0], atol=1e-6)
