@@ -161,3 +161,23 @@ def test_relative_position_bias_is_learned_per_layer_and_head_and_keeps_padding_
     # padding never leaks in: the same prompt beside a longer one encodes the same
     pair = text.encode(["a red circle", "a red circle red red red red"]).states
     assert torch.allclose(pair[0], after[0], atol=1e-6)
+
+
+def test_location_loss_is_lower_when_each_word_points_at_its_own_objects_center() -> None:
+    from core.diffusion.training.grounding import location_loss, mask_centers
+
+    masks = torch.zeros(1, 2, 8, 8)
+    masks[0, 0, :2, :2] = 1.0  # object 0 in the top left
+    masks[0, 1, 6:, 6:] = 1.0  # object 1 in the bottom right
+    centers = mask_centers(masks)
+    assert torch.allclose(centers[0, 0], torch.tensor([-0.75, -0.75]))
+    assert torch.allclose(centers[0, 1], torch.tensor([0.75, 0.75]))
+    owners = torch.zeros(1, 4, 2)
+    owners[0, 1, 0] = owners[0, 2, 1] = 1.0  # token 1 names object 0, token 2 object 1
+    right = torch.zeros(1, 4, 2)
+    right[0, 1], right[0, 2] = centers[0, 0], centers[0, 1]
+    swapped = right[:, [0, 2, 1, 3]]
+    # token 3 (unowned) may say anything
+    right[0, 3] = swapped[0, 3] = torch.tensor([9.0, 9.0])
+    assert location_loss(right, owners, masks) < 1e-6
+    assert location_loss(swapped, owners, masks) > 2.0

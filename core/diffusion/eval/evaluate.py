@@ -429,7 +429,7 @@ def evaluate(
         cells = [
             Cell(
                 grid_images[k * cols : (k + 1) * cols],
-                f"{grid_label(s)} — read as the prompt in {hits} of {cols}",
+                f"{grid_label(s)}; read as the prompt in {hits} of {cols}",
                 grid_mark(s, held_out),
             )
             for k, (s, (_, _, hits)) in enumerate(zip(grid, grid_rows, strict=True))

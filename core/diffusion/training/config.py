@@ -38,6 +38,7 @@ class LoopConfig:
     # Denoiser on shapes only: weights of the grounding losses (training/grounding.py); 0 is off.
     grounding_token: float = 0.0
     grounding_spatial: float = 0.0
+    text_grounding: float = 0.0  # weight of grounding.location_loss on the text encoder
     threads: int = 0  # torch CPU threads; 0 keeps torch's default
 
     def validate(self) -> None:
@@ -55,8 +56,8 @@ class LoopConfig:
             raise ValueError("train.ema_decay must be in [0, 1)")
         if self.min_snr_gamma < 0:
             raise ValueError("train.min_snr_gamma must be ≥ 0")
-        if self.grounding_token < 0 or self.grounding_spatial < 0:
-            raise ValueError("train.grounding_token and train.grounding_spatial must be ≥ 0")
+        if min(self.grounding_token, self.grounding_spatial, self.text_grounding) < 0:
+            raise ValueError("train.grounding_token, grounding_spatial, text_grounding must be ≥ 0")
 
 
 @dataclass

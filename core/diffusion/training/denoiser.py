@@ -26,7 +26,12 @@ from core.diffusion.schedule import NoiseSchedule
 from core.diffusion.text import TextEncoder, WordTokenizer
 from core.diffusion.training.config import DenoiserTrainConfig, config_to_dict
 from core.diffusion.training.datasets import build_dataset, load_samples
-from core.diffusion.training.grounding import grounding_losses, sample_masks, word_owner_tokens
+from core.diffusion.training.grounding import (
+    grounding_losses,
+    location_loss,
+    sample_masks,
+    word_owner_tokens,
+)
 from core.diffusion.training.loop import LoopResult, MetricsCallback, TrainLoop
 from core.diffusion.unet import UNet
 
@@ -63,10 +68,14 @@ def save_preview(
 class TextToLatent(nn.Module):
     """The trainable half of the model: text encoder and UNet, optimised together."""
 
-    def __init__(self, text_encoder: TextEncoder, unet: UNet) -> None:
+    def __init__(self, text_encoder: TextEncoder, unet: UNet, locate: bool = False) -> None:
         super().__init__()
         self.text_encoder = text_encoder
         self.unet = unet
+        # Training only (train.text_grounding): reads each object word's object center off its
+        # contextual state; it is not part of the exported model.
+        width = text_encoder.config.width
+        self.locator = nn.Linear(width, 2) if locate else None
 
 
 def diffusion_loss(
@@ -129,12 +138,13 @@ def train_denoiser(
             f"{ae.config.latent_channels}-channel latents"
         )
     tokenizer = build_tokenizer(cfg)
-    model = TextToLatent(TextEncoder(cfg.text, tokenizer), UNet(cfg.unet)).to(device)
+    locate = cfg.train.text_grounding > 0
+    model = TextToLatent(TextEncoder(cfg.text, tokenizer), UNet(cfg.unet), locate).to(device)
     schedule = NoiseSchedule(cfg.schedule)
     dataset = build_dataset(cfg.data)
     out = Path(out_dir)
 
-    grounding = cfg.train.grounding_token > 0 or cfg.train.grounding_spatial > 0
+    grounding = cfg.train.grounding_token > 0 or cfg.train.grounding_spatial > 0 or locate
     if grounding and cfg.data.kind != "shapes":
         raise ValueError("the grounding losses need object masks: data.kind must be 'shapes'")
 
@@ -152,27 +162,36 @@ def train_denoiser(
                 model.unet, schedule, x0, cond.states, cond.mask, gen, cfg.train.min_snr_gamma
             )
             return loss, {}, len(captions)
+        shapes = [s for s in samples if isinstance(s, ShapesSample)]
+        owners = word_owner_tokens(shapes, [not d for d in drop.tolist()], cond.mask.shape[1])
+        masks = sample_masks(shapes)
+        attention = cfg.train.grounding_token > 0 or cfg.train.grounding_spatial > 0
         with model.unet.recording_cross_attention() as layers:
+            if not attention:
+                for layer in layers:
+                    layer.keep_probs = False
             loss = diffusion_loss(
                 model.unet, schedule, x0, cond.states, cond.mask, gen, cfg.train.min_snr_gamma
             )
-            shapes = [s for s in samples if isinstance(s, ShapesSample)]
-            owners = word_owner_tokens(shapes, [not d for d in drop.tolist()], cond.mask.shape[1])
-            terms = grounding_losses(
-                [layer.probs for layer in layers if layer.probs is not None],
-                sample_masks(shapes),
-                owners,
+            maps = [layer.probs for layer in layers if layer.probs is not None]
+            terms = grounding_losses(maps, masks, owners) if maps else {}
+        total = loss
+        metrics = {"diffusion_loss": loss.item()}
+        if terms:
+            total = (
+                total
+                + cfg.train.grounding_token * terms["token"]
+                + cfg.train.grounding_spatial * terms["spatial"]
             )
-        total = (
-            loss
-            + cfg.train.grounding_token * terms["token"]
-            + cfg.train.grounding_spatial * terms["spatial"]
-        )
-        metrics = {
-            "diffusion_loss": loss.item(),
-            "ground_token": terms["token"].item(),
-            "ground_spatial": terms["spatial"].item(),
-        }
+            metrics |= {
+                "ground_token": terms["token"].item(),
+                "ground_spatial": terms["spatial"].item(),
+            }
+        if model.locator is not None:
+            width = model.text_encoder.config.width
+            located = location_loss(model.locator(cond.states[..., :width]), owners, masks)
+            total = total + cfg.train.text_grounding * located
+            metrics["text_grounding"] = located.item()
         return total, metrics, len(captions)
 
     def pipeline(ema: nn.Module) -> LatentDiffusion:

@@ -95,3 +95,28 @@ def grounding_losses(
         "token": torch.stack(token_terms).mean(),
         "spatial": torch.stack(spatial_terms).mean(),
     }
+
+
+def mask_centers(masks: torch.Tensor) -> torch.Tensor:
+    """(B, K, 2) each object's mask centroid (x, y), scaled to [−1, 1]; 0 for a missing one."""
+    h, w = masks.shape[-2:]
+    ys = (torch.arange(h, dtype=masks.dtype) + 0.5) / h * 2 - 1
+    xs = (torch.arange(w, dtype=masks.dtype) + 0.5) / w * 2 - 1
+    total = masks.sum(dim=(2, 3)).clamp_min(EPS)
+    cx = (masks.sum(dim=2) * xs).sum(-1) / total
+    cy = (masks.sum(dim=3) * ys).sum(-1) / total
+    return torch.stack([cx, cy], dim=-1)
+
+
+def location_loss(
+    predicted: torch.Tensor, owners: torch.Tensor, masks: torch.Tensor
+) -> torch.Tensor:
+    """Text-side grounding: mean squared error between the (x, y) read off each object word's
+    state (``predicted``, (B, L, 2)) and the centroid of the mask of the object it names. It
+    asks the text encoder to carry, in every word of an object, where that object is: what a
+    cross-attention key needs for a pixel to find its own object's color and shape."""
+    owners = owners.to(predicted)
+    target = owners @ mask_centers(masks).to(predicted)  # (B, L, 2); 0 for unowned tokens
+    owned = owners.sum(-1)  # (B, L)
+    err = (predicted - target).pow(2).sum(-1)
+    return (err * owned).sum() / owned.sum().clamp_min(1.0)
