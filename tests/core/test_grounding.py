@@ -181,3 +181,37 @@ def test_location_loss_is_lower_when_each_word_points_at_its_own_objects_center(
     right[0, 3] = swapped[0, 3] = torch.tensor([9.0, 9.0])
     assert location_loss(right, owners, masks) < 1e-6
     assert location_loss(swapped, owners, masks) > 2.0
+
+
+def test_text_pretraining_teaches_object_words_where_their_object_is() -> None:
+    from core.diffusion.data.shapes import vocabulary
+    from core.diffusion.training.config import DenoiserTrainConfig, load_config
+    from core.diffusion.training.denoiser import TextToLatent, pretrain_text_encoder
+    from core.diffusion.training.grounding import location_loss
+
+    torch.manual_seed(0)
+    cfg = load_config(
+        DenoiserTrainConfig,
+        overrides={"train": {"text_grounding": 1.0, "text_pretrain_steps": 40}},
+    )
+    text = TextEncoder(TINY_TEXT, WordTokenizer(vocabulary(), TINY_TEXT.max_length))
+    model = TextToLatent(text, UNet(TINY_UNET), locate=True)
+    samples = [ShapesDataset(seed=99, two_object_share=1.0)[i] for i in range(64)]
+    owners = word_owner_tokens(samples, [True] * 64, TINY_TEXT.max_length)
+
+    def held_out_loss() -> float:
+        assert model.locator is not None
+        with torch.no_grad():
+            states = text.encode([s.caption for s in samples]).states
+            return location_loss(model.locator(states), owners, sample_masks(samples)).item()
+
+    before = held_out_loss()
+    pretrain_text_encoder(model, cfg)
+    assert held_out_loss() < 0.5 * before
+
+
+def test_text_pretraining_needs_the_text_grounding_weight() -> None:
+    from core.diffusion.training.config import DenoiserTrainConfig, load_config
+
+    with pytest.raises(ValueError, match="text_pretrain_steps"):
+        load_config(DenoiserTrainConfig, overrides={"train": {"text_pretrain_steps": 10}})

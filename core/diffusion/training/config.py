@@ -39,6 +39,7 @@ class LoopConfig:
     grounding_token: float = 0.0
     grounding_spatial: float = 0.0
     text_grounding: float = 0.0  # weight of grounding.location_loss on the text encoder
+    text_pretrain_steps: int = 0  # steps of text-side grounding alone before joint training
     threads: int = 0  # torch CPU threads; 0 keeps torch's default
 
     def validate(self) -> None:
@@ -56,6 +57,8 @@ class LoopConfig:
             raise ValueError("train.ema_decay must be in [0, 1)")
         if self.min_snr_gamma < 0:
             raise ValueError("train.min_snr_gamma must be ≥ 0")
+        if self.text_pretrain_steps < 0 or (self.text_pretrain_steps and not self.text_grounding):
+            raise ValueError("train.text_pretrain_steps must be ≥ 0 and needs text_grounding > 0")
         if min(self.grounding_token, self.grounding_spatial, self.text_grounding) < 0:
             raise ValueError("train.grounding_token, grounding_spatial, text_grounding must be ≥ 0")
 

@@ -15,11 +15,12 @@ from typing import Any
 import torch
 from PIL import Image
 from torch import nn
+from tqdm import tqdm
 
 from core.diffusion.autoencoder import Autoencoder
 from core.diffusion.data.captioned import images_to_tensor
 from core.diffusion.data.imagefolder import ImageFolderDataset
-from core.diffusion.data.shapes import ShapesSample, vocabulary
+from core.diffusion.data.shapes import ShapesDataset, ShapesSample, vocabulary
 from core.diffusion.pipeline import LatentDiffusion, load_autoencoder, pick_device
 from core.diffusion.sample_grid import Cell, save_grid
 from core.diffusion.schedule import NoiseSchedule
@@ -32,7 +33,7 @@ from core.diffusion.training.grounding import (
     sample_masks,
     word_owner_tokens,
 )
-from core.diffusion.training.loop import LoopResult, MetricsCallback, TrainLoop
+from core.diffusion.training.loop import STATE_DIR, LoopResult, MetricsCallback, TrainLoop
 from core.diffusion.unet import UNet
 
 PREVIEW_PROMPTS = (
@@ -76,6 +77,38 @@ class TextToLatent(nn.Module):
         # contextual state; it is not part of the exported model.
         width = text_encoder.config.width
         self.locator = nn.Linear(width, 2) if locate else None
+
+
+def pretrain_text_encoder(
+    model: TextToLatent, cfg: DenoiserTrainConfig, progress: bool = False, batch_size: int = 64
+) -> float:
+    """A short first stage on text-side grounding alone: the text encoder and its locator learn
+    to give every object word its object's center, on two-object captions, before the UNet
+    trains. Joint training from scratch does not find this (docs/MODEL.md); alone, the encoder
+    does in a few hundred steps. Returns the last batch's loss."""
+    if model.locator is None:
+        raise ValueError("train.text_pretrain_steps needs train.text_grounding > 0")
+    data = ShapesDataset(
+        seed=cfg.data.seed + 7919,  # a stream apart from the denoiser's own batches
+        held_out=[(str(c), str(s)) for c, s in cfg.data.held_out],
+        image_size=cfg.data.image_size,
+        two_object_share=1.0,
+    )
+    params = [*model.text_encoder.parameters(), *model.locator.parameters()]
+    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
+    width = model.text_encoder.config.width
+    loss = torch.zeros(())
+    steps = cfg.train.text_pretrain_steps
+    for step in tqdm(range(steps), desc="text encoder", disable=not progress, unit="step"):
+        samples = [data[step * batch_size + i] for i in range(batch_size)]
+        cond = model.text_encoder.encode([s.caption for s in samples])
+        owners = word_owner_tokens(samples, [True] * len(samples), cond.mask.shape[1])
+        located = model.locator(cond.states[..., :width])
+        loss = location_loss(located, owners, sample_masks(samples))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return float(loss.item())
 
 
 def diffusion_loss(
@@ -202,6 +235,10 @@ def train_denoiser(
 
     def export(ema: nn.Module, step: int) -> None:
         pipeline(ema).save(out, {"training": {"step": step, "config": config_to_dict(cfg)}})
+
+    fresh = not resume or not (out / STATE_DIR / "model.json").exists()
+    if cfg.train.text_pretrain_steps > 0 and fresh:
+        pretrain_text_encoder(model, cfg, progress)
 
     fingerprint = {"kind": "denoiser", "config": config_to_dict(cfg), "vocab": tokenizer.vocab}
     loop = TrainLoop(
