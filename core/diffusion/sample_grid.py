@@ -29,6 +29,12 @@ class Cell:
     mark_color: tuple[int, int, int] = (200, 90, 0)
 
 
+def held_out_mark(pairs: Sequence[str]) -> str:
+    """A cell's mark for the held-out color-shape pairs its prompt uses ("orange square"), or ""
+    for none."""
+    return f"held-out pair: {', '.join(pairs)}" if pairs else ""
+
+
 def _font() -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
     try:
         return ImageFont.load_default(size=FONT_SIZE)

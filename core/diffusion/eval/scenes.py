@@ -24,6 +24,7 @@ import numpy as np
 
 from core.diffusion.data.shapes import DEFAULT_HELD_OUT, ShapesDataset
 from core.diffusion.eval.classifier import Scene
+from core.diffusion.sample_grid import held_out_mark
 
 DATA_SEED_OFFSET = 10_000
 SEEN, HELD_OUT = "seen", "held-out"
@@ -113,5 +114,4 @@ def grid_label(s: EvalScene) -> str:
 def grid_mark(s: EvalScene, held_out: Iterable[tuple[str, str]]) -> str:
     """ "held-out pair: orange square" for a scene that uses one, else ""."""
     pairs = set(held_out)
-    used = [f"{o.color} {o.shape}" for o in s.scene.objects if o.pair in pairs]
-    return f"held-out pair: {', '.join(used)}" if used else ""
+    return held_out_mark([f"{o.color} {o.shape}" for o in s.scene.objects if o.pair in pairs])

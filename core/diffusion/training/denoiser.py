@@ -9,6 +9,7 @@ the UNet's output on ε (or on v), optionally weighted by min-SNR-γ.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ from core.diffusion.data.captioned import images_to_tensor
 from core.diffusion.data.imagefolder import ImageFolderDataset
 from core.diffusion.data.shapes import ShapesDataset, ShapesSample, vocabulary
 from core.diffusion.pipeline import LatentDiffusion, load_autoencoder, pick_device
-from core.diffusion.sample_grid import Cell, save_grid
+from core.diffusion.sample_grid import Cell, held_out_mark, save_grid
 from core.diffusion.schedule import NoiseSchedule
 from core.diffusion.text import TextEncoder, WordTokenizer
 from core.diffusion.training.config import DenoiserTrainConfig, config_to_dict
@@ -34,7 +35,7 @@ from core.diffusion.training.grounding import (
     word_owner_tokens,
 )
 from core.diffusion.training.loop import STATE_DIR, LoopResult, MetricsCallback, TrainLoop
-from core.diffusion.unet import UNet
+from core.diffusion.unet import Attention, UNet
 
 PREVIEW_PROMPTS = (
     "a large red circle in the top left",
@@ -61,8 +62,7 @@ def save_preview(
     cells = []
     for img, prompt in zip(images, prompts, strict=True):
         used = [p for p in pairs if p in prompt]
-        mark = f"held-out pair: {', '.join(used)}" if used else ""
-        cells.append(Cell([img], prompt, mark))
+        cells.append(Cell([img], prompt, held_out_mark(used)))
     return save_grid(cells, path, cells_per_row=cells_per_row, scale=3)
 
 
@@ -177,7 +177,8 @@ def train_denoiser(
     dataset = build_dataset(cfg.data)
     out = Path(out_dir)
 
-    grounding = cfg.train.grounding_token > 0 or cfg.train.grounding_spatial > 0 or locate
+    attention = cfg.train.grounding_token > 0 or cfg.train.grounding_spatial > 0
+    grounding = attention or locate
     if grounding and cfg.data.kind != "shapes":
         raise ValueError("the grounding losses need object masks: data.kind must be 'shapes'")
 
@@ -190,27 +191,25 @@ def train_denoiser(
         drop = torch.rand(len(captions), generator=gen) < cfg.train.caption_dropout
         captions = ["" if d else c for c, d in zip(captions, drop.tolist(), strict=True)]
         cond = model.text_encoder.encode(captions)
-        if not grounding:
-            loss = diffusion_loss(
-                model.unet, schedule, x0, cond.states, cond.mask, gen, cfg.train.min_snr_gamma
-            )
-            return loss, {}, len(captions)
-        shapes = [s for s in samples if isinstance(s, ShapesSample)]
-        owners = word_owner_tokens(shapes, [not d for d in drop.tolist()], cond.mask.shape[1])
-        masks = sample_masks(shapes)
-        attention = cfg.train.grounding_token > 0 or cfg.train.grounding_spatial > 0
-        with model.unet.recording_cross_attention() as layers:
-            if not attention:
-                for layer in layers:
-                    layer.keep_probs = False
+        recording: AbstractContextManager[list[Attention]] = (
+            model.unet.recording_cross_attention() if attention else nullcontext([])
+        )
+        with recording as layers:
             loss = diffusion_loss(
                 model.unet, schedule, x0, cond.states, cond.mask, gen, cfg.train.min_snr_gamma
             )
             maps = [layer.probs for layer in layers if layer.probs is not None]
-            terms = grounding_losses(maps, masks, owners) if maps else {}
+        if not grounding:
+            return loss, {}, len(captions)
+        shapes = [s for s in samples if isinstance(s, ShapesSample)]
+        if len(shapes) != len(samples):
+            raise TypeError("the grounding losses need every sample to be a ShapesSample")
+        owners = word_owner_tokens(shapes, [not d for d in drop.tolist()], cond.mask.shape[1])
+        masks = sample_masks(shapes)
         total = loss
         metrics = {"diffusion_loss": loss.item()}
-        if terms:
+        if attention:
+            terms = grounding_losses(maps, masks, owners)
             total = (
                 total
                 + cfg.train.grounding_token * terms["token"]
