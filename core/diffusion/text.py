@@ -19,6 +19,7 @@ from core.diffusion.words import split_words
 
 PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
 SPECIAL_TOKENS = (PAD, BOS, EOS, UNK)
+LAYOUT_WIDTH = 3  # (x, y, owned logit) per token, see TextEncoderConfig.layout
 
 
 @dataclass(frozen=True)
@@ -119,6 +120,13 @@ class TextEncoderConfig:
     # between two tokens, clipped to ±relative_positions (as in T5, Raffel et al. 2020), so
     # "the words next to me" is as easy to find wherever the phrase sits in the caption.
     relative_positions: int = 0
+    # A layout head: a linear read-out of each token's contextual state into (x, y, owned), where
+    # the object the token names sits in the image ([-1, 1], y down) and a logit for whether it
+    # names an object at all. It is appended to the states, LAYOUT_WIDTH channels after the
+    # rest; a UNet with layout_bias turns it into a spatial bias on cross-attention, so each
+    # pixel reads the words of the object the text places there. Trained by text-side grounding
+    # (train.text_grounding) on data whose captions say which object each word names.
+    layout: bool = False
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -126,7 +134,9 @@ class TextEncoderConfig:
     @property
     def state_width(self) -> int:
         """Width of the per-token states the encoder hands the denoiser."""
-        return 2 * self.width if self.lexical else self.width
+        return (2 * self.width if self.lexical else self.width) + (
+            LAYOUT_WIDTH if self.layout else 0
+        )
 
 
 class _Block(nn.Module):
@@ -180,6 +190,7 @@ class TextEncoder(nn.Module):
         )
         self.ln_final = nn.LayerNorm(config.width)
         self.ln_lexical = nn.LayerNorm(config.width) if config.lexical else None
+        self.layout_head = nn.Linear(config.width, LAYOUT_WIDTH) if config.layout else None
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         n = ids.shape[1]
@@ -194,9 +205,12 @@ class TextEncoder(nn.Module):
         for block, bias in zip(self.blocks, biases, strict=True):
             x = block(x, mask, bias)
         x = self.ln_final(x)
-        if self.ln_lexical is None:
-            return x
-        return torch.cat([x, self.ln_lexical(words)], dim=-1)  # (B, L, 2D)
+        parts = [x]
+        if self.ln_lexical is not None:
+            parts.append(self.ln_lexical(words))  # [contextual | lexical], (B, L, 2D)
+        if self.layout_head is not None:
+            parts.append(self.layout_head(x))  # (B, L, 3): where each token's object is
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
 
     def encode(self, prompts: Sequence[str]) -> TextConditioning:
         tok = self.tokenizer.encode(prompts)

@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from core.diffusion.text import LAYOUT_WIDTH
+
 
 @dataclass(frozen=True)
 class UNetConfig:
@@ -36,6 +38,12 @@ class UNetConfig:
     # The context is [contextual | lexical] (TextEncoderConfig.lexical), 2·context_width wide:
     # cross-attention keys come from the first half, values from the second.
     lexical_values: bool = False
+    # The context ends with the text encoder's layout, (x, y, owned logit) per token
+    # (TextEncoderConfig.layout). Each cross-attention head adds −s·σ(owned)·‖p − (x, y)‖² to
+    # the logit between the pixel at p and the token, with a learned s ≥ 0 per head: a pixel
+    # reads the words of the object the text places near it, and every pixel the free words
+    # (the background, "a", padding aside). The layout is read, not trained, through this path.
+    layout_bias: bool = False
 
     def to_dict(self) -> dict[str, object]:
         d = asdict(self)
@@ -102,10 +110,18 @@ class Attention(nn.Module):
         heads: int,
         context_width: int | None = None,
         lexical_values: bool = False,
+        layout_bias: bool = False,
     ) -> None:
         super().__init__()
         self.heads = heads
         self.lexical_values = lexical_values
+        # softplus(−0.5 + log(e^5 − 1)) ≈ 4.5: at the start a pixel half a frame from an
+        # object's center down-weights its words by e^−1.1, a frame away by e^−4.5.
+        self.layout_scale = (
+            nn.Parameter(torch.full((heads,), math.log(math.expm1(5.0)) - 0.5))
+            if layout_bias
+            else None
+        )
         kv_width = context_width or width
         self.to_q = nn.Linear(width, width, bias=False)
         self.to_k = nn.Linear(kv_width, width, bias=False)
@@ -115,14 +131,35 @@ class Attention(nn.Module):
         self.keep_probs = False
         self.probs: torch.Tensor | None = None  # (B, nh, N, L) when kept
 
+    def layout_logits(self, layout: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """(B, heads, h·w, L) the spatial bias of :attr:`UNetConfig.layout_bias` for a feature
+        map of ``grid`` = (h, w) cells, from the layout (B, L, 3); cell centers in [−1, 1]."""
+        h, w = grid
+        layout = layout.detach()
+        ys = (torch.arange(h, device=layout.device, dtype=layout.dtype) + 0.5) / h * 2 - 1
+        xs = (torch.arange(w, device=layout.device, dtype=layout.dtype) + 0.5) / w * 2 - 1
+        cells = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1).reshape(h * w, 2)
+        d2 = (cells[None, :, None, :] - layout[:, None, :, :2]).pow(2).sum(-1)  # (B, h·w, L)
+        owned = torch.sigmoid(layout[..., 2])  # (B, L)
+        assert self.layout_scale is not None
+        scale = F.softplus(self.layout_scale).to(layout.dtype)  # (heads,)
+        return -scale[None, :, None, None] * (owned[:, None, :] * d2)[:, None]
+
     def forward(
         self,
         x: torch.Tensor,
         context: torch.Tensor | None = None,
         context_mask: torch.Tensor | None = None,
+        grid: tuple[int, int] | None = None,
     ) -> torch.Tensor:
         b, n, c = x.shape
         ctx = x if context is None else context
+        bias = None
+        if self.layout_scale is not None:
+            if context is None or grid is None:
+                raise ValueError("layout bias needs a context and the feature map's grid")
+            ctx, layout = ctx[..., :-LAYOUT_WIDTH], ctx[..., -LAYOUT_WIDTH:]
+            bias = self.layout_logits(layout, grid)
         if self.lexical_values:
             ctx_k, ctx_v = ctx.chunk(2, dim=-1)  # [contextual | lexical]
             q, k, v = self.to_q(x), self.to_k(ctx_k), self.to_v(ctx_v)
@@ -130,12 +167,16 @@ class Attention(nn.Module):
             q, k, v = self.to_q(x), self.to_k(ctx), self.to_v(ctx)
         q, k, v = (z.view(b, -1, self.heads, c // self.heads).transpose(1, 2) for z in (q, k, v))
         # (B, nh, N, hs) against (B, nh, L, hs); padding text tokens are masked out of the keys
-        mask = None if context_mask is None else context_mask[:, None, None, :]
+        mask: torch.Tensor | None = None if context_mask is None else context_mask[:, None, None, :]
+        if bias is not None:  # a float mask: the layout bias, −inf on padding
+            mask = bias if mask is None else bias.masked_fill(~mask, float("-inf"))
         if self.keep_probs:
             # The same attention, spelled out so training can read the maps (grounding loss).
             scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])  # (B, nh, N, L)
-            if mask is not None:
+            if mask is not None and mask.dtype == torch.bool:
                 scores = scores.masked_fill(~mask, float("-inf"))
+            elif mask is not None:
+                scores = scores + mask
             self.probs = scores.softmax(dim=-1)
             y = self.probs @ v
         else:
@@ -160,7 +201,13 @@ class SpatialTransformer(nn.Module):
     """GroupNorm, project to tokens, [self-attn, cross-attn, MLP] with pre-LN, project back."""
 
     def __init__(
-        self, width: int, heads: int, context_width: int, groups: int, lexical_values: bool = False
+        self,
+        width: int,
+        heads: int,
+        context_width: int,
+        groups: int,
+        lexical_values: bool = False,
+        layout_bias: bool = False,
     ) -> None:
         super().__init__()
         self.norm = nn.GroupNorm(groups, width)
@@ -168,7 +215,7 @@ class SpatialTransformer(nn.Module):
         self.ln1, self.attn1 = nn.LayerNorm(width), Attention(width, heads)
         self.ln2, self.attn2 = (
             nn.LayerNorm(width),
-            Attention(width, heads, context_width, lexical_values),
+            Attention(width, heads, context_width, lexical_values, layout_bias),
         )
         self.ln3, self.ff = nn.LayerNorm(width), GEGLU(width)
         self.proj_out = nn.Linear(width, width)
@@ -179,7 +226,7 @@ class SpatialTransformer(nn.Module):
         b, c, h, w = x.shape
         tokens = self.proj_in(self.norm(x).permute(0, 2, 3, 1).reshape(b, h * w, c))  # (B, HW, C)
         tokens = tokens + self.attn1(self.ln1(tokens))
-        tokens = tokens + self.attn2(self.ln2(tokens), context, context_mask)
+        tokens = tokens + self.attn2(self.ln2(tokens), context, context_mask, (h, w))
         tokens = tokens + self.ff(self.ln3(tokens))
         out = self.proj_out(tokens).reshape(b, h, w, c).permute(0, 3, 1, 2)
         return x + out
@@ -214,7 +261,9 @@ class UNet(nn.Module):
         def stage(c_in: int, c_out: int, attn: bool) -> _Stage:
             res = ResBlock(c_in, c_out, t_dim, c.groups, c.dropout)
             st = (
-                SpatialTransformer(c_out, c.heads, c.context_width, c.groups, c.lexical_values)
+                SpatialTransformer(
+                    c_out, c.heads, c.context_width, c.groups, c.lexical_values, c.layout_bias
+                )
                 if attn
                 else None
             )

@@ -215,3 +215,134 @@ def test_text_pretraining_needs_the_text_grounding_weight() -> None:
 
     with pytest.raises(ValueError, match="text_pretrain_steps"):
         load_config(DenoiserTrainConfig, overrides={"train": {"text_pretrain_steps": 10}})
+
+
+def _layout_encoder() -> TextEncoder:
+    cfg = dataclasses.replace(TINY_TEXT, lexical=True, layout=True)
+    tok = WordTokenizer(["a", "red", "blue", "circle", "square", "and"], cfg.max_length)
+    return TextEncoder(cfg, tok)
+
+
+def test_the_layout_head_appends_three_channels_after_the_contextual_and_lexical_states() -> None:
+    torch.manual_seed(0)
+    text = _layout_encoder()
+    assert text.width == 2 * TINY_TEXT.width + 3
+    states = text.encode(["a red circle"]).states
+    assert states.shape[-1] == text.width
+    assert text.layout_head is not None
+    contextual = states[..., : TINY_TEXT.width]
+    assert torch.allclose(states[..., -3:], text.layout_head(contextual), atol=1e-6)
+
+
+def _layout_unet() -> UNet:
+    return UNet(dataclasses.replace(TINY_UNET, lexical_values=True, layout_bias=True))
+
+
+def test_layout_bias_draws_each_pixel_to_the_words_the_text_places_near_it() -> None:
+    """Hand-built layout on a 4×4 grid: token 1 owned and placed at the top left, token 2 owned
+    and placed at the bottom right, token 3 free. With all keys equal, the bias alone decides."""
+    attn = _layout_unet().cross_attentions()[0]
+    layout = torch.zeros(1, 4, 3)
+    layout[0, :, 2] = -20.0  # nothing owned ...
+    layout[0, 1] = torch.tensor([-0.75, -0.75, 20.0])  # ... but token 1, at the top left
+    layout[0, 2] = torch.tensor([0.75, 0.75, 20.0])  # and token 2, at the bottom right
+    bias = attn.layout_logits(layout, (4, 4))  # (1, heads, 16, 4)
+    probs = bias.softmax(-1)[0, 0]
+    top_left, bottom_right = 0, 15
+    # each corner reads its own object's word 10× more than the other's (free tokens share)
+    assert probs[top_left, 1] > 10 * probs[top_left, 2]
+    assert probs[bottom_right, 2] > 10 * probs[bottom_right, 1]
+    # a free token is equally reachable from everywhere; the owned ones fall off with distance
+    assert torch.allclose(bias[0, :, :, 3], torch.zeros(()), atol=1e-6)
+    assert torch.allclose(bias[0, :, :, 0], torch.zeros(()), atol=1e-6)
+    along_the_diagonal = bias[0, 0, [0, 5, 10, 15], 1]
+    assert (along_the_diagonal.diff() < 0).all()
+
+
+def test_layout_bias_keeps_padding_out_leaves_the_layout_untrained_and_records_the_same() -> None:
+    torch.manual_seed(0)
+    text, unet = _layout_encoder(), _layout_unet().eval()
+    cond = text.encode(["a red circle and a blue square", "circle"])
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([10, 900])
+    fast = unet(x, t, cond.states, cond.mask)
+    with unet.recording_cross_attention() as layers:
+        slow = unet(x, t, cond.states, cond.mask)
+        maps = [layer.probs for layer in layers]
+    assert torch.allclose(fast, slow, atol=1e-5)
+    assert all(m is not None and m[1, :, :, 3:].max() == 0 for m in maps)  # padding unseen
+    # the diffusion loss reaches the encoder's states but not its layout head
+    fast.pow(2).mean().backward()
+    head = text.layout_head
+    assert head is not None and (head.weight.grad is None or not head.weight.grad.any())
+    assert text.token_embedding.weight.grad is not None
+    # alone or beside another prompt, an image's output is the same
+    alone = unet(x[:1], t[:1], cond.states[:1], cond.mask[:1])
+    assert torch.allclose(alone, fast[:1], atol=1e-5)
+
+
+def test_layout_loss_is_lower_when_the_head_places_each_word_at_its_object_and_owns_it() -> None:
+    from core.diffusion.training.grounding import layout_loss, mask_centers
+
+    masks = torch.zeros(1, 2, 8, 8)
+    masks[0, 0, :2, :2] = 1.0
+    masks[0, 1, 6:, 6:] = 1.0
+    centers = mask_centers(masks)
+    owners = torch.zeros(1, 5, 2)
+    owners[0, 1, 0] = owners[0, 2, 1] = 1.0  # tokens 1, 2 name objects 0, 1; 0 and 3 name none
+    token_mask = torch.tensor([[True, True, True, True, False]])  # token 4 is padding
+    right = torch.zeros(1, 5, 3)
+    right[0, :, 2] = -10.0
+    right[0, 1, :2], right[0, 2, :2] = centers[0, 0], centers[0, 1]
+    right[0, 1:3, 2] = 10.0
+    right[0, 4, 2] = 10.0  # padding may say anything
+    swapped = right.clone()
+    swapped[0, 1, :2], swapped[0, 2, :2] = centers[0, 1], centers[0, 0]
+    unowned = right.clone()
+    unowned[0, 1:3, 2] = -10.0  # right places, but claims the words name nothing
+    good = layout_loss(right, owners, masks, token_mask)
+    assert good < 1e-3
+    assert layout_loss(swapped, owners, masks, token_mask) > 2.0
+    assert layout_loss(unowned, owners, masks, token_mask) > 4.0
+
+
+def test_text_pretraining_grounds_the_layout_head() -> None:
+    from core.diffusion.data.shapes import vocabulary
+    from core.diffusion.training.config import DenoiserTrainConfig, load_config
+    from core.diffusion.training.denoiser import TextToLatent, pretrain_text_encoder
+    from core.diffusion.training.grounding import layout_loss
+
+    torch.manual_seed(0)
+    cfg = load_config(
+        DenoiserTrainConfig,
+        overrides={"train": {"text_grounding": 1.0, "text_pretrain_steps": 40}},
+    )
+    text_cfg = dataclasses.replace(TINY_TEXT, layout=True)
+    text = TextEncoder(text_cfg, WordTokenizer(vocabulary(), text_cfg.max_length))
+    model = TextToLatent(text, UNet(dataclasses.replace(TINY_UNET, layout_bias=True)), True)
+    assert model.locator is None  # the encoder's own head is grounded, not a training probe
+    samples = [ShapesDataset(seed=99, two_object_share=1.0)[i] for i in range(64)]
+    owners = word_owner_tokens(samples, [True] * 64, text_cfg.max_length)
+
+    def held_out_loss() -> float:
+        with torch.no_grad():
+            cond = text.encode([s.caption for s in samples])
+            masks = sample_masks(samples)
+            return layout_loss(cond.states[..., -3:], owners, masks, cond.mask).item()
+
+    before = held_out_loss()
+    pretrain_text_encoder(model, cfg)
+    assert held_out_loss() < 0.5 * before
+
+
+def test_training_refuses_a_layout_head_it_cannot_ground(tmp_path: Path) -> None:
+    from core.diffusion.training.config import DenoiserTrainConfig, load_config
+    from core.diffusion.training.denoiser import train_denoiser
+
+    half = load_config(DenoiserTrainConfig, overrides={"text": {"layout": True}})
+    with pytest.raises(ValueError, match=r"layout_bias and text\.layout"):
+        train_denoiser(half, tmp_path / "ae", tmp_path / "out", progress=False)
+    ungrounded = load_config(
+        DenoiserTrainConfig, overrides={"text": {"layout": True}, "unet": {"layout_bias": True}}
+    )
+    with pytest.raises(ValueError, match="text_grounding"):
+        train_denoiser(ungrounded, tmp_path / "ae", tmp_path / "out", progress=False)

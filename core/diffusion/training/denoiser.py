@@ -25,11 +25,12 @@ from core.diffusion.data.shapes import ShapesDataset, ShapesSample, vocabulary
 from core.diffusion.pipeline import LatentDiffusion, load_autoencoder, pick_device
 from core.diffusion.sample_grid import Cell, held_out_mark, save_grid
 from core.diffusion.schedule import NoiseSchedule
-from core.diffusion.text import TextEncoder, WordTokenizer
+from core.diffusion.text import LAYOUT_WIDTH, TextConditioning, TextEncoder, WordTokenizer
 from core.diffusion.training.config import DenoiserTrainConfig, config_to_dict
 from core.diffusion.training.datasets import build_dataset, load_samples
 from core.diffusion.training.grounding import (
     grounding_losses,
+    layout_loss,
     location_loss,
     sample_masks,
     word_owner_tokens,
@@ -74,9 +75,21 @@ class TextToLatent(nn.Module):
         self.text_encoder = text_encoder
         self.unet = unet
         # Training only (train.text_grounding): reads each object word's object center off its
-        # contextual state; it is not part of the exported model.
+        # contextual state; it is not part of the exported model. An encoder with a layout head
+        # (text.layout) is grounded through that head instead, which the UNet reads.
         width = text_encoder.config.width
-        self.locator = nn.Linear(width, 2) if locate else None
+        self.locate = locate
+        self.locator = nn.Linear(width, 2) if locate and not text_encoder.config.layout else None
+
+    def grounding_loss(
+        self, cond: TextConditioning, owners: torch.Tensor, masks: torch.Tensor
+    ) -> torch.Tensor:
+        """Text-side grounding (train.text_grounding) of the states in ``cond``."""
+        width = self.text_encoder.config.width
+        if self.locator is not None:
+            return location_loss(self.locator(cond.states[..., :width]), owners, masks)
+        layout = cond.states[..., -LAYOUT_WIDTH:]
+        return layout_loss(layout, owners, masks, cond.mask)
 
 
 def pretrain_text_encoder(
@@ -86,7 +99,7 @@ def pretrain_text_encoder(
     to give every object word its object's center, on two-object captions, before the UNet
     trains. Joint training from scratch does not find this (docs/MODEL.md); alone, the encoder
     does in a few hundred steps. Returns the last batch's loss."""
-    if model.locator is None:
+    if not model.locate:
         raise ValueError("train.text_pretrain_steps needs train.text_grounding > 0")
     data = ShapesDataset(
         seed=cfg.data.seed + 7919,  # a stream apart from the denoiser's own batches
@@ -94,17 +107,17 @@ def pretrain_text_encoder(
         image_size=cfg.data.image_size,
         two_object_share=1.0,
     )
-    params = [*model.text_encoder.parameters(), *model.locator.parameters()]
+    params = [*model.text_encoder.parameters()]
+    if model.locator is not None:
+        params += model.locator.parameters()
     opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
-    width = model.text_encoder.config.width
     loss = torch.zeros(())
     steps = cfg.train.text_pretrain_steps
     for step in tqdm(range(steps), desc="text encoder", disable=not progress, unit="step"):
         samples = [data[step * batch_size + i] for i in range(batch_size)]
         cond = model.text_encoder.encode([s.caption for s in samples])
         owners = word_owner_tokens(samples, [True] * len(samples), cond.mask.shape[1])
-        located = model.locator(cond.states[..., :width])
-        loss = location_loss(located, owners, sample_masks(samples))
+        loss = model.grounding_loss(cond, owners, sample_masks(samples))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -163,6 +176,10 @@ def train_denoiser(
         raise ValueError("unet.context_width must equal text.width")
     if cfg.unet.lexical_values != cfg.text.lexical:
         raise ValueError("unet.lexical_values and text.lexical must be set together")
+    if cfg.unet.layout_bias != cfg.text.layout:
+        raise ValueError("unet.layout_bias and text.layout must be set together")
+    if cfg.text.layout and not cfg.train.text_grounding > 0:
+        raise ValueError("text.layout needs train.text_grounding > 0 to train its layout head")
     ae: Autoencoder = load_autoencoder(autoencoder_dir, device).requires_grad_(False)
     scale = ae.config.latent_scale_factor
     if cfg.unet.in_channels != ae.config.latent_channels:
@@ -219,9 +236,8 @@ def train_denoiser(
                 "ground_token": terms["token"].item(),
                 "ground_spatial": terms["spatial"].item(),
             }
-        if model.locator is not None:
-            width = model.text_encoder.config.width
-            located = location_loss(model.locator(cond.states[..., :width]), owners, masks)
+        if model.locate:
+            located = model.grounding_loss(cond, owners, masks)
             total = total + cfg.train.text_grounding * located
             metrics["text_grounding"] = located.item()
         return total, metrics, len(captions)

@@ -120,3 +120,16 @@ def location_loss(
     owned = owners.sum(-1)  # (B, L)
     err = (predicted - target).pow(2).sum(-1)
     return (err * owned).sum() / owned.sum().clamp_min(1.0)
+
+
+def layout_loss(
+    layout: torch.Tensor, owners: torch.Tensor, masks: torch.Tensor, token_mask: torch.Tensor
+) -> torch.Tensor:
+    """Text-side grounding of the text encoder's layout head (``TextEncoderConfig.layout``):
+    :func:`location_loss` on its (x, y), plus the binary cross-entropy of its owned logit
+    against whether each real token names an object (padding is left out)."""
+    owned = (owners.sum(-1) > 0).to(layout)  # (B, L)
+    real = token_mask.to(layout)
+    bce = F.binary_cross_entropy_with_logits(layout[..., 2], owned, reduction="none")
+    owned_term = (bce * real).sum() / real.sum().clamp_min(1.0)
+    return location_loss(layout[..., :2], owners, masks) + owned_term
