@@ -235,10 +235,15 @@ def train_autoencoder_cmd(**kw: Any) -> None:
 )
 def train_denoiser_cmd(**kw: Any) -> None:
     """Train the text encoder and UNet on the autoencoder's latents."""
-    from core.diffusion.training.config import DenoiserTrainConfig, load_config
+    from core.diffusion.training.config import DenoiserTrainConfig, fit_to_data, load_config
     from core.diffusion.training.denoiser import train_denoiser
 
     cfg = load_config(DenoiserTrainConfig, kw["config_path"], _overrides(kw))
+    _, off = fit_to_data(cfg)
+    if off:
+        click.echo(
+            f"note: {cfg.data.kind} data has no object masks; training without {', '.join(off)}"
+        )
     _, summary = train_denoiser(
         cfg,
         kw["autoencoder"],

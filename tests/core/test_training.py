@@ -202,3 +202,41 @@ def test_bad_config_files_name_the_problem(tmp_path: Path, toml: str, message: s
     p.write_text(toml)
     with pytest.raises(ValueError, match=message):
         load_config(AutoencoderTrainConfig, p)
+
+
+def test_the_shipped_binding_options_step_aside_on_an_image_folder(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """configs/denoiser.toml turns on the layout head and its grounding, which need the shapes
+    dataset's object masks. On an image folder the same config trains without them, says so in
+    one line, and records what it turned off."""
+    from core.cli import DEFAULT_CHECKPOINT, main
+    from core.diffusion.data.imagefolder import export_image_folder
+    from core.diffusion.data.shapes import ShapesDataset
+
+    folder = tmp_path / "folder"
+    export_image_folder((ShapesDataset(seed=5)[i] for i in range(8)), folder)
+    shipped = load_config(DenoiserTrainConfig, REPO / "configs" / "denoiser.toml")
+    assert shipped.text.layout and shipped.train.text_grounding > 0
+    config = tmp_path / "tiny.toml"
+    config.write_text(
+        (REPO / "configs" / "denoiser.toml")
+        .read_text()
+        .replace("width = 128", "width = 32")
+        .replace("channels = [64, 128, 128]", "channels = [16, 32]\ngroups = 8")
+        .replace("attention_levels = [false, true, true]", "attention_levels = [false, true]")
+        .replace("context_width = 128", "context_width = 32")
+    )
+    out = tmp_path / "out"
+    main(
+        ["train", "denoiser", "--config", str(config), "--autoencoder", str(DEFAULT_CHECKPOINT),
+         "--data", str(folder), "--steps", "2", "--batch-size", "4", "--out", str(out), "--quiet"]
+    )  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "note: imagefolder data has no object masks; training without" in printed
+    assert "text.layout" in printed and "train.text_grounding" in printed
+    saved = json.loads((out / "model.json").read_text())
+    assert saved["text_encoder"]["layout"] is False and saved["unet"]["layout_bias"] is False
+    assert "unet.layout_bias" in saved["training"]["turned_off_without_masks"]
+    model = LatentDiffusion.load(out, device="cpu")
+    assert len(model.generate(["stripes"], seeds=[0], steps=2)) == 1

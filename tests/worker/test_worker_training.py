@@ -77,9 +77,11 @@ def test_trained_versions_register_and_the_activated_one_serves_jobs(stack: Stac
         assert 0 < ae.metrics["heldout_psnr_db"] < 60 and ae.metrics["latent_scale_factor"] > 0
         assert stack.storage.exists(f"{ae.checkpoint_key}/model.safetensors")
 
-    # A denoiser on that autoencoder, activated at the end: new jobs run on it.
+    # A denoiser on that autoencoder, activated at the end: new jobs run on it. It trains with
+    # the shipped config's binding options (layout head, text-side grounding), its text
+    # pretraining cut short.
     den_run = submit_run(
-        stack, "denoiser", {"steps": 20, "checkpoint_every": 10},
+        stack, "denoiser", {"steps": 20, "checkpoint_every": 10, "text_pretrain_steps": 20},
         autoencoder_version_id=ae.id, activate=True,
     )  # fmt: skip
     run = wait_run(stack, den_run)
@@ -88,6 +90,7 @@ def test_trained_versions_register_and_the_activated_one_serves_jobs(stack: Stac
     with Session(stack.engine) as s:
         den = s.get(ModelVersion, run.model_version_id)
         assert den is not None and den.is_active and den.metrics["final_loss"] > 0
+        assert den.config["text_encoder"]["layout"] and den.config["unet"]["layout_bias"]
     job = stack.wait_status(stack.submit(steps=4, seed=2), JobStatus.SUCCEEDED, JobStatus.FAILED)
     assert job.status is JobStatus.SUCCEEDED, job.error
     assert job.model_version_id == den.id and job.images[0].width == 32

@@ -152,5 +152,39 @@ def load_config(
     return config
 
 
+SHAPES_ONLY_TRAIN = (
+    "grounding_token",
+    "grounding_spatial",
+    "text_grounding",
+    "text_pretrain_steps",
+)
+
+
+def fit_to_data(config: DenoiserTrainConfig) -> tuple[DenoiserTrainConfig, list[str]]:
+    """The config with the binding supervision turned off where the data cannot give it.
+
+    The grounding losses and the layout head learn from object masks and from which object
+    each caption word names, which only the shapes dataset knows. On other data (an image
+    folder) they are switched off, the layout head and its cross-attention bias with them
+    (untrained, they would only mislead the UNet), so that the shipped config, which turns them
+    on, still trains on any folder. Returns the config and the options turned off, by name.
+    """
+    if config.data.kind == "shapes":
+        return config, []
+    off = [f"train.{name}" for name in SHAPES_ONLY_TRAIN if getattr(config.train, name)]
+    train = dataclasses.replace(config.train, **{name: 0 for name in SHAPES_ONLY_TRAIN})
+    text, unet = config.text, config.unet
+    if text.layout:
+        off.append("text.layout")
+        text = dataclasses.replace(text, layout=False)
+    if unet.layout_bias:
+        off.append("unet.layout_bias")
+        unet = dataclasses.replace(unet, layout_bias=False)
+    fitted = DenoiserTrainConfig(
+        train=train, data=config.data, text=text, unet=unet, schedule=config.schedule
+    )
+    return fitted, off
+
+
 def config_to_dict(config: AutoencoderTrainConfig | DenoiserTrainConfig) -> dict[str, Any]:
     return dataclasses.asdict(config)

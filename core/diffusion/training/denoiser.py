@@ -8,6 +8,7 @@ the UNet's output on ε (or on v), optionally weighted by min-SNR-γ.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
@@ -26,7 +27,7 @@ from core.diffusion.pipeline import LatentDiffusion, load_autoencoder, pick_devi
 from core.diffusion.sample_grid import Cell, held_out_mark, save_grid
 from core.diffusion.schedule import NoiseSchedule
 from core.diffusion.text import LAYOUT_WIDTH, TextConditioning, TextEncoder, WordTokenizer
-from core.diffusion.training.config import DenoiserTrainConfig, config_to_dict
+from core.diffusion.training.config import DenoiserTrainConfig, config_to_dict, fit_to_data
 from core.diffusion.training.datasets import build_dataset, load_samples
 from core.diffusion.training.grounding import (
     grounding_losses,
@@ -37,6 +38,8 @@ from core.diffusion.training.grounding import (
 )
 from core.diffusion.training.loop import STATE_DIR, LoopResult, MetricsCallback, TrainLoop
 from core.diffusion.unet import Attention, UNet
+
+log = logging.getLogger(__name__)
 
 PREVIEW_PROMPTS = (
     "a large red circle in the top left",
@@ -169,6 +172,13 @@ def train_denoiser(
     pause_requested: Callable[[], bool] | None = None,
 ) -> tuple[LoopResult, dict[str, Any]]:
     device = device or pick_device()
+    cfg, turned_off = fit_to_data(cfg)
+    if turned_off:
+        log.warning(
+            "%s data has no object masks: training without %s",
+            cfg.data.kind,
+            ", ".join(turned_off),
+        )
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     torch.manual_seed(cfg.train.seed)
@@ -195,9 +205,7 @@ def train_denoiser(
     out = Path(out_dir)
 
     attention = cfg.train.grounding_token > 0 or cfg.train.grounding_spatial > 0
-    grounding = attention or locate
-    if grounding and cfg.data.kind != "shapes":
-        raise ValueError("the grounding losses need object masks: data.kind must be 'shapes'")
+    grounding = attention or locate  # only ever on shapes data (fit_to_data)
 
     def step_fn(step: int, gen: torch.Generator) -> tuple[torch.Tensor, dict[str, float], int]:
         samples = load_samples(dataset, cfg.data.seed, step, cfg.train.batch_size)
@@ -277,6 +285,7 @@ def train_denoiser(
     summary = {
         "steps": loop.step,
         "train_seconds": round(result.elapsed_s, 1),
+        "turned_off_without_masks": turned_off,
         "parameters": {
             "text_encoder": sum(p.numel() for p in model.text_encoder.parameters()),
             "unet": sum(p.numel() for p in model.unet.parameters()),
