@@ -48,6 +48,10 @@ TRAIN_KEYS: dict[str, tuple[type, float, float, bool]] = {
     "seed": (int, 0, 2**63 - 1, False),
     "caption_dropout": (float, 0, 0.99, False),
     "min_snr_gamma": (float, 0, 1000, False),
+    "grounding_token": (float, 0, 1000, False),
+    "grounding_spatial": (float, 0, 1000, False),
+    "text_grounding": (float, 0, 1000, False),
+    "text_pretrain_steps": (int, 0, 10_000_000, False),
     "threads": (int, 0, 1024, False),
 }
 # Architecture tables and their keys, per kind; values are checked by the worker when it builds
