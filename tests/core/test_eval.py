@@ -24,8 +24,17 @@ from core.diffusion.eval.classifier import (
     classifier_loss,
     scene_targets,
 )
-from core.diffusion.eval.evaluate import EvalSettings, evaluate
+from core.diffusion.eval.evaluate import (
+    GROUPS,
+    Adherence,
+    EvalResult,
+    EvalSettings,
+    Row,
+    Sampling,
+    evaluate,
+)
 from core.diffusion.eval.fid import fid, frechet_distance, gaussian_stats
+from core.diffusion.eval.report import targets
 from core.diffusion.eval.scenes import HELD_OUT, SEEN, scene_stream
 from core.diffusion.pipeline import LatentDiffusion
 
@@ -290,3 +299,42 @@ def test_dq_train_classifier_refuses_an_image_folder_in_one_line(
     err = capsys.readouterr().err
     assert err.startswith("dq: error: the classifier trains on the shapes dataset only")
     assert err.count("\n") == 1 and not (tmp_path / "c").exists()
+
+
+# --- targets ------------------------------------------------------------------------------------
+
+
+def _result(two_seen: int, per_object_color: float, fid: float) -> EvalResult:
+    """A hand-built result: 100 prompts a group, ``two_seen`` of the seen two-object ones right."""
+    right = dict(zip(GROUPS, (100, 100, two_seen, 90), strict=True))
+    adherence = {g: Adherence(right[g], 100) for g in GROUPS}
+    dpm = Sampling("dpmpp-3m", 10, 4.0, (0.3, 1.0))
+    main_row = Row(dpm, 400, fid=fid, floor=8.0, adherence=adherence, seconds=1.0)
+    sweep = [
+        Row(Sampling(s, k, 4.0), 256, fid=f, floor=80.0, adherence=adherence, seconds=1.0)
+        for s, k, f in (("ddpm", 1000, 80.0), ("dpmpp-2m", 20, 81.0))
+    ]
+    accuracy = {g: {"shape": 0.99, "color": 1.0, "size": 0.98} for g in GROUPS}
+    accuracy[GROUPS[3]]["color"] = per_object_color
+    return EvalResult(
+        checkpoint="c", classifier="k", settings=EvalSettings(n=400), defaults=dpm,
+        main=main_row, attribute_accuracy=accuracy, real_adherence=adherence,
+        sampler_rows=sweep, guidance_rows=[], autoencoder_psnr_db=36.0,
+        autoencoder_psnr_images=256, classifier_info={}, grid_rows=[],
+    )  # fmt: skip
+
+
+def test_targets_are_the_two_object_bar_and_each_one_fails_on_its_own_figure() -> None:
+    good = {name: (value, met) for name, value, met in targets(_result(85, 0.95, 9.0))}
+    assert all(met for _, met in good.values()), good
+    assert len(good) == 10
+    assert good["FID / real-vs-real floor ≤ 1.25 (N = 400)"] == ("1.125", True)
+    assert good["FID DPM-Solver++ 20 ≤ 1.05 × FID DDPM 1000 (N = 256)"] == ("1.012 ×", True)
+
+    bad = {name: met for name, _, met in targets(_result(79, 0.85, 10.5))}
+    failed = sorted(name for name, met in bad.items() if not met)
+    assert failed == [
+        "FID / real-vs-real floor ≤ 1.25 (N = 400)",
+        "per-object color ≥ 90%, two objects (the lower group)",
+        "prompt adherence ≥ 80%, two objects, seen pairs (N = 400)",
+    ]
