@@ -16,7 +16,7 @@ from core.diffusion.data.shapes import (
     canonical_caption,
     object_masks,
 )
-from core.diffusion.text import TextEncoder, WordTokenizer
+from core.diffusion.text import TextConditioning, TextEncoder, WordTokenizer
 from core.diffusion.training.grounding import grounding_losses, sample_masks, word_owner_tokens
 from core.diffusion.unet import UNet
 from core.diffusion.words import split_words
@@ -102,18 +102,26 @@ def test_grounding_losses_ignore_dropped_captions_and_need_two_objects_for_the_t
     assert torch.isfinite(losses["token"]) and torch.isfinite(losses["spatial"])
 
 
-def test_recorded_cross_attention_changes_nothing_and_keeps_the_maps() -> None:
-    torch.manual_seed(0)
-    tok = WordTokenizer(["a", "red", "circle"], max_length=TINY_TEXT.max_length)
-    text = TextEncoder(TINY_TEXT, tok)
-    unet = UNet(TINY_UNET).eval()
-    cond = text.encode(["a red circle", "circle"])
+def _fast_and_recorded(
+    unet: UNet, cond: TextConditioning
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor | None]]:
+    """One forward pass as sampling runs it and one recording the maps; they must agree."""
     x, t = torch.randn(2, 4, 8, 8), torch.tensor([10, 900])
     fast = unet(x, t, cond.states, cond.mask)
     with unet.recording_cross_attention() as layers:
         slow = unet(x, t, cond.states, cond.mask)
         maps = [layer.probs for layer in layers]
     assert torch.allclose(fast, slow, atol=1e-5)
+    return x, t, fast, maps
+
+
+def test_recorded_cross_attention_changes_nothing_and_keeps_the_maps() -> None:
+    torch.manual_seed(0)
+    tok = WordTokenizer(["a", "red", "circle"], max_length=TINY_TEXT.max_length)
+    text = TextEncoder(TINY_TEXT, tok)
+    unet = UNet(TINY_UNET).eval()
+    cond = text.encode(["a red circle", "circle"])
+    maps = _fast_and_recorded(unet, cond)[3]
     assert maps and all(m is not None for m in maps)
     assert all(torch.allclose(m.sum(-1), torch.ones(())) for m in maps if m is not None)
     assert all(m is not None and m[1, :, :, 3:].max() == 0 for m in maps)  # padding unseen
@@ -263,12 +271,7 @@ def test_layout_bias_keeps_padding_out_leaves_the_layout_untrained_and_records_t
     torch.manual_seed(0)
     text, unet = _layout_encoder(), _layout_unet().eval()
     cond = text.encode(["a red circle and a blue square", "circle"])
-    x, t = torch.randn(2, 4, 8, 8), torch.tensor([10, 900])
-    fast = unet(x, t, cond.states, cond.mask)
-    with unet.recording_cross_attention() as layers:
-        slow = unet(x, t, cond.states, cond.mask)
-        maps = [layer.probs for layer in layers]
-    assert torch.allclose(fast, slow, atol=1e-5)
+    x, t, fast, maps = _fast_and_recorded(unet, cond)
     assert all(m is not None and m[1, :, :, 3:].max() == 0 for m in maps)  # padding unseen
     # the diffusion loss reaches the encoder's states but not its layout head
     fast.pow(2).mean().backward()
