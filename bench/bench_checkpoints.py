@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from core.diffusion.checkpoint import read_config
-from core.diffusion.eval.evaluate import SAMPLER_NAMES
+from core.diffusion.eval.evaluate import Sampling
 from core.diffusion.eval.scenes import held_out_pairs, scene_stream
 from core.diffusion.pipeline import LatentDiffusion
 from core.machine import cpu_name
@@ -64,12 +64,10 @@ def main() -> None:
     base = args.batch / statistics.median(times[0])
     for path, m, ts in zip(args.checkpoints, models, times, strict=True):
         d = m.defaults
-        lo, hi = d.guidance_interval
-        interval = "" if (lo, hi) == (0.0, 1.0) else f" at t/T ∈ [{lo:g}, {hi:g}]"
-        label = f"{SAMPLER_NAMES.get(d.sampler, d.sampler)}, {d.steps}, guidance {d.guidance:g}"
+        label = Sampling(d.sampler, d.steps, d.guidance, d.guidance_interval).label
         rate = args.batch / statistics.median(ts)
         spread = f"{args.batch / max(ts):.2f}–{args.batch / min(ts):.2f}"
-        print(f"| `{path}` | {label}{interval} | {rate:.2f} | {spread} | {rate / base:.2f}× |")
+        print(f"| `{path}` | {label} | {rate:.2f} | {spread} | {rate / base:.2f}× |")
 
 
 if __name__ == "__main__":
