@@ -63,8 +63,7 @@ def main() -> None:
     print("|---|---|---:|---:|---:|")
     base = args.batch / statistics.median(times[0])
     for path, m, ts in zip(args.checkpoints, models, times, strict=True):
-        d = m.defaults
-        label = Sampling(d.sampler, d.steps, d.guidance, d.guidance_interval).label
+        label = Sampling.of(m.defaults).label
         rate = args.batch / statistics.median(ts)
         spread = f"{args.batch / max(ts):.2f}–{args.batch / min(ts):.2f}"
         print(f"| `{path}` | {label} | {rate:.2f} | {spread} | {rate / base:.2f}× |")

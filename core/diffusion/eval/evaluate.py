@@ -49,7 +49,7 @@ from core.diffusion.eval.scenes import (
     held_out_pairs,
     scene_stream,
 )
-from core.diffusion.pipeline import LatentDiffusion
+from core.diffusion.pipeline import LatentDiffusion, SamplingDefaults
 from core.diffusion.sample_grid import Cell, save_grid
 from core.diffusion.samplers import SAMPLERS
 
@@ -120,10 +120,19 @@ class Sampling:
     guidance: float
     guidance_interval: tuple[float, float] = (0.0, 1.0)
 
+    @classmethod
+    def of(cls, defaults: SamplingDefaults) -> Sampling:
+        """A checkpoint's sampling defaults (``LatentDiffusion.defaults``) as a setting."""
+        return cls(defaults.sampler, defaults.steps, defaults.guidance, defaults.guidance_interval)
+
     @property
     def label(self) -> str:
-        name = SAMPLER_NAMES.get(self.sampler, self.sampler)
-        return f"{name}, {self.steps} steps, guidance {self.guidance:g}{self.interval_label}"
+        return f"{self.sampler_label}, guidance {self.guidance:g}{self.interval_label}"
+
+    @property
+    def sampler_label(self) -> str:
+        """The sampler and its steps, e.g. "DPM-Solver++(3M), 10 steps"."""
+        return f"{SAMPLER_NAMES.get(self.sampler, self.sampler)}, {self.steps} steps"
 
     @property
     def interval_label(self) -> str:
@@ -371,7 +380,7 @@ def evaluate(
     classifier_config = read_config(classifier_dir)
     held_out = held_out_pairs(read_config(checkpoint))
     d = model.defaults
-    defaults = Sampling(d.sampler, d.steps, d.guidance, d.guidance_interval)
+    defaults = Sampling.of(d)
     n = settings.n
     sweep_n = settings.sweep_n if settings.sweeps else 0
     guidance_n = (settings.guidance_n or n) if settings.sweeps else 0

@@ -277,8 +277,8 @@ def markdown(result: EvalResult, command: str = "") -> str:
         guidance_n = result.guidance_rows[0].n
         d = result.defaults
         lines += [
-            f"## Guidance sweep: {SAMPLER_NAMES.get(d.sampler, d.sampler)}, {d.steps} steps, "
-            f"guidance on every step; N = {guidance_n} per row",
+            f"## Guidance sweep: {d.sampler_label}, guidance on every step; "
+            f"N = {guidance_n} per row",
             "",
             f"Adherence by group ({_group_sizes(result.guidance_rows[0])}).",
             "",
