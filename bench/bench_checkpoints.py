@@ -26,7 +26,7 @@ from core.diffusion.checkpoint import read_config
 from core.diffusion.eval.evaluate import Sampling
 from core.diffusion.eval.scenes import held_out_pairs, scene_stream
 from core.diffusion.pipeline import LatentDiffusion
-from core.machine import cpu_name
+from core.runtime.machine import cpu_name
 
 
 def main() -> None:

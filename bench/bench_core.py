@@ -25,7 +25,7 @@ from core.diffusion.schedule import NoiseSchedule
 from core.diffusion.text import TextEncoder, TextEncoderConfig, WordTokenizer
 from core.diffusion.training.denoiser import diffusion_loss
 from core.diffusion.unet import UNet, UNetConfig
-from core.machine import cpu_name
+from core.runtime.machine import cpu_name
 
 
 def timed(fn: Callable[[], object], repeats: int) -> list[float]:

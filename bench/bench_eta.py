@@ -9,7 +9,7 @@ One real worker (``dq worker``) serves the shipped default model with batches of
 ``--backlog`` jobs is queued by one owner, and ``--jobs`` jobs follow from five other owners, one
 every ``--every`` seconds (default: all at once), while the worker drains the queue. Right after
 each of those jobs is committed, its estimated finish is read the way the API reads it
-(``core.eta.estimate``).
+(``core.queue.eta.estimate``).
 When all have run, each estimate is compared with the job's real ``finished_at``.
 
 The error is |estimated − actual finish| in seconds, and as a share of the job's wait (actual
@@ -41,11 +41,11 @@ from sqlalchemy.orm import Session  # noqa: E402
 from core.db import Base, Job, make_engine  # noqa: E402
 from core.db.models import ThroughputSample  # noqa: E402
 from core.db.session import session_scope  # noqa: E402
-from core.dispatch import publish_job  # noqa: E402
-from core.eta import DEFAULT_SECONDS_PER_IMAGE_STEP, estimate, live_workers  # noqa: E402
-from core.jobs import JobRequest, submit_job  # noqa: E402
-from core.machine import cpu_name  # noqa: E402
-from core.settings import Settings  # noqa: E402
+from core.queue.dispatch import publish_job  # noqa: E402
+from core.queue.eta import DEFAULT_SECONDS_PER_IMAGE_STEP, estimate, live_workers  # noqa: E402
+from core.runtime.machine import cpu_name  # noqa: E402
+from core.runtime.settings import Settings  # noqa: E402
+from core.services.jobs import JobRequest, submit_job  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_worker import wait_for_jobs  # noqa: E402
@@ -127,7 +127,7 @@ def main() -> None:
     args = ap.parse_args()
     import torch
 
-    from core.broker import CeleryPublisher
+    from core.queue.broker import CeleryPublisher
 
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)

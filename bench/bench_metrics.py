@@ -30,7 +30,7 @@ from sqlalchemy.orm import Session
 
 from core.db import Base, Job, JobStatus, TrainingRun, make_engine
 from core.db.counts import fold
-from core.machine import cpu_name
+from core.runtime.machine import cpu_name
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_web import postgres_schema

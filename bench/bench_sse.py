@@ -45,10 +45,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from core.db import Job, JobStatus, make_engine, session_scope, utcnow  # noqa: E402
-from core.machine import cpu_name  # noqa: E402
-from core.notify import notify  # noqa: E402
-from core.settings import Settings  # noqa: E402
-from core.tokens import create_token  # noqa: E402
+from core.queue.notify import notify  # noqa: E402
+from core.runtime.machine import cpu_name  # noqa: E402
+from core.runtime.settings import Settings  # noqa: E402
+from core.services.tokens import create_token  # noqa: E402
 
 STREAMS_PER_TOKEN = 100  # web.events.MAX_STREAMS_PER_OWNER
 CHANGES = 10

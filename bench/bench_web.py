@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from core.db import JobStatus
-from core.machine import cpu_name
+from core.runtime.machine import cpu_name
 
 REPO = Path(__file__).resolve().parents[1]
 POSTGRES_URL = os.environ.get(
@@ -139,7 +139,7 @@ def server(database_url: str, broker_url: str, workdir: Path, workers: int) -> I
 def make_token(database_url: str) -> tuple[str, str]:
     """A user token: (plaintext, owner string of its jobs)."""
     from core.db import dispose_engines, get_engine, session_scope
-    from core.tokens import create_token
+    from core.services.tokens import create_token
 
     with session_scope(get_engine(url=database_url)) as session:
         row, token = create_token(session, "user", "bench")

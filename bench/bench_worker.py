@@ -35,10 +35,10 @@ sys.path.insert(0, str(ROOT))
 
 from core.db import Base, Job, JobStatus, make_engine  # noqa: E402
 from core.db.session import session_scope  # noqa: E402
-from core.dispatch import publish_job  # noqa: E402
-from core.jobs import JobRequest, submit_job  # noqa: E402
-from core.machine import cpu_name  # noqa: E402
-from core.settings import Settings  # noqa: E402
+from core.queue.dispatch import publish_job  # noqa: E402
+from core.runtime.machine import cpu_name  # noqa: E402
+from core.runtime.settings import Settings  # noqa: E402
+from core.services.jobs import JobRequest, submit_job  # noqa: E402
 
 COLORS = ["red", "blue", "green", "white", "yellow", "purple", "orange", "black"]
 SHAPES = ["circle", "square", "triangle"]
@@ -127,7 +127,7 @@ def wait_for_jobs(engine, ids: list[uuid.UUID], timeout: float | None = None) ->
 def service(
     env: dict[str, str], tmp: Path, batch: int, n: int, steps: int, seed0: int
 ) -> dict[str, float]:
-    from core.broker import CeleryPublisher
+    from core.queue.broker import CeleryPublisher
 
     settings = Settings.from_env({**env, "DQ_MAX_BATCH_SIZE": str(batch)})
     engine = make_engine(settings.database_url)
@@ -164,7 +164,7 @@ def scaling(
 ) -> float:
     """images/s of the service with one worker per entry of ``layout`` (its torch threads), all
     on one queue of ``n`` one-image jobs, batches of at most ``batch``."""
-    from core.broker import CeleryPublisher
+    from core.queue.broker import CeleryPublisher
 
     settings = Settings.from_env({**env, "DQ_MAX_BATCH_SIZE": str(batch)})
     engine = make_engine(settings.database_url)
@@ -207,7 +207,7 @@ def in_process(n: int, steps: int, seed0: int, batch: int) -> float:
     import torch
 
     from core.diffusion.pipeline import LatentDiffusion
-    from core.model_versions import DEFAULT_MODEL_DIR
+    from core.services.model_versions import DEFAULT_MODEL_DIR
 
     model = LatentDiffusion.load(DEFAULT_MODEL_DIR, device="cpu")
     ps = prompts(n)

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from core.diffusion.data.shapes import ShapesDataset, vocabulary
 from core.diffusion.text import TextEncoder, TextEncoderConfig, WordTokenizer
 from core.diffusion.training.grounding import location_loss, sample_masks, word_owner_tokens
-from core.machine import cpu_name
+from core.runtime.machine import cpu_name
 
 FIT, TEST = 5000, 1000
 

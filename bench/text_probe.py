@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from core.diffusion.data.shapes import COLORS, POSITIONS, ShapesDataset
 from core.diffusion.pipeline import LatentDiffusion
 from core.diffusion.words import split_words
-from core.machine import cpu_name
+from core.runtime.machine import cpu_name
 
 COLOR_WORDS = tuple(COLORS)
 LAST_POSITION_WORD = {"left", "right", "center"}

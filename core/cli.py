@@ -431,7 +431,7 @@ def eval_cmd(
 @click.option("--markdown", is_flag=True, help="Print the reference table of every setting.")
 def config_cmd(markdown: bool) -> None:
     """Show the effective DQ_* settings (credentials masked)."""
-    from core.settings import Settings
+    from core.runtime.settings import Settings
 
     if markdown:
         click.echo("| variable | default | meaning |\n|---|---|---|")
@@ -451,13 +451,13 @@ def db() -> None:
 
 
 def _settings() -> Any:
-    from core.settings import Settings
+    from core.runtime.settings import Settings
 
     return Settings.from_env()  # SettingsError names the variable; main() prints it
 
 
 def _database_error(url: str, e: Exception) -> UsageError:
-    from core.settings import Settings
+    from core.runtime.settings import Settings
 
     shown = Settings(database_url=url).public_dict()["DQ_DATABASE_URL"]
     reason = str(getattr(e, "orig", None) or e).strip().splitlines()[0]
@@ -573,7 +573,7 @@ def _token_engine() -> Any:
 def token_create(role: str, label: str) -> None:
     """Make a token and print it on stdout, once: only its hash is stored."""
     from core.db import session_scope
-    from core.tokens import create_token
+    from core.services.tokens import create_token
 
     with session_scope(_token_engine()) as session:
         row, plaintext = create_token(session, role, label)
@@ -586,7 +586,7 @@ def token_create(role: str, label: str) -> None:
 def token_list() -> None:
     """List tokens: id, role, created, revoked, label (never the tokens themselves)."""
     from core.db import session_scope
-    from core.tokens import list_tokens
+    from core.services.tokens import list_tokens
 
     with session_scope(_token_engine()) as session:
         for row in list_tokens(session):
@@ -600,7 +600,7 @@ def token_list() -> None:
 def token_revoke(token_id: str) -> None:
     """Revoke token TOKEN_ID (an id from `dq token list`, or the token itself)."""
     from core.db import session_scope
-    from core.tokens import TokenNotFound, revoke_token
+    from core.services.tokens import TokenNotFound, revoke_token
 
     try:
         with session_scope(_token_engine()) as session:
@@ -617,7 +617,7 @@ def token_weight(token_id: int, weight: float) -> None:
     """Set token TOKEN_ID's fair-share WEIGHT (0.1 to 100; default 1): its waiting jobs get
     WEIGHT turns per round of the queue, against 1 for every other owner."""
     from core.db import session_scope
-    from core.tokens import TokenNotFound, set_weight
+    from core.services.tokens import TokenNotFound, set_weight
 
     try:
         with session_scope(_token_engine()) as session:
@@ -842,7 +842,7 @@ def worker_cmd(
 def worker_alive_cmd(liveness_file: str | None, max_age: float) -> None:
     """Exit 0 when a worker's liveness file is fresh, 1 when it is stale or missing (for a
     Kubernetes exec probe). The file defaults to DQ_WORKER_LIVENESS_FILE."""
-    from core.liveness import liveness_age
+    from core.runtime.liveness import liveness_age
 
     path = liveness_file or _settings().worker_liveness_file
     if not path:
@@ -867,8 +867,8 @@ def worker_alive_cmd(liveness_file: str | None, max_age: float) -> None:
 )
 def reaper_cmd(interval: float, once: bool, liveness_file: str | None) -> None:
     """Re-queue work of lost workers and publish messages the broker never got."""
-    from core import logs
-    from core.reaper import run_reaper
+    from core.runtime import logs
+    from core.upkeep.reaper import run_reaper
 
     settings = _settings()
     logs.configure(settings.log_format)
@@ -899,9 +899,9 @@ def prune_cmd(older_than: str, dry_run: bool, batch_size: int) -> None:
     from sqlalchemy.exc import OperationalError
 
     from core.db import get_engine
-    from core.retention import PruneReport, prune
-    from core.settings import parse_duration
+    from core.runtime.settings import parse_duration
     from core.storage import make_storage
+    from core.upkeep.retention import PruneReport, prune
 
     try:
         seconds = parse_duration(older_than)

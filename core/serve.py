@@ -35,8 +35,8 @@ from pathlib import Path
 from types import FrameType
 from typing import IO
 
-from core.liveness import liveness_age
-from core.settings import Settings
+from core.runtime.liveness import liveness_age
+from core.runtime.settings import Settings
 
 PR_SET_PDEATHSIG = 1
 RUN_DIR = Path("var/run")  # liveness files of the workers

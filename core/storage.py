@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from core.settings import Settings, storage_location
+from core.runtime.settings import Settings, storage_location
 
 KEY_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]*(/[A-Za-z0-9._\-]+)*$")
 MAX_KEY_LENGTH = 512

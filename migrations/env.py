@@ -8,7 +8,7 @@ from sqlalchemy.engine import Connection
 
 from core.db.models import Base
 from core.db.session import make_engine
-from core.settings import Settings
+from core.runtime.settings import Settings
 
 config = context.config
 target_metadata = Base.metadata

@@ -21,10 +21,10 @@ from limits import parse as parse_rate_limit
 from sqlalchemy.exc import SQLAlchemyError
 from werkzeug.middleware.proxy_fix import ProxyFix
 
-from core import logs
 from core.db.session import get_engine
-from core.dispatch import Publisher
-from core.settings import Settings, SettingsError
+from core.queue.dispatch import Publisher
+from core.runtime import logs
+from core.runtime.settings import Settings, SettingsError
 from core.storage import Storage, make_storage
 
 # A generation request is a few hundred bytes; anything this big is a mistake or an attack.
@@ -40,7 +40,7 @@ def create_app(
 ) -> APIFlask:
     """Build the app. ``settings`` default to the DQ_* environment; ``publisher`` to a Celery
     sender on the settings' broker; ``storage`` to the settings' store (tests pass fakes)."""
-    from core.model_versions import serving_model
+    from core.services.model_versions import serving_model
     from web import (  # noqa: F401 -- routes on api, admin_api
         admin,
         admin_api,
@@ -73,7 +73,7 @@ def create_app(
         except ValueError:
             raise SettingsError(f"{name}={limit!r} is not valid: use e.g. 60/minute") from None
     if publisher is None:
-        from core.broker import CeleryPublisher
+        from core.queue.broker import CeleryPublisher
 
         publisher = CeleryPublisher.from_settings(settings)
 

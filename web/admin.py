@@ -12,11 +12,10 @@ from flask import flash, redirect, render_template, request, url_for
 from sqlalchemy.exc import IntegrityError
 from werkzeug.wrappers import Response as BaseResponse
 
-from core.audit import ACTIONS, recent, record
 from core.db.models import JobStatus, ModelKind
-from core.model_versions import activate_version, deactivate_all, serving_model
-from core.storage import StorageError
-from core.training_runs import (
+from core.services.audit import ACTIONS, recent, record
+from core.services.model_versions import activate_version, deactivate_all, serving_model
+from core.services.training_runs import (
     RunFinished,
     RunNotFound,
     TrainingRequestError,
@@ -25,6 +24,7 @@ from core.training_runs import (
     list_runs,
     metric_series,
 )
+from core.storage import StorageError
 from web.audit import DEFAULT_PAGE, audited_session, next_cursor
 from web.auth import logged_in_admin, page_caller, safe_next, sign_in, sign_out
 from web.db import get_session

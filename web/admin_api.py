@@ -1,6 +1,6 @@
 """Admin REST API: start, watch and cancel training runs; choose the model that serves; revoke
 tokens and set their fair-share weights; read the audit trail. Every action is recorded in the
-audit trail (core.audit) in the transaction that does it.
+audit trail (core.services.audit) in the transaction that does it.
 
 Needs an admin token. A user token gets 403 before its request body is even read, so nothing
 is ever written on its behalf.
@@ -18,12 +18,11 @@ from flask import url_for
 from marshmallow import RAISE
 from sqlalchemy.exc import IntegrityError
 
-from core.audit import recent, record
 from core.db.models import JobStatus
-from core.model_versions import activate_version, deactivate_all
-from core.storage import StorageError
-from core.tokens import MAX_WEIGHT, MIN_WEIGHT, TokenNotFound, revoke_token, set_weight
-from core.training_runs import (
+from core.services.audit import recent, record
+from core.services.model_versions import activate_version, deactivate_all
+from core.services.tokens import MAX_WEIGHT, MIN_WEIGHT, TokenNotFound, revoke_token, set_weight
+from core.services.training_runs import (
     RunFinished,
     RunNotFound,
     TrainingRequestError,
@@ -32,6 +31,7 @@ from core.training_runs import (
     list_runs,
     metric_series,
 )
+from core.storage import StorageError
 from web.api import (
     BODY_ERRORS,
     COMMON_ERRORS,

@@ -14,7 +14,7 @@ from flask import Response, jsonify, request, url_for
 from marshmallow import RAISE
 
 from core.db.models import JobStatus
-from core.jobs import (
+from core.services.jobs import (
     IdempotencyConflict,
     JobNotFound,
     JobRequest,
@@ -25,8 +25,8 @@ from core.jobs import (
     get_job,
     list_jobs,
 )
-from core.model_versions import serving_model
-from core.webhooks import validate_target
+from core.services.model_versions import serving_model
+from core.services.webhooks import validate_target
 from web.auth import bearer_caller
 from web.db import end_reads, get_session
 from web.problems import Problem, cap_problem, invalid

@@ -17,8 +17,8 @@ from apiflask.validators import Length, OneOf, Range
 from flask import request
 from sqlalchemy.orm import Session
 
-from core.audit import ACTIONS, bind_origin
 from core.db.models import ApiToken, AuditEvent
+from core.services.audit import ACTIONS, bind_origin
 from web.db import get_session
 from web.resources import iso
 from web.schemas import JsonText

@@ -22,7 +22,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from core.db.models import AdminSession, ApiToken, Role
-from core.tokens import (
+from core.services.tokens import (
     authenticate,
     end_sign_in,
     hash_token,
@@ -132,7 +132,7 @@ def require_admin(caller: Caller) -> None:
 # --- the HTML pages -------------------------------------------------------------------------
 
 # The cookie (Flask's signed session) holds the random secret of the browser's sign-in; the
-# server keeps only its hash (core.tokens.start_sign_in) and checks it on every request.
+# server keeps only its hash (core.services.tokens.start_sign_in) and checks it on every request.
 SIGN_IN_KEY = "sign_in"
 
 

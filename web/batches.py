@@ -1,7 +1,7 @@
 """Batch submissions: POST/GET /api/v1/batches and cancel (routes on the api blueprint).
 
 A batch is one request that makes many jobs: a list of prompts or a prompt matrix, with shared
-settings and one base seed (the rules are in :mod:`core.batches`). The jobs are committed
+settings and one base seed (the rules are in :mod:`core.services.batches`). The jobs are committed
 together, then each one's task message is published as a single job's is
 (:mod:`web.submission`). Batches are visible to the token that made them and to admin tokens;
 anyone else gets 404.
@@ -19,7 +19,9 @@ from flask import url_for
 from marshmallow import RAISE, ValidationError, validates_schema
 from sqlalchemy.orm import Session
 
-from core.batches import (
+from core.db.models import Batch, Job, JobStatus
+from core.queue.dispatch import publish_job
+from core.services.batches import (
     PLACEHOLDER_NAME,
     BatchNotFound,
     PromptMatrix,
@@ -32,9 +34,7 @@ from core.batches import (
     status_counts,
     submit_batch,
 )
-from core.db.models import Batch, Job, JobStatus
-from core.dispatch import publish_job
-from core.jobs import (
+from core.services.jobs import (
     MAX_REQUEST_SEED,
     IdempotencyConflict,
     JobRequestError,
@@ -42,9 +42,9 @@ from core.jobs import (
     TooManyActiveJobs,
     WebhookTarget,
 )
+from core.services.webhooks import EVENTS as WEBHOOK_EVENTS
+from core.services.webhooks import validate_target
 from core.storage import Storage
-from core.webhooks import EVENTS as WEBHOOK_EVENTS
-from core.webhooks import validate_target
 from web.api import BODY_ERRORS, COMMON_ERRORS, JSON_BODY_ENDPOINTS, api, json_response
 from web.auth import bearer_caller
 from web.db import end_reads, get_session
@@ -278,8 +278,8 @@ def submit_batch_and_publish(
     webhook: WebhookTarget | None = None,
     idempotency_key: str | None = None,
 ) -> tuple[Batch, dict[str, Any]]:
-    """``core.batches.submit_batch``, committed, then each job published. Returns the batch and
-    the batch as the API shows it. Its errors propagate with nothing written."""
+    """``core.services.batches.submit_batch``, committed, then each job published. Returns the
+    batch and the batch as the API shows it. Its errors propagate with nothing written."""
     try:
         batch, jobs, _created = submit_batch(
             session,

@@ -22,7 +22,7 @@ The stream opens with a ``retry:`` hint, sends a ``: keep-alive`` comment every
 DQ_SSE_HEARTBEAT_SECONDS while idle, and closes after ``timeout`` seconds (EventSource then
 reconnects with its Last-Event-ID; nothing is lost). A finished job with nothing after
 Last-Event-ID answers 204, which tells EventSource to stop reconnecting. The waiting is done by
-one thread per process (``core.event_hub``); a stream reads the database only when its job
+one thread per process (``core.queue.event_hub``); a stream reads the database only when its job
 changed.
 """
 
@@ -48,9 +48,9 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from core.db.models import JobEvent, JobStatus
-from core.event_hub import EventHub, ServerBusy, TooManyStreams
-from core.jobs import JobNotFound
-from core.notify import redis_url
+from core.queue.event_hub import EventHub, ServerBusy, TooManyStreams
+from core.queue.notify import redis_url
+from core.services.jobs import JobNotFound
 from core.storage import Storage
 from web.api import COMMON_ERRORS, api
 from web.auth import bearer_caller, page_caller

@@ -19,7 +19,7 @@ from wtforms import (
 )
 from wtforms.validators import InputRequired, Optional
 
-from core.jobs import SAMPLER_NAMES
+from core.services.jobs import SAMPLER_NAMES
 
 
 class GenerateForm(FlaskForm):

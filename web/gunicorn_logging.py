@@ -14,7 +14,7 @@ from typing import Any
 
 from gunicorn.glogging import Logger
 
-from core.logs import JsonFormatter
+from core.runtime.logs import JsonFormatter
 
 
 class JsonLogger(Logger):  # type: ignore[misc]

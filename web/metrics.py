@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session
 
 from core.db import counts
 from core.db.models import Job, JobStatus
-from core.dispatch import QUEUE_GENERATE, QUEUE_TRAIN
+from core.queue.dispatch import QUEUE_GENERATE, QUEUE_TRAIN
 from web.dependencies import CachedProbe
 from web.services import Services
 

@@ -14,10 +14,10 @@ from typing import Any
 
 from werkzeug.routing import Map, UUIDConverter
 
-from core.batches import PLACEHOLDER_NAME
-from core.jobs import size_bounds
-from core.model_versions import ServingModel
-from core.settings import Settings
+from core.runtime.settings import Settings
+from core.services.batches import PLACEHOLDER_NAME
+from core.services.jobs import size_bounds
+from core.services.model_versions import ServingModel
 from web.schemas import run_kind_rules
 
 DESCRIPTION = """\
@@ -34,7 +34,7 @@ def _class_of(chars: list[int]) -> str:
     return "".join(f"\\u{c:04x}" for c in chars)
 
 
-# Whitespace as Python's str.strip() sees it (which core.jobs uses to call a prompt blank),
+# Whitespace as Python's str.strip() sees it (which core.services.jobs uses to call a prompt blank),
 # spelled out: the \s of JSON Schema's regular expressions leaves out some of it (\x1c-\x1f).
 BLANK = _class_of([c for c in range(0x10000) if chr(c).isspace()])
 TEXT_CHAR = r"[^\x00]"
@@ -78,7 +78,7 @@ def finish_spec(spec: dict[str, Any], settings: Settings, url_map: Map) -> dict[
     job_in = schemas.get("JobIn", {}).get("properties", {})
     if job_in:
         job_in["prompt"]["maxLength"] = settings.max_prompt_chars
-        # As core.jobs checks them: no NUL, and the prompt not blank.
+        # As core.services.jobs checks them: no NUL, and the prompt not blank.
         job_in["prompt"]["minLength"] = 1
         job_in["prompt"]["pattern"] = rf"^{TEXT_CHAR}*[^{BLANK}\x00]{TEXT_CHAR}*$"
         job_in["negative_prompt"]["pattern"] = rf"^{TEXT_CHAR}*$"

@@ -30,9 +30,9 @@ from flask import (
 from sqlalchemy.exc import SQLAlchemyError
 from werkzeug.wrappers import Response as BaseResponse
 
-from core.batches import BatchNotFound, SharedSettings, cancel_batch, get_batch
 from core.db.models import Batch, Job
-from core.jobs import (
+from core.services.batches import BatchNotFound, SharedSettings, cancel_batch, get_batch
+from core.services.jobs import (
     JobNotFound,
     JobRequest,
     JobRequestError,
@@ -42,7 +42,7 @@ from core.jobs import (
     get_job,
     list_jobs,
 )
-from core.model_versions import serving_model
+from core.services.model_versions import serving_model
 from core.storage import InvalidKey, LocalStorage, content_disposition
 from web.auth import SIGN_IN_KEY, Caller, page_caller, safe_next, sign_in, sign_out
 from web.batches import batch_detail, submit_batch_and_publish

@@ -51,8 +51,8 @@ class Problem(Exception):
 
 def cap_problem(e: Exception) -> Problem:
     """429 when the caller has too many jobs active, 503 with Retry-After when the queue is
-    full (core.jobs.TooManyActiveJobs, QueueFull)."""
-    from core.jobs import QueueFull
+    full (core.services.jobs.TooManyActiveJobs, QueueFull)."""
+    from core.services.jobs import QueueFull
 
     if isinstance(e, QueueFull):
         return Problem(503, f"{e}.", headers={"Retry-After": "30"})

@@ -21,7 +21,7 @@ from typing import Any
 from flask import Flask, g, request
 from flask_limiter import Limiter
 
-from core.settings import Settings
+from core.runtime.settings import Settings
 from web.problems import Problem
 
 log = logging.getLogger(__name__)

@@ -4,7 +4,7 @@ polls). One function per object, so that submit, poll and list all answer the sa
 Polling is the hot path: a client asks for its job every half second. :func:`load_job` reads a
 job in one query built once at import (building a SQLAlchemy statement costs more than running
 it): the job and its model's name; the images take a second query once the job has succeeded.
-While a job waits or runs, ``core.eta`` adds its queue position under fair share and its
+While a job waits or runs, ``core.queue.eta`` adds its queue position under fair share and its
 estimated start and finish (a few bounded queries, none for a finished job).
 """
 
@@ -22,18 +22,18 @@ from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session
 
 from core.db.models import Image, Job, JobStatus, ModelKind, ModelVersion, TrainingRun
-from core.eta import UNKNOWN, Estimate, estimate
-from core.jobs import JobNotFound
-from core.model_versions import DEFAULT_MODEL_NAME, ServingModel
-from core.settings import Settings
+from core.queue.eta import UNKNOWN, Estimate, estimate
+from core.runtime.settings import Settings
+from core.services.jobs import JobNotFound
+from core.services.model_versions import DEFAULT_MODEL_NAME, ServingModel
 from core.storage import Storage
 from web.services import services
 
 _jobs, _images, _versions = Job.__table__, Image.__table__, ModelVersion.__table__
 
 # What the job object shows of a job and its model's name. The queue position comes from
-# core.eta, by the rule of core.jobs.queue_position (tests/web/test_resources.py keeps the two in
-# step).
+# core.queue.eta, by the rule of core.services.jobs.queue_position (tests/web/test_resources.py
+# keeps the two in step).
 _JOBS = (
     select(
         *(
@@ -121,7 +121,7 @@ def _max_batch_size() -> int:
 
 def load_job(session: Session, job_id: uuid.UUID, scope: str | None) -> JobView:
     """The job as its owner (or an admin, ``scope=None``) sees it; JobNotFound otherwise, as
-    ``core.jobs.get_job`` answers."""
+    ``core.services.jobs.get_job`` answers."""
     views = job_views(session, [job_id])
     if not views or (scope is not None and views[0].job.owner != scope):
         raise JobNotFound(f"no job {job_id}")

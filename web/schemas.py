@@ -3,8 +3,8 @@ with them and writes the OpenAPI document from them.
 
 Requests are strict JSON: a string is not a number, 1 is not true, unknown fields are refused.
 Limits that come from the settings (DQ_MAX_STEPS, DQ_MAX_IMAGES_PER_JOB, DQ_MAX_PROMPT_CHARS)
-and from the serving model (size) are checked by ``core.jobs``; :func:`web.openapi` writes their
-current values into the served document.
+and from the serving model (size) are checked by ``core.services.jobs``; :func:`web.openapi` writes
+their current values into the served document.
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ from apiflask.validators import Length, OneOf, Range, Regexp
 from marshmallow import ValidationError
 
 from core.db.models import JobStatus, ModelKind
-from core.jobs import MAX_GUIDANCE, MAX_REQUEST_SEED, SAMPLER_NAMES
-from core.training_runs import MODEL_TABLES, TRAIN_KEYS
-from core.webhooks import EVENTS as WEBHOOK_EVENTS
-from core.webhooks import MAX_URL_LENGTH, WEBHOOK_URL_PATTERN
+from core.services.jobs import MAX_GUIDANCE, MAX_REQUEST_SEED, SAMPLER_NAMES
+from core.services.training_runs import MODEL_TABLES, TRAIN_KEYS
+from core.services.webhooks import EVENTS as WEBHOOK_EVENTS
+from core.services.webhooks import MAX_URL_LENGTH, WEBHOOK_URL_PATTERN
 
 STATUSES = [s.value for s in JobStatus]
 
@@ -347,7 +347,7 @@ class ModelsOut(Schema):
 # --- training runs --------------------------------------------------------------------------
 
 
-# The dataset references as core.training_runs checks them, as regular expressions without
+# The dataset references as core.services.training_runs checks them, as regular expressions without
 # look-around (JSON Schema's dialects differ; these read the same in each). An object key's
 # segments are letters, digits, ".", "_" and "-", never "." or ".." (core.storage.validate_key).
 _KEY_FIRST = r"[A-Za-z0-9][A-Za-z0-9._-]*"
@@ -361,7 +361,8 @@ DATA_PATH = rf"^{_PATH_SEGMENT}(?:/+{_PATH_SEGMENT})*/*$"
 
 
 def _dataset_document() -> dict[str, Any]:
-    """The dataset variants, for the document (core.training_runs.validate_dataset checks them)."""
+    """The dataset variants, for the document (core.services.training_runs.validate_dataset checks
+    them)."""
 
     def variant(kind: str, properties: dict[str, Any], required: list[str]) -> dict[str, Any]:
         return {
@@ -425,11 +426,12 @@ OPTION_VALUE = {
         {"type": "array", "items": {"type": ["number", "boolean"]}},
     ]
 }
-"""A model option's value, as core.training_runs checks it."""
+"""A model option's value, as core.services.training_runs checks it."""
 
 
 def _table_document(options: set[str]) -> dict[str, Any]:
-    """A model table of the config (core.training_runs.MODEL_TABLES): its options by name."""
+    """A model table of the config (core.services.training_runs.MODEL_TABLES): its options by
+    name."""
     return {
         "type": "object",
         "properties": {name: OPTION_VALUE for name in sorted(options)},
@@ -458,7 +460,8 @@ def run_kind_rules() -> list[dict[str, Any]]:
 
 
 def _train_document() -> dict[str, Any]:
-    """The training hyperparameters and their ranges, from core.training_runs.TRAIN_KEYS."""
+    """The training hyperparameters and their ranges, from
+    core.services.training_runs.TRAIN_KEYS."""
     properties = {}
     for key, (kind, lo, hi, open_lo) in TRAIN_KEYS.items():
         bound = {"exclusiveMinimum": lo} if open_lo else {"minimum": lo}

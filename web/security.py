@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 from flask import Flask, Response, g, has_request_context, request
 from flask.sessions import SecureCookieSessionInterface
 
-from core.settings import Settings, storage_location
+from core.runtime.settings import Settings, storage_location
 
 REQUEST_ID_HEADER = "X-Request-ID"
 _SANE_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")

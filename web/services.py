@@ -9,8 +9,8 @@ from typing import TYPE_CHECKING
 from flask import current_app
 from sqlalchemy.engine import Engine
 
-from core.dispatch import Publisher
-from core.settings import Settings
+from core.queue.dispatch import Publisher
+from core.runtime.settings import Settings
 from core.storage import Storage
 
 if TYPE_CHECKING:

@@ -1,7 +1,7 @@
 """Submitting work: record it, commit, then hand its message to the broker.
 
 The order is the guarantee. The job (or training run) is committed first; only then is its task
-message published (:func:`core.dispatch.publish_job`). So:
+message published (:func:`core.queue.dispatch.publish_job`). So:
 
 - the database is down: the commit fails, nothing is written, the caller gets 503;
 - the broker is down: the row is committed but unpublished, which makes it an outbox entry that
@@ -19,9 +19,9 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from core.db.models import Job, TrainingRun
-from core.dispatch import publish_job, publish_run
-from core.jobs import JobRequest, WebhookTarget, submit_job
-from core.training_runs import submit_training_run
+from core.queue.dispatch import publish_job, publish_run
+from core.services.jobs import JobRequest, WebhookTarget, submit_job
+from core.services.training_runs import submit_training_run
 from web.resources import JobView, job_views
 from web.services import services
 
@@ -42,8 +42,8 @@ def submit_and_publish(
     idempotency_key: str | None = None,
     webhook: WebhookTarget | None = None,
 ) -> tuple[Job, JobView]:
-    """``core.jobs.submit_job``, committed, then published. Returns the job, and the job as the
-    API shows it, read in the same transaction (on SQLite, each one takes the write lock).
+    """``core.services.jobs.submit_job``, committed, then published. Returns the job, and the job
+    as the API shows it, read in the same transaction (on SQLite, each one takes the write lock).
 
     JobRequestError and IdempotencyConflict propagate with nothing written.
     """
@@ -73,7 +73,7 @@ def start_training_run(
     autoencoder_version_id: uuid.UUID | None = None,
     activate: bool = False,
 ) -> TrainingRun:
-    """``core.training_runs.submit_training_run``, committed, then published.
+    """``core.services.training_runs.submit_training_run``, committed, then published.
 
     TrainingRequestError propagates with nothing written.
     """

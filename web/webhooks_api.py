@@ -15,8 +15,8 @@ from marshmallow import RAISE
 
 from core.db.models import WebhookAttempt, WebhookDelivery, utcnow
 from core.db.session import session_scope
-from core.dispatch import publish_delivery
-from core.webhooks import (
+from core.queue.dispatch import publish_delivery
+from core.services.webhooks import (
     ROTATION_OVERLAP,
     DeliveryNotFound,
     attempts_of,

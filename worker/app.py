@@ -1,9 +1,9 @@
 """The Celery app of ``celery -A worker.app worker`` (``dq worker`` wraps it).
 
-It is built by ``core.broker.make_celery``, as every process's publisher is, with the
-configuration of ``core.dispatch.celery_config``: JSON only, late acks, a lost worker's message
-re-queued, prefetch of one, and a visibility timeout longer than any task's time limit. The tasks
-live in ``worker.tasks``.
+It is built by ``core.queue.broker.make_celery``, as every process's publisher is, with the
+configuration of ``core.queue.dispatch.celery_config``: JSON only, late acks, a lost worker's
+message re-queued, prefetch of one, and a visibility timeout longer than any task's time limit. The
+tasks live in ``worker.tasks``.
 
 Importing this module builds nothing: the app is made on first access to ``worker.app.app``
 (which is what ``celery -A worker.app`` does), or by :func:`create_app`.
@@ -25,9 +25,9 @@ from celery.signals import (
     worker_ready,
 )
 
-from core.broker import make_celery
-from core.dispatch import TASK_GENERATE, TASK_TRAIN
-from core.settings import Settings
+from core.queue.broker import make_celery
+from core.queue.dispatch import TASK_GENERATE, TASK_TRAIN
+from core.runtime.settings import Settings
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -43,7 +43,7 @@ _json_logs: list[bool] = []  # DQ_LOG_FORMAT=json, as the app was built with
 def _json_log_lines(logger: logging.Logger, **_: object) -> None:
     # Celery installs its own handlers on the root and task loggers; give them our JSON lines.
     if _json_logs:
-        from core.logs import restyle_handlers
+        from core.runtime.logs import restyle_handlers
 
         restyle_handlers(logger, "json")
 

@@ -13,8 +13,8 @@ from typing import Any
 from sqlalchemy.engine import Engine
 
 from core.db.session import get_engine
-from core.dispatch import Publisher
-from core.settings import Settings
+from core.queue.dispatch import Publisher
+from core.runtime.settings import Settings
 from core.storage import Storage, make_storage
 from worker.heartbeat import Heartbeat
 from worker.models import ModelCache
@@ -62,11 +62,11 @@ def build_context(settings: Settings, publisher: Publisher, **overrides: Any) ->
 
 def get_context() -> WorkerContext:
     """The process-wide context of a Celery worker. Its publisher is a Celery app of its own,
-    built by ``core.broker``, so this module never imports the tasks in ``worker.app``."""
+    built by ``core.queue.broker``, so this module never imports the tasks in ``worker.app``."""
     global _context
     with _lock:
         if _context is None:
-            from core.broker import CeleryPublisher, make_celery
+            from core.queue.broker import CeleryPublisher, make_celery
 
             settings = Settings.from_env()
             _context = build_context(settings, CeleryPublisher(make_celery(settings)))

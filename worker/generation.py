@@ -1,9 +1,9 @@
 """Running generation jobs: claim, batch across compatible jobs, denoise, store, record.
 
 A task message is a work token: the worker claims the job at the head of the fair order
-(``core.fairness``: weighted round-robin across owners), not necessarily the message's own job,
-with the conditional UPDATE of ``core.db.transitions``. It then claims queued jobs that can share
-its batch, in the same order: same model version, sampler, steps and size, up to
+(``core.queue.fairness``: weighted round-robin across owners), not necessarily the message's own
+job, with the conditional UPDATE of ``core.db.transitions``. It then claims queued jobs that can
+share its batch, in the same order: same model version, sampler, steps and size, up to
 DQ_MAX_BATCH_SIZE images. A message that finds no job queued (every job it could stand for went
 in earlier batches, or this is a duplicate) does nothing.
 
@@ -38,7 +38,6 @@ from sqlalchemy import delete, func, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
-from core import eta
 from core.db.models import Image, Job, JobStatus
 from core.db.session import read_only_engine, session_scope
 from core.db.transitions import (
@@ -52,10 +51,11 @@ from core.db.transitions import (
     time_limit_error,
     update_held,
 )
-from core.dispatch import publish_job
-from core.fairness import next_in_line
-from core.jobs import image_key, preview_key
-from core.notify import notify
+from core.queue import eta
+from core.queue.dispatch import publish_job
+from core.queue.fairness import next_in_line
+from core.queue.notify import notify
+from core.services.jobs import image_key, preview_key
 from core.storage import StorageError
 from worker import faults
 from worker.context import WorkerContext
@@ -140,8 +140,8 @@ def claim_batch(ctx: WorkerContext, job_id: uuid.UUID) -> Batch | None:
     """Claim the batch that is fairest to run now; None when no job is queued.
 
     A message is a work token, not an order to run its own job: the worker claims the head of
-    the fair order (``core.fairness``: weighted round-robin across owners), then fills the batch
-    with compatible jobs in the same order, up to DQ_MAX_BATCH_SIZE images. Every job has its
+    the fair order (``core.queue.fairness``: weighted round-robin across owners), then fills the
+    batch with compatible jobs in the same order, up to DQ_MAX_BATCH_SIZE images. Every job has its
     own message and a claim takes at least one job, so there are never fewer messages than
     batches to run: every job runs, and the messages left over (for ``job_id`` when some batch
     already took it) find nothing queued and do nothing.
@@ -459,7 +459,7 @@ _WARM: set[tuple[uuid.UUID | None, str, int, int]] = set()  # kinds of batch run
 
 
 def record_throughput(ctx: WorkerContext, batch: Batch, seconds: float) -> None:
-    """A batch whose jobs all succeeded tells how fast its kind of batch runs (``core.eta``).
+    """A batch whose jobs all succeeded tells how fast its kind of batch runs (``core.queue.eta``).
     The first batch of a kind in a process is not counted: it pays one-off costs (kernels
     built for new shapes, caches warming) that are no guide to the next one. One short
     transaction, best effort: a failure is logged, never charged to a job."""

@@ -11,8 +11,8 @@ stalled, and another worker claimed it) marks the lease lost: the task polls :me
 stops that work at once.
 
 The same thread tells the database every :data:`PRESENCE_EVERY_S` that this worker is alive and
-which queues it has taken work from (``worker_presence``, read by ``core.eta``: waits divide by
-the live generation workers). It starts with the first claim, so a worker counts from its first
+which queues it has taken work from (``worker_presence``, read by ``core.queue.eta``: waits divide
+by the live generation workers). It starts with the first claim, so a worker counts from its first
 job on; an idle worker with an empty queue changes no estimate.
 """
 
@@ -29,8 +29,8 @@ from sqlalchemy.engine import Engine
 from core.db.models import Job
 from core.db.session import session_scope
 from core.db.transitions import Lease, renew
-from core.dispatch import QUEUE_GENERATE, QUEUE_TRAIN
-from core.eta import mark_present
+from core.queue.dispatch import QUEUE_GENERATE, QUEUE_TRAIN
+from core.queue.eta import mark_present
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 from core.db.models import ModelVersion
-from core.model_versions import DEFAULT_MODEL_DIR
+from core.services.model_versions import DEFAULT_MODEL_DIR
 from core.storage import Storage
 
 if TYPE_CHECKING:

@@ -9,7 +9,7 @@ import uuid
 
 from celery import shared_task
 
-from core.dispatch import TASK_DELIVER_WEBHOOK, TASK_GENERATE, TASK_TRAIN
+from core.queue.dispatch import TASK_DELIVER_WEBHOOK, TASK_GENERATE, TASK_TRAIN
 
 log = logging.getLogger("worker")
 

@@ -37,10 +37,10 @@ from core.db.transitions import (
     still_held,
     update_held,
 )
-from core.dispatch import publish_run
-from core.model_versions import DEFAULT_MODEL_DIR, activate_version
+from core.queue.dispatch import publish_run
+from core.services.model_versions import DEFAULT_MODEL_DIR, activate_version
+from core.services.training_runs import CONFIG_DIR
 from core.storage import S3Storage, Storage
-from core.training_runs import CONFIG_DIR
 from worker.context import WorkerContext
 from worker.generation import TRANSIENT
 from worker.models import CHECKPOINT_FILES, fetch_checkpoint

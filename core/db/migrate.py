@@ -10,7 +10,7 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 
 from core.db.session import make_engine
-from core.settings import Settings
+from core.runtime.settings import Settings
 
 # migrations/ sits beside core/ in the source tree and in the images (deploy/ copies both).
 MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "migrations"

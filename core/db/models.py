@@ -4,7 +4,7 @@ versions and API tokens.
 The database is the source of truth for every job and run, not Celery's result backend. Status
 columns change only through :mod:`core.db.transitions`. A queued job or run whose
 ``published_at`` is NULL is the outbox: its task message is still to be sent
-(:mod:`core.dispatch`).
+(:mod:`core.queue.dispatch`).
 """
 
 from __future__ import annotations
@@ -321,7 +321,7 @@ class ApiToken(Base):
 
 
 class AuditEvent(Base):
-    """One admin action: who did what to which thing, and when (``core.audit``)."""
+    """One admin action: who did what to which thing, and when (``core.services.audit``)."""
 
     __tablename__ = "audit_events"
 

@@ -12,7 +12,7 @@ from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import ArgumentError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from core.settings import Settings, SettingsError, sqlite_path
+from core.runtime.settings import Settings, SettingsError, sqlite_path
 
 _engines: dict[str, Engine] = {}
 _lock = threading.Lock()

@@ -1,5 +1,5 @@
-"""Batch submissions (core/batches.py): prompt lists and matrices, derived seeds, all or nothing,
-the caps, idempotency, cancel, and the batch's one "completed" webhook; on SQLite and
+"""Batch submissions (core/services/batches.py): prompt lists and matrices, derived seeds, all or
+nothing, the caps, idempotency, cancel, and the batch's one "completed" webhook; on SQLite and
 PostgreSQL."""
 
 from __future__ import annotations
@@ -11,7 +11,10 @@ from sqlalchemy import func, select, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
-from core.batches import (
+from core.db import Job, JobStatus, session_scope
+from core.db.models import Batch, WebhookDelivery
+from core.runtime.settings import Settings
+from core.services.batches import (
     SEED_MODULUS,
     BatchNotFound,
     BatchOverActiveCap,
@@ -25,10 +28,7 @@ from core.batches import (
     status_counts,
     submit_batch,
 )
-from core.db import Job, JobStatus, session_scope
-from core.db.models import Batch, WebhookDelivery
-from core.jobs import IdempotencyConflict, JobRequestError, QueueFull, WebhookTarget
-from core.settings import Settings
+from core.services.jobs import IdempotencyConflict, JobRequestError, QueueFull, WebhookTarget
 
 SETTINGS = Settings.from_env(
     {}, max_batch_items=10, max_active_jobs_per_owner=12, max_prompt_chars=100

@@ -1,4 +1,4 @@
-"""The outbox relay and reaper (core/dispatch.py), with a recording publisher, on SQLite and
+"""The outbox relay and reaper (core/queue/dispatch.py), with a recording publisher, on SQLite and
 PostgreSQL, and with the real publisher on Redis; and the Celery configuration every process
 shares."""
 
@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 
 from core.db import Job, JobStatus, TrainingRun, session_scope, transition_job, utcnow
 from core.db.transitions import Lease, db_now, transition, update_held
-from core.dispatch import (
+from core.queue.dispatch import (
     REPUBLISH_WHEN_MISSING,
     REPUBLISH_WHEN_QUEUE_EMPTY,
     RelayReport,
@@ -24,8 +24,8 @@ from core.dispatch import (
     publish_job,
     relay_once,
 )
-from core.jobs import JobRequest, submit_job
-from core.settings import Settings
+from core.runtime.settings import Settings
+from core.services.jobs import JobRequest, submit_job
 from tests.services import REDIS_URL, empty_redis
 
 SETTINGS = Settings.from_env({}, job_max_attempts=2, max_active_jobs_per_owner=1000)
@@ -229,7 +229,7 @@ def test_nothing_is_republished_when_the_broker_cannot_tell_its_depth(engine: En
 def test_redis_holds_one_message_per_waiting_job_and_gets_them_back_once_flushed(
     engine: Engine,
 ) -> None:
-    from core.broker import CeleryPublisher
+    from core.queue.broker import CeleryPublisher
 
     settings = Settings.from_env({}, job_max_attempts=2, broker_url=REDIS_URL)
     publisher = CeleryPublisher.from_settings(settings)
@@ -256,7 +256,7 @@ def test_redis_holds_one_message_per_waiting_job_and_gets_them_back_once_flushed
 
 
 def test_training_runs_go_through_the_same_relay(engine: Engine) -> None:
-    from core.training_runs import submit_training_run
+    from core.services.training_runs import submit_training_run
 
     with session_scope(engine) as s:
         run = submit_training_run(s, SETTINGS, kind="autoencoder", dataset={"kind": "shapes"},

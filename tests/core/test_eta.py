@@ -17,8 +17,8 @@ from sqlalchemy.orm import Session
 from core.db import Job, JobStatus, session_scope, utcnow
 from core.db.models import ThroughputSample, WorkerPresence
 from core.db.transitions import Lease
-from core.dispatch import QUEUE_GENERATE
-from core.eta import (
+from core.queue.dispatch import QUEUE_GENERATE
+from core.queue.eta import (
     DEFAULT_SECONDS_PER_IMAGE_STEP,
     Estimate,
     estimate,
@@ -243,7 +243,7 @@ def test_the_heartbeat_says_which_queues_a_worker_serves(engine: Engine) -> None
 def test_the_worker_records_the_rate_of_each_batch_and_the_api_shows_estimates(
     db_url: str, engine: Engine, tmp_path: Path
 ) -> None:
-    from core.jobs import JobRequest, submit_job
+    from core.services.jobs import JobRequest, submit_job
     from tests.web.conftest import RecordingPublisher, bearer, make_settings
     from tests.worker.test_generation_inprocess import context
     from web import create_app
@@ -264,7 +264,7 @@ def test_the_worker_records_the_rate_of_each_batch_and_the_api_shows_estimates(
         assert (row.sampler, row.steps, row.batch_size, row.samples) == ("dpmpp-2m", 3, 3, 1)
         assert 0 < row.seconds_per_image_step < 10
 
-    from core.tokens import create_token
+    from core.services.tokens import create_token
 
     with session_scope(engine) as s:
         token = create_token(s, "user")[1]

@@ -18,10 +18,10 @@ from sqlalchemy.orm import Session
 from core.db import ApiToken, Job, JobStatus, session_scope, utcnow
 from core.db.models import AuditEvent, Role
 from core.db.transitions import finish
-from core.jobs import get_job, queue_position
-from core.settings import Settings
+from core.runtime.settings import Settings
+from core.services.jobs import get_job, queue_position
+from core.services.tokens import set_weight
 from core.storage import LocalStorage
-from core.tokens import set_weight
 from tests.web.conftest import RecordingPublisher, bearer, make_settings
 from worker.context import WorkerContext, build_context
 from worker.generation import Batch, claim_batch
@@ -206,7 +206,7 @@ def get_owner(engine: Engine, job_id: uuid.UUID) -> str:
 def test_admins_set_weights_through_the_api_with_an_audit_row(
     db_url: str, engine: Engine, tmp_path: Path
 ) -> None:
-    from core.tokens import create_token
+    from core.services.tokens import create_token
     from web import create_app
 
     with session_scope(engine) as s:
@@ -240,7 +240,7 @@ def test_dq_token_weight_sets_it_from_the_command_line(
     db_url: str, engine: Engine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from core.cli import cli
-    from core.tokens import create_token
+    from core.services.tokens import create_token
 
     with session_scope(engine) as s:
         token_id = create_token(s, "user")[0].id

@@ -1,4 +1,4 @@
-"""Submitting, finding and canceling jobs (core/jobs.py), on SQLite and PostgreSQL."""
+"""Submitting, finding and canceling jobs (core/services/jobs.py), on SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 from core.db import JobStatus, session_scope, transition_job
-from core.jobs import (
+from core.runtime.settings import Settings
+from core.services.jobs import (
     SAMPLER_NAMES,
     IdempotencyConflict,
     JobNotFound,
@@ -21,7 +22,6 @@ from core.jobs import (
     queue_position,
     submit_job,
 )
-from core.settings import Settings
 
 SETTINGS = Settings.from_env({}, max_steps=50, max_images_per_job=4, max_prompt_chars=100)
 

@@ -148,8 +148,8 @@ def test_a_stopped_reaper_goes_stale_and_a_resumed_one_fresh_again(tmp_path: Pat
 
 
 def test_dq_serve_runs_one_single_threaded_worker_per_core_without_a_gpu() -> None:
+    from core.runtime.settings import Settings
     from core.serve import default_workers
-    from core.settings import Settings
 
     cores = os.cpu_count() or 1
     assert default_workers(Settings.from_env({"DQ_DEVICE": "cpu"})) == max(1, min(8, cores))

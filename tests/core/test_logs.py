@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from core.logs import ContextFilter, JsonFormatter, make_formatter
+from core.runtime.logs import ContextFilter, JsonFormatter, make_formatter
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -40,7 +40,7 @@ def test_an_unknown_format_is_refused() -> None:
 SERVE_AND_LOG = """
 import logging, web
 from core.db import Base, get_engine
-from core.settings import Settings
+from core.runtime.settings import Settings
 Base.metadata.create_all(get_engine(Settings.from_env()))
 app = web.create_app()
 

@@ -39,13 +39,15 @@ def top_level(modules: list[str], *packages: str) -> list[str]:
 
 def test_no_module_of_core_imports_web_or_worker() -> None:
     got = run_python(IMPORT_ALL_OF_CORE)
-    assert {"core.broker", "core.reaper", "core.cli", "core.dispatch"} <= set(got["modules"])
+    assert {"core.queue.broker", "core.upkeep.reaper", "core.cli", "core.queue.dispatch"} <= set(
+        got["modules"]
+    )
     assert top_level(got["loaded"], "web", "worker") == []
 
 
 def test_the_broker_module_and_the_cli_load_without_celery() -> None:
     got = run_python(
-        "import json, sys\nimport core.broker, core.reaper, core.cli\n"
+        "import json, sys\nimport core.queue.broker, core.upkeep.reaper, core.cli\n"
         'print(json.dumps({"loaded": sorted(sys.modules)}))'
     )
     assert top_level(got["loaded"], "celery", "kombu", "flask") == []

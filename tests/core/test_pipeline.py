@@ -291,7 +291,7 @@ def test_fast_preview_approximates_the_decoder_far_better_than_a_flat_colour() -
 
     from core.diffusion.data.captioned import images_to_tensor
     from core.diffusion.data.shapes import ShapesDataset
-    from core.model_versions import DEFAULT_MODEL_DIR
+    from core.services.model_versions import DEFAULT_MODEL_DIR
 
     model = LatentDiffusion.load(DEFAULT_MODEL_DIR, device="cpu")
     data = ShapesDataset(seed=11, split="train", image_size=64)

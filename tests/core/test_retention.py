@@ -34,9 +34,9 @@ from core.db import (
     utcnow,
 )
 from core.db.models import AuditEvent, StatusCountDelta
-from core.retention import Pruner, dataset_cache_name, prune
-from core.settings import Settings
+from core.runtime.settings import Settings
 from core.storage import LocalStorage, S3Storage, Storage
+from core.upkeep.retention import Pruner, dataset_cache_name, prune
 
 REPO = Path(__file__).resolve().parents[2]
 DAY = 86400
@@ -376,7 +376,7 @@ def test_the_reaper_prunes_when_retention_is_set_and_folds_status_counts(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from core.db import dispose_engines
-    from core.reaper import run_reaper
+    from core.upkeep.reaper import run_reaper
 
     url = f"sqlite:///{tmp_path / 'dq.sqlite3'}"
     settings = settings_for(
@@ -406,7 +406,7 @@ def test_the_reaper_prunes_when_retention_is_set_and_folds_status_counts(
 def test_the_reaper_starts_a_prune_at_most_hourly_and_spreads_it_over_passes(
     tmp_path: Path,
 ) -> None:
-    from core.reaper import RetentionSchedule
+    from core.upkeep.reaper import RetentionSchedule
 
     engine = make_engine(f"sqlite:///{tmp_path / 'dq.sqlite3'}")
     Base.metadata.create_all(engine)

@@ -9,7 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from core.settings import Settings, SettingsError, setting_names, sqlite_path, storage_location
+from core.runtime.settings import (
+    Settings,
+    SettingsError,
+    setting_names,
+    sqlite_path,
+    storage_location,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -133,7 +139,7 @@ def test_dq_db_upgrade_fails_in_one_line_on_a_bad_setting(
 def test_the_data_plane_imports_no_torch() -> None:
     """The web image has no torch: settings, db, migrations and storage must not need it."""
     code = (
-        "import sys, core.settings, core.db, core.db.migrate, core.storage, core.cli; "
+        "import sys, core.runtime.settings, core.db, core.db.migrate, core.storage, core.cli; "
         "print(sorted(m for m in ('torch', 'flask', 'celery') if m in sys.modules))"
     )
     result = subprocess.run(
@@ -152,7 +158,10 @@ def test_without_a_secret_key_every_process_shares_one_kept_under_var(
     first = Settings.from_env({}).effective_secret_key
     assert len(first) == 64
     assert (tmp_path / "var" / "secret_key").stat().st_mode & 0o777 == 0o600
-    code = "from core.settings import Settings; print(Settings.from_env({}).effective_secret_key)"
+    code = (
+        "from core.runtime.settings import Settings; "
+        "print(Settings.from_env({}).effective_secret_key)"
+    )
     other = subprocess.run(
         [sys.executable, "-c", code],
         cwd=tmp_path,

@@ -15,7 +15,7 @@ from urllib.parse import parse_qs, urlsplit
 import boto3
 import pytest
 
-from core.settings import Settings
+from core.runtime.settings import Settings
 from core.storage import (
     InvalidKey,
     LocalStorage,

@@ -22,9 +22,9 @@ from standardwebhooks import Webhook, WebhookVerificationError
 
 from core.db import ApiToken, Job, JobStatus, Role, session_scope, utcnow
 from core.db.models import DisabledWebhookUrl, WebhookAttempt, WebhookDelivery
-from core.jobs import JobRequestError
-from core.settings import Settings
-from core.webhooks import (
+from core.runtime.settings import Settings
+from core.services.jobs import JobRequestError
+from core.services.webhooks import (
     BACKOFF_CAP_SECONDS,
     WEBHOOK_URL_PATTERN,
     backoff,

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from core.cli import cli
-from core.settings import setting_names
+from core.runtime.settings import setting_names
 from tests.deploy.manifests import (
     APP_UID,
     DEPLOY,

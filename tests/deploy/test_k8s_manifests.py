@@ -236,7 +236,7 @@ def test_metrics_need_the_bearer_token_behind_the_public_ingress() -> None:
 
 
 def test_the_production_settings_parse_and_say_what_a_public_service_needs() -> None:
-    from core.settings import Settings, SettingsError
+    from core.runtime.settings import Settings, SettingsError
 
     config = next(d for d in k8s_docs() if d["kind"] == "ConfigMap")["data"]
     secret = next(d for d in k8s_docs() if d["kind"] == "Secret")["stringData"]

@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 
 from core.db import Job, Role
 from core.db.session import session_scope
-from core.tokens import create_token
+from core.services.tokens import create_token
 from tests.e2e.test_embedded import free_port
 from tests.worker.conftest import Stack
 

@@ -17,9 +17,9 @@ from flask.testing import FlaskClient
 from sqlalchemy.engine import Engine
 
 from core.db import Image, Job, JobStatus, ModelKind, ModelVersion, session_scope, utcnow
-from core.settings import Settings
+from core.runtime.settings import Settings
+from core.services.tokens import create_token
 from core.storage import LocalStorage
-from core.tokens import create_token
 
 
 @dataclass

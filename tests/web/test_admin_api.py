@@ -19,7 +19,7 @@ from core.db import (
     session_scope,
     utcnow,
 )
-from core.dispatch import QUEUE_TRAIN, TASK_TRAIN
+from core.queue.dispatch import QUEUE_TRAIN, TASK_TRAIN
 from core.storage import LocalStorage
 from tests.web.conftest import PNG_BYTES, RecordingPublisher, add_version, bearer
 from tests.web.test_api_jobs import assert_problem

@@ -12,8 +12,8 @@ from sqlalchemy.engine import Engine
 from werkzeug.test import TestResponse
 
 from core.db import JobStatus, ModelKind, ModelVersion, TrainingMetric, TrainingRun, session_scope
+from core.services.tokens import revoke_token
 from core.storage import LocalStorage
-from core.tokens import revoke_token
 from tests.web.conftest import PNG_BYTES, RecordingPublisher, add_version, csrf_token
 from tests.web.test_admin_api import add_run
 from tests.web.test_pages import field_errors

@@ -15,7 +15,7 @@ from sqlalchemy.engine import Engine
 
 from core.db import ApiToken, session_scope, utcnow
 from core.db.models import AdminSession
-from core.tokens import SIGN_IN_LIFETIME, create_token, hash_token
+from core.services.tokens import SIGN_IN_LIFETIME, create_token, hash_token
 from tests.web.conftest import RecordingPublisher, add_job, bearer, csrf_token, make_settings
 from tests.web.test_pages import FORM, field_errors
 

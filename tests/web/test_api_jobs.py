@@ -16,12 +16,12 @@ from sqlalchemy.orm import Session
 
 import web.auth
 from core.db import Job, JobStatus, session_scope
-from core.dispatch import QUEUE_GENERATE, TASK_GENERATE, relay_once
-from core.jobs import MAX_SEED
-from core.model_versions import activate_version, serving_model
-from core.settings import Settings
+from core.queue.dispatch import QUEUE_GENERATE, TASK_GENERATE, relay_once
+from core.runtime.settings import Settings
+from core.services.jobs import MAX_SEED
+from core.services.model_versions import activate_version, serving_model
+from core.services.tokens import revoke_token
 from core.storage import LocalStorage
-from core.tokens import revoke_token
 from tests.web.conftest import (
     RecordingPublisher,
     add_image,
@@ -51,7 +51,7 @@ JOB_FIELDS = {
 
 
 def owner_of(engine: Engine, token: str) -> str:
-    from core.tokens import authenticate
+    from core.services.tokens import authenticate
 
     with session_scope(engine) as session:
         row = authenticate(session, token)

@@ -10,10 +10,10 @@ from flask.testing import FlaskClient
 from sqlalchemy import select
 from sqlalchemy.engine import Engine
 
-from core.audit import record
 from core.db import session_scope
 from core.db.models import AuditEvent
-from core.tokens import create_token, revoke_token
+from core.services.audit import record
+from core.services.tokens import create_token, revoke_token
 from tests.web.conftest import add_version, bearer, csrf_token
 from tests.web.test_admin_api import SHAPES_RUN, add_run
 from tests.web.test_admin_sessions import sign_in, sign_out, token_id

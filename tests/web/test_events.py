@@ -20,9 +20,9 @@ from sqlalchemy.engine import Engine
 
 from core.db import Job, JobStatus, session_scope
 from core.db.models import JobEvent
-from core.event_hub import EventHub
-from core.notify import notify
-from core.settings import Settings
+from core.queue.event_hub import EventHub
+from core.queue.notify import notify
+from core.runtime.settings import Settings
 from core.storage import LocalStorage
 from tests.services import REDIS_URL, require_redis
 from tests.web.conftest import RecordingPublisher, add_image, add_job, bearer, make_settings
@@ -140,7 +140,7 @@ def event_ids(engine: Engine, job_id: uuid.UUID) -> list[int]:
 
 
 def owner_of(token: str, engine: Engine) -> str:
-    from core.tokens import authenticate
+    from core.services.tokens import authenticate
 
     with session_scope(engine) as session:
         found = authenticate(session, token)

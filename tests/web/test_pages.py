@@ -11,7 +11,7 @@ from sqlalchemy import select
 from sqlalchemy.engine import Engine
 
 from core.db import Job, JobStatus, session_scope
-from core.model_versions import activate_version
+from core.services.model_versions import activate_version
 from core.storage import LocalStorage
 from tests.web.conftest import (
     PNG_BYTES,

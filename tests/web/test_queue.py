@@ -14,7 +14,7 @@ import pytest
 from sqlalchemy.engine import Engine
 
 from core.db import Job, session_scope
-from core.dispatch import TASK_GENERATE
+from core.queue.dispatch import TASK_GENERATE
 from tests.services import REDIS_URL, empty_redis
 from tests.web.conftest import bearer, make_settings
 

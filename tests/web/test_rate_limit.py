@@ -62,7 +62,7 @@ def test_a_limiter_store_that_is_down_lets_submissions_through(
 
 
 def test_a_bad_rate_limit_setting_stops_start_up(tmp_path: Path) -> None:
-    from core.settings import SettingsError
+    from core.runtime.settings import SettingsError
     from web import create_app
 
     settings = make_settings(
@@ -148,7 +148,7 @@ def test_anonymous_submissions_fail_closed_when_the_limiter_store_is_down(
 
 
 def test_a_bad_global_rate_limit_stops_start_up(tmp_path: Path) -> None:
-    from core.settings import SettingsError
+    from core.runtime.settings import SettingsError
     from web import create_app
 
     settings = make_settings(

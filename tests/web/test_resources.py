@@ -13,7 +13,7 @@ from sqlalchemy.engine import Engine
 
 import web.auth
 from core.db import JobStatus, session_scope
-from core.jobs import JobNotFound, get_job, queue_position
+from core.services.jobs import JobNotFound, get_job, queue_position
 from tests.web.conftest import add_job, add_version
 from web.auth import Caller, TokenCache
 from web.resources import job_views, load_job

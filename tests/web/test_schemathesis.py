@@ -30,8 +30,8 @@ from schemathesis.checks import CHECKS
 from werkzeug.serving import make_server
 
 from core.db import Base, make_engine, session_scope
-from core.settings import Settings
-from core.tokens import create_token
+from core.runtime.settings import Settings
+from core.services.tokens import create_token
 from tests.services import postgres_schema
 from tests.web.conftest import RecordingPublisher, make_settings
 

@@ -57,7 +57,7 @@ def test_pages_carry_a_content_security_policy_and_everything_nosniff(
 def test_pages_let_images_come_only_from_where_presigned_urls_point(
     values: dict[str, str], origin: str | None
 ) -> None:
-    from core.settings import Settings
+    from core.runtime.settings import Settings
     from web.security import content_security_policy, image_origins
 
     settings = Settings.from_env({}, **values)

@@ -33,7 +33,7 @@ SERVE_ONE_REQUEST = """
 import sys
 import web
 from core.db import Base, get_engine
-from core.settings import Settings
+from core.runtime.settings import Settings
 
 Base.metadata.create_all(get_engine(Settings.from_env()))
 app = web.create_app()  # no arguments: the settings come from DQ_* variables

@@ -13,7 +13,13 @@ from sqlalchemy import select
 from sqlalchemy.engine import Engine
 
 from core.db import ApiToken, Role, session_scope
-from core.tokens import TokenNotFound, authenticate, create_token, list_tokens, revoke_token
+from core.services.tokens import (
+    TokenNotFound,
+    authenticate,
+    create_token,
+    list_tokens,
+    revoke_token,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -13,8 +13,8 @@ from sqlalchemy.engine import Engine
 from standardwebhooks import Webhook
 
 from core.db import Job, JobStatus, session_scope
-from core.settings import Settings
-from core.webhooks import deliver
+from core.runtime.settings import Settings
+from core.services.webhooks import deliver
 from tests.core.test_webhooks import Receiver
 from tests.web.conftest import RecordingPublisher, add_job, bearer
 

@@ -26,9 +26,9 @@ from sqlalchemy.orm import Session
 
 from core.db import Job, JobStatus, ModelKind, ModelVersion, TrainingRun, make_engine
 from core.db.session import session_scope
-from core.dispatch import publish_job
-from core.jobs import JobRequest, submit_job
-from core.settings import Settings
+from core.queue.dispatch import publish_job
+from core.runtime.settings import Settings
+from core.services.jobs import JobRequest, submit_job
 from core.storage import Storage, make_storage
 from tests.conftest import make_tiny_pipeline
 from tests.services import postgres_schema, require_redis
@@ -149,7 +149,7 @@ class Stack:
     # --- jobs -----------------------------------------------------------------------------
 
     def publisher(self) -> Any:
-        from core.broker import CeleryPublisher
+        from core.queue.broker import CeleryPublisher
 
         return CeleryPublisher.from_settings(self.settings)
 
@@ -357,7 +357,7 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
 
     if not OUTCOMES.is_file():
         return
-    from core.machine import cpu_name
+    from core.runtime.machine import cpu_name
 
     lines = [json.loads(x) for x in OUTCOMES.read_text().splitlines() if x.strip()]
     chaos = [x for x in lines if "chaos" in x["test"] or "killed" in x["test"]]

@@ -13,8 +13,8 @@ from sqlalchemy.orm import Session
 
 from core.db import Job, JobStatus
 from core.db.session import session_scope
-from core.jobs import JobRequest, submit_job
-from core.settings import Settings
+from core.runtime.settings import Settings
+from core.services.jobs import JobRequest, submit_job
 from core.storage import LocalStorage, StorageError
 from tests.worker.conftest import Stack, register_tiny_model
 from worker.context import WorkerContext, build_context

@@ -16,10 +16,10 @@ from standardwebhooks import Webhook
 
 from core.db import session_scope
 from core.db.models import WebhookAttempt, WebhookDelivery
-from core.jobs import JobRequest, cancel_job, submit_job
-from core.settings import Settings
-from core.tokens import create_token
-from core.webhooks import get_or_create_secret, validate_target
+from core.runtime.settings import Settings
+from core.services.jobs import JobRequest, cancel_job, submit_job
+from core.services.tokens import create_token
+from core.services.webhooks import get_or_create_secret, validate_target
 from tests.core.test_webhooks import Receiver
 from tests.worker.conftest import Stack
 

@@ -23,7 +23,7 @@ import pytest
 
 from core.db import JobStatus, Role
 from core.db.session import session_scope
-from core.tokens import create_token
+from core.services.tokens import create_token
 from tests.e2e.test_embedded import free_port
 from tests.e2e.test_production import call
 from tests.worker.conftest import Stack

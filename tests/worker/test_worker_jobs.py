@@ -68,7 +68,7 @@ def test_compatible_waiting_jobs_run_as_one_batch_with_identical_images(
 def test_a_duplicate_message_runs_the_job_once(embedded_stack: Stack) -> None:
     stack = embedded_stack
     job_id = stack.submit(seed=5, steps=4)
-    from core.dispatch import publish_job
+    from core.queue.dispatch import publish_job
 
     assert publish_job(stack.engine, stack.publisher(), job_id, force=True)  # a second message
     worker = stack.start_worker()
@@ -83,7 +83,7 @@ def test_cancel_stops_a_running_job_within_a_few_steps(production_stack: Stack) 
 
     from sqlalchemy.orm import Session
 
-    from core.jobs import cancel_job, get_job
+    from core.services.jobs import cancel_job, get_job
 
     stack = production_stack
     stack.start_worker()
@@ -122,7 +122,7 @@ def test_a_pickled_message_is_refused_and_the_worker_goes_on(production_stack: S
     )
     stack.wait_for_log(worker, "untrusted content of type pickle", timeout=30)
     assert stack.job(job_id).status is JobStatus.QUEUED  # never ran
-    from core.dispatch import publish_job
+    from core.queue.dispatch import publish_job
 
     assert publish_job(stack.engine, stack.publisher(), job_id)  # the JSON message runs it
     assert stack.wait_status(job_id, JobStatus.SUCCEEDED).attempts == 1
@@ -152,7 +152,7 @@ def test_a_job_whose_worker_is_killed_succeeds_exactly_once(stack: Stack) -> Non
 def test_a_model_version_without_a_checkpoint_fails_the_job_in_words(embedded_stack: Stack) -> None:
     from core.db import ModelKind, ModelVersion
     from core.db.session import session_scope
-    from core.model_versions import activate_version
+    from core.services.model_versions import activate_version
 
     stack = embedded_stack
     with session_scope(stack.engine) as s:
@@ -178,7 +178,7 @@ def test_activating_another_version_swaps_the_model_without_a_restart(
 
     from core.db import ModelKind, ModelVersion
     from core.db.session import session_scope
-    from core.model_versions import activate_version
+    from core.services.model_versions import activate_version
 
     stack = embedded_stack
     stack.start_worker()

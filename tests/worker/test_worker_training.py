@@ -12,8 +12,8 @@ from sqlalchemy.orm import Session
 
 from core.db import JobStatus, ModelKind, ModelVersion, TrainingMetric
 from core.db.session import session_scope
-from core.dispatch import publish_run
-from core.training_runs import submit_training_run
+from core.queue.dispatch import publish_run
+from core.services.training_runs import submit_training_run
 from tests.worker.conftest import Stack
 
 TINY_AE = {"model": {"channels": [8, 16], "groups": 4}}

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from core.diffusion.eval.evaluate import GROUPS, SAMPLER_NAMES, Adherence, EvalResult, Row
-from core.machine import cpu_name
+from core.runtime.machine import cpu_name
 
 # The bar of issue 16 (two-object binding); the figures are docs/MODEL.md's "Targets".
 TARGET_TWO_SEEN = 0.80

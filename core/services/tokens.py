@@ -12,10 +12,10 @@ ended, nor older than :data:`SIGN_IN_LIFETIME`, and its token must be live. Sign
 row; revoking the token ends all its rows in the same transaction, so neither waits for a
 cookie to expire.
 
-Each token has a fair-share weight (:func:`set_weight`, ``core.fairness``).
+Each token has a fair-share weight (:func:`set_weight`, ``core.queue.fairness``).
 
 Creating and revoking tokens, setting weights, signing in and out are recorded in the audit trail
-(:mod:`core.audit`) in the same transaction.
+(:mod:`core.services.audit`) in the same transaction.
 
 No Flask here: the web app and the ``dq token`` commands both call these functions.
 """
@@ -29,8 +29,8 @@ from datetime import datetime, timedelta
 from sqlalchemy import bindparam, select, update
 from sqlalchemy.orm import Session
 
-from core.audit import record
 from core.db.models import AdminSession, ApiToken, Role, utcnow
+from core.services.audit import record
 
 TOKEN_PREFIX = "dq_"
 # Longer than any token we make; anything longer is refused before it is hashed.
@@ -147,7 +147,7 @@ def revoke_token(session: Session, token: int | str, *, actor: str = CLI_ACTOR) 
 def set_weight(
     session: Session, token_id: int, weight: float, *, actor: str = CLI_ACTOR
 ) -> ApiToken:
-    """Give token ``token_id`` this fair-share weight (``core.fairness``): its jobs get
+    """Give token ``token_id`` this fair-share weight (``core.queue.fairness``): its jobs get
     ``weight`` turns per round of the queue. ``actor`` is who set it, for the audit trail.
     ValueError names the bounds; TokenNotFound when no token has that id."""
     if isinstance(weight, bool) or not MIN_WEIGHT <= weight <= MAX_WEIGHT:

@@ -22,7 +22,7 @@ Every query reads a bounded batch (``LIMIT``), and a pass sends a bounded number
 a pass stays short whatever the backlog; the next pass goes on where this one stopped.
 
 The broker is reached through a :class:`Publisher`, so this module imports no Celery; every
-process passes the one in ``core/broker.py`` (tests pass fakes).
+process passes the one in ``core/queue/broker.py`` (tests pass fakes).
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from sqlalchemy.orm import Session
 from core.db.models import Job, JobStatus, TrainingRun, WebhookDelivery, utcnow
 from core.db.session import session_scope
 from core.db.transitions import reap
-from core.settings import Settings
+from core.runtime.settings import Settings
 
 log = logging.getLogger(__name__)
 

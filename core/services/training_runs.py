@@ -19,7 +19,6 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from core.audit import record
 from core.db.models import (
     JobStatus,
     ModelKind,
@@ -29,7 +28,8 @@ from core.db.models import (
     utcnow,
 )
 from core.db.transitions import transition_run
-from core.settings import Settings
+from core.runtime.settings import Settings
+from core.services.audit import record
 from core.storage import InvalidKey, validate_key
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -234,7 +234,7 @@ def submit_training_run(
     activate: bool = False,
 ) -> TrainingRun:
     """Add a queued training run, and its ``run.create`` audit row by ``created_by``; the
-    caller commits, then publishes it (:func:`core.dispatch.publish_run`)."""
+    caller commits, then publishes it (:func:`core.queue.dispatch.publish_run`)."""
     try:
         kind = ModelKind(kind)
     except ValueError:

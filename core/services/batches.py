@@ -43,7 +43,8 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from core.db.models import Batch, Image, Job, JobStatus, WebhookDelivery, utcnow
-from core.jobs import (
+from core.runtime.settings import Settings
+from core.services.jobs import (
     MAX_REQUEST_SEED,
     IdempotencyConflict,
     JobRequest,
@@ -55,8 +56,7 @@ from core.jobs import (
     submit_job,
     validate_request,
 )
-from core.model_versions import serving_model
-from core.settings import Settings
+from core.services.model_versions import serving_model
 
 PLACEHOLDER_NAME = "[A-Za-z_][A-Za-z0-9_]*"
 PLACEHOLDER = re.compile(rf"\{{({PLACEHOLDER_NAME})\}}")
@@ -387,7 +387,7 @@ def batch_images(session: Session, job_ids: Sequence[uuid.UUID]) -> dict[uuid.UU
 
 def cancel_batch(session: Session, batch: Batch, owner: str | None) -> list[Job]:
     """Cancel every job of the batch still queued (at once) or running (asked to stop between
-    steps), through :func:`core.jobs.cancel_job`. Ended jobs stay as they are."""
+    steps), through :func:`core.services.jobs.cancel_job`. Ended jobs stay as they are."""
     if owner is not None and batch.owner != owner:
         raise BatchNotFound(f"no batch {batch.id}")
     jobs = batch_jobs(session, batch)

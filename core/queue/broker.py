@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from core.dispatch import celery_config
-from core.settings import Settings
+from core.queue.dispatch import celery_config
+from core.runtime.settings import Settings
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -22,7 +22,8 @@ BROKER_TIMEOUT_SECONDS = 3.0
 
 
 def make_celery(settings: Settings, *, set_as_current: bool = False) -> Celery:
-    """A Celery app on the settings' broker, configured as :func:`core.dispatch.celery_config`.
+    """A Celery app on the settings' broker, configured as
+    :func:`core.queue.dispatch.celery_config`.
 
     Only the worker's own app (``worker.app``) becomes Celery's current app; one built to
     publish must not displace it in a worker process.
@@ -41,7 +42,7 @@ def make_celery(settings: Settings, *, set_as_current: bool = False) -> Celery:
 
 
 class CeleryPublisher:
-    """The :class:`core.dispatch.Publisher` of every process: ``send_task`` by name."""
+    """The :class:`core.queue.dispatch.Publisher` of every process: ``send_task`` by name."""
 
     def __init__(self, app: Celery):
         self.app = app

@@ -2,7 +2,7 @@
 
 The events themselves are rows that database triggers write in the transaction of each change
 (``core.db.events``); this message only says "look now", so that a live stream (SSE) shows a
-step within milliseconds instead of at the web process's next poll (``core.event_hub``). It is
+step within milliseconds instead of at the web process's next poll (``core.queue.event_hub``). It is
 sent after the commit, on Redis when DQ_BROKER_URL is one, and is best effort: a lost message
 only delays an event until that poll. Without Redis it does nothing.
 """
@@ -16,7 +16,7 @@ import uuid
 from collections.abc import Iterable
 from typing import Any
 
-from core.settings import Settings
+from core.runtime.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -1,12 +1,12 @@
 """The reaper and outbox relay as a process: ``dq reaper`` (``dq serve`` runs one too).
 
-Every few seconds it runs :func:`core.dispatch.relay_once`: re-queue work whose lease expired,
+Every few seconds it runs :func:`core.queue.dispatch.relay_once`: re-queue work whose lease expired,
 publish what was committed but never sent, re-publish queued work whose message was lost. Any
 number of reapers may run; every move they make is a conditional UPDATE. Each pass also folds
 the status-count deltas that /metrics reads (:func:`core.db.counts.fold`), and, when
 DQ_RETENTION is set, goes on with the hourly prune (:class:`RetentionSchedule`).
 
-It needs only ``core``: the broker is reached through :mod:`core.broker`, which sends tasks by
+It needs only ``core``: the broker is reached through :mod:`core.queue.broker`, which sends tasks by
 name, so ``dq reaper`` imports neither the web app nor the worker's tasks.
 """
 
@@ -20,16 +20,16 @@ from types import FrameType
 
 from sqlalchemy.engine import Engine
 
-from core.batches import finish_batches
 from core.db import counts
 from core.db.session import get_engine, session_scope
-from core.dispatch import relay_once
-from core.liveness import touch
-from core.retention import Pruner, PruneReport
-from core.settings import Settings
+from core.queue.dispatch import relay_once
+from core.runtime.liveness import touch
+from core.runtime.settings import Settings
+from core.services.batches import finish_batches
 from core.storage import Storage, make_storage
+from core.upkeep.retention import Pruner, PruneReport
 
-log = logging.getLogger("core.reaper")
+log = logging.getLogger("core.upkeep.reaper")
 
 # A prune starts at most this often; between starts the reaper only relays.
 PRUNE_EVERY_S = 3600.0
@@ -94,7 +94,7 @@ def run_reaper(
     when DQ_RETENTION is set. ``liveness_file`` is touched after every pass, whether or not its
     work succeeded (a reaper waiting out a database outage is alive; one stuck in a pass is
     not)."""
-    from core.broker import CeleryPublisher
+    from core.queue.broker import CeleryPublisher
 
     engine = get_engine(settings)
     publisher = CeleryPublisher.from_settings(settings)

@@ -9,7 +9,7 @@ query per poll from this process, plus one per stream only when its job changed.
 When to look:
 
 - with Redis (DQ_BROKER_URL=redis://…) the hub SUBSCRIBEs to ``dq:job-events``, where workers
-  publish job ids after they commit (``core.notify``): an event shows within milliseconds. It
+  publish job ids after they commit (``core.queue.notify``): an event shows within milliseconds. It
   still looks every ``fallback_poll_seconds``, so a lost message (or a change made elsewhere: a
   cancel in the web app, the reaper) only waits until then;
 - without Redis (the embedded defaults) it looks every ``poll_seconds``.
@@ -37,7 +37,7 @@ from sqlalchemy import func, or_, select
 from sqlalchemy.engine import Engine
 
 from core.db.models import JobEvent
-from core.notify import CHANNEL, decode
+from core.queue.notify import CHANNEL, decode
 
 log = logging.getLogger(__name__)
 

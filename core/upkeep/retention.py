@@ -44,7 +44,6 @@ from sqlalchemy import and_, delete, func, not_, or_, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from core import audit
 from core.db.models import (
     Image,
     Job,
@@ -56,7 +55,8 @@ from core.db.models import (
 )
 from core.db.session import session_scope
 from core.db.transitions import db_now
-from core.settings import Settings
+from core.runtime.settings import Settings
+from core.services import audit
 from core.storage import Storage, StorageError
 
 log = logging.getLogger(__name__)

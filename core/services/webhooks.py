@@ -1,7 +1,8 @@
 """Signed webhooks, delivered from the database outbox.
 
 A trigger adds a ``webhook_deliveries`` row in the transaction of each job status change that is
-a webhook event (:mod:`core.db.events`); the relay (:func:`core.dispatch.relay_once`) hands due
+a webhook event (:mod:`core.db.events`); the relay (:func:`core.queue.dispatch.relay_once`) hands
+due
 rows to the ``webhooks`` queue, and :func:`deliver` makes one try of one row:
 
 - claim the try with a conditional UPDATE that raises ``attempts`` (the fencing token) and pushes
@@ -59,9 +60,9 @@ from core.db.models import (
     utcnow,
 )
 from core.db.session import session_scope
-from core.jobs import JobRequestError, WebhookTarget
-from core.model_versions import DEFAULT_MODEL_NAME
-from core.settings import Settings
+from core.runtime.settings import Settings
+from core.services.jobs import JobRequestError, WebhookTarget
+from core.services.model_versions import DEFAULT_MODEL_NAME
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ generation worker says it is alive every few seconds (:func:`mark_present`, tabl
 
 :func:`estimate` then works out, for a queued job, with the queue as it stands:
 
-- the jobs ahead of it in fair order (``core.fairness``), by kind of batch, in one aggregate
+- the jobs ahead of it in fair order (``core.queue.fairness``), by kind of batch, in one aggregate
   query. Jobs of its own kind ahead of it run in batches of DQ_MAX_BATCH_SIZE images, and the
   last, partial one is the job's own batch: those images cost it nothing extra;
 - the work still left in the running batches, from their progress;
@@ -41,8 +41,8 @@ from sqlalchemy.orm import Session
 
 from core.db.models import Job, JobStatus, ThroughputSample, WorkerPresence, utcnow
 from core.db.transitions import db_now
-from core.dispatch import QUEUE_GENERATE
-from core.fairness import ahead_of, fair_queue
+from core.queue.dispatch import QUEUE_GENERATE
+from core.queue.fairness import ahead_of, fair_queue
 
 # Used until a worker has measured anything: the shipped model on two CPU cores is about this
 # fast at batch 1 (bench/bench_eta.py prints what this machine measures).

@@ -3,7 +3,7 @@
 ``submit_job`` is the one way a job comes into being: it validates the request against the
 settings' limits and the serving model, fills in the model's defaults and a random seed, applies
 the caller's idempotency key, and adds the row. The caller commits, then publishes the task
-message (:func:`core.dispatch.publish_job`); a job whose message never left is published later
+message (:func:`core.queue.dispatch.publish_job`); a job whose message never left is published later
 by the relay, because a queued job with ``published_at IS NULL`` *is* the outbox entry.
 
 No torch, no Flask, no Celery here.
@@ -25,9 +25,9 @@ from sqlalchemy.orm import Session
 
 from core.db.models import Job, JobStatus, utcnow
 from core.db.transitions import transition_job
-from core.fairness import queue_positions
-from core.model_versions import ServingModel, serving_model
-from core.settings import Settings
+from core.queue.fairness import queue_positions
+from core.runtime.settings import Settings
+from core.services.model_versions import ServingModel, serving_model
 
 # The samplers of core.diffusion.samplers.SAMPLERS (a test keeps the two in step).
 SAMPLER_NAMES = ("ddpm", "ddim", "dpmpp-2m", "dpmpp-3m")
@@ -196,7 +196,7 @@ def validate_request(request: JobRequest, settings: Settings, model: ServingMode
 @dataclass(frozen=True)
 class WebhookTarget:
     """Where a job's webhooks go and which events (None: all); checked by the caller
-    (``core.webhooks``) before it reaches :func:`submit_job`."""
+    (``core.services.webhooks``) before it reaches :func:`submit_job`."""
 
     url: str
     events: tuple[str, ...] | None = None
@@ -319,7 +319,7 @@ def list_jobs(
 
 
 def queue_position(session: Session, job: Job) -> int | None:
-    """How many queued jobs will run before this one under fair share (``core.fairness``), or
+    """How many queued jobs will run before this one under fair share (``core.queue.fairness``), or
     None once it is no longer queued.
 
     It is the jobs ahead in the fair order as the queue stands now, so it is approximate twice
