@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 
 from core.db.models import ModelKind, ModelVersion, utcnow
 
-DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "diffusion" / "default_model"
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[1] / "diffusion" / "default_model"
 DEFAULT_MODEL_NAME = "default"
 
 

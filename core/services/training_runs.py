@@ -32,7 +32,7 @@ from core.runtime.settings import Settings
 from core.services.audit import record
 from core.storage import InvalidKey, validate_key
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 
 # train.<key>: (type, lowest, highest, whether the lowest is excluded)
 TRAIN_KEYS: dict[str, tuple[type, float, float, bool]] = {
