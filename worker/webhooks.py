@@ -1,11 +1,12 @@
-"""The webhook task's body: one try of one delivery (:func:`core.services.webhooks.deliver`), under
-the watchdog. A ``webhooks`` worker loads no model: it needs only the settings and the engine."""
+"""The webhook task's body: one try of one delivery
+(:func:`core.services.webhooks.delivery.deliver`), under the watchdog. A ``webhooks`` worker loads
+no model: it needs only the settings and the engine."""
 
 from __future__ import annotations
 
 import logging
 
-from core.services.webhooks import CLAIM_SECONDS, deliver
+from core.services.webhooks.delivery import CLAIM_SECONDS, deliver
 from worker.context import get_context
 
 log = logging.getLogger(__name__)

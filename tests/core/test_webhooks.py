@@ -24,19 +24,15 @@ from core.db import ApiToken, Job, JobStatus, Role, session_scope, utcnow
 from core.db.models import DisabledWebhookUrl, WebhookAttempt, WebhookDelivery
 from core.runtime.settings import Settings
 from core.services.jobs import JobRequestError
-from core.services.webhooks import (
-    BACKOFF_CAP_SECONDS,
-    WEBHOOK_URL_PATTERN,
-    backoff,
-    deliver,
+from core.services.webhooks.delivery import BACKOFF_CAP_SECONDS, backoff, deliver, replay
+from core.services.webhooks.signing import (
     get_or_create_secret,
     new_secret,
-    replay,
     rotate_secret,
     sign,
     signing_keys,
-    validate_target,
 )
+from core.services.webhooks.targets import WEBHOOK_URL_PATTERN, validate_target
 from tests.core.test_db import new_job
 
 OPEN = Settings.from_env({}, webhook_allowed_networks="127.0.0.0/8")

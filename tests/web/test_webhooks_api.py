@@ -14,7 +14,7 @@ from standardwebhooks import Webhook
 
 from core.db import Job, JobStatus, session_scope
 from core.runtime.settings import Settings
-from core.services.webhooks import deliver
+from core.services.webhooks.delivery import deliver
 from tests.core.test_webhooks import Receiver
 from tests.web.conftest import RecordingPublisher, add_job, bearer
 

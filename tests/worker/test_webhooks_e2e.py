@@ -19,7 +19,8 @@ from core.db.models import WebhookAttempt, WebhookDelivery
 from core.runtime.settings import Settings
 from core.services.jobs import JobRequest, cancel_job, submit_job
 from core.services.tokens import create_token
-from core.services.webhooks import get_or_create_secret, validate_target
+from core.services.webhooks.signing import get_or_create_secret
+from core.services.webhooks.targets import validate_target
 from tests.core.test_webhooks import Receiver
 from tests.worker.conftest import Stack
 
