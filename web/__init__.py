@@ -55,12 +55,12 @@ def create_app(
         security,
         webhooks_api,
     )
-    from web.auth import TokenCache
     from web.db import get_session
     from web.metrics import make_registry
     from web.openapi import DESCRIPTION, finish_spec, with_serving_model
     from web.schemas import Problem as ProblemBody
     from web.services import Services
+    from web.token_cache import TokenCache
 
     settings = settings or Settings.from_env()
     settings.check_secret_key()

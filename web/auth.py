@@ -2,19 +2,14 @@
 token (its sign-in checked against server-side state on every request), or an anonymous form
 user known by a random id in their session cookie.
 
-Every job has an owner string: ``token:<ApiToken.id>`` or ``session:<random hex>``. A caller sees
-the jobs it owns; an admin sees every job (``Caller.scope`` is then None). A browser signed in
-with a token acts as that token: the same owner, the same jobs.
+Each becomes a :class:`web.caller.Caller`. A browser signed in with a token acts as that token:
+the same owner, the same jobs.
 """
 
 from __future__ import annotations
 
 import logging
 import secrets
-import threading
-from collections import OrderedDict
-from dataclasses import dataclass
-from time import monotonic
 from urllib.parse import urlsplit
 
 from flask import g, request, session
@@ -31,6 +26,7 @@ from core.services.tokens import (
     touch_sign_in,
 )
 from web.audit import audited_session
+from web.caller import Caller
 from web.db import READ_METHODS, get_session
 from web.problems import Problem
 from web.services import services
@@ -38,58 +34,6 @@ from web.services import services
 log = logging.getLogger(__name__)
 
 SESSION_OWNER_KEY = "owner"
-
-
-@dataclass(frozen=True)
-class Caller:
-    owner: str
-    is_admin: bool = False
-    # A browser signed in with a token (not an API call, not an anonymous visitor).
-    signed_in: bool = False
-
-    @property
-    def scope(self) -> str | None:
-        """The owner to filter jobs by: None for an admin, who sees every job."""
-        return None if self.is_admin else self.owner
-
-
-class TokenCache:
-    """API callers that authenticated in the last ``ttl`` seconds, by token hash.
-
-    A client polling its job twice a second would otherwise cost a token lookup per poll, as
-    much as the poll itself. The price: a revoked token keeps working in a process that saw it
-    for at most ``ttl`` seconds more. Only successes are kept, at most ``size`` of them.
-    """
-
-    def __init__(self, ttl: float = 5.0, size: int = 10_000):
-        self.ttl = ttl
-        self.size = size
-        self._entries: OrderedDict[str, tuple[float, Caller]] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, token_hash: str) -> Caller | None:
-        with self._lock:
-            entry = self._entries.get(token_hash)
-            if entry is None:
-                return None
-            if entry[0] <= monotonic():
-                del self._entries[token_hash]
-                return None
-            return entry[1]
-
-    def put(self, token_hash: str, caller: Caller) -> None:
-        if self.ttl <= 0:
-            return
-        with self._lock:
-            self._entries[token_hash] = (monotonic() + self.ttl, caller)
-            self._entries.move_to_end(token_hash)
-            while len(self._entries) > self.size:
-                self._entries.popitem(last=False)
-
-    def discard(self, token_hash: str) -> None:
-        """Forget a token at once, e.g. when this process revokes it."""
-        with self._lock:
-            self._entries.pop(token_hash, None)
 
 
 def _unauthorized(detail: str, error: str | None = None) -> Problem:

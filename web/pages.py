@@ -44,8 +44,9 @@ from core.services.jobs import (
 )
 from core.services.model_versions import serving_model
 from core.storage import InvalidKey, LocalStorage, content_disposition
-from web.auth import SIGN_IN_KEY, Caller, page_caller, safe_next, sign_in, sign_out
+from web.auth import SIGN_IN_KEY, page_caller, safe_next, sign_in, sign_out
 from web.batches import batch_detail, submit_batch_and_publish
+from web.caller import Caller
 from web.db import end_reads, get_session
 from web.forms import GenerateForm, SignInForm, attach_error
 from web.problems import Problem, cap_problem

@@ -16,7 +16,7 @@ from core.storage import Storage
 if TYPE_CHECKING:
     from flask_limiter import Limiter
 
-    from web.auth import TokenCache
+    from web.token_cache import TokenCache
 
 
 @dataclass

@@ -14,7 +14,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
-import web.auth
+import web.token_cache
 from core.db import Job, JobStatus, session_scope
 from core.queue.dispatch import QUEUE_GENERATE, TASK_GENERATE, relay_once
 from core.runtime.settings import Settings
@@ -369,7 +369,7 @@ def test_a_revoked_token_is_401_once_the_process_forgets_it(
     # The process trusts a token it checked for TOKEN_CACHE_SECONDS, then asks the database.
     assert client.get("/api/v1/jobs", headers=bearer(user_token)).status_code == 200
     later = time.monotonic() + TOKEN_CACHE_SECONDS + 0.1
-    monkeypatch.setattr(web.auth, "monotonic", lambda: later)
+    monkeypatch.setattr(web.token_cache, "monotonic", lambda: later)
     assert_problem(client.get("/api/v1/jobs", headers=bearer(user_token)), 401, "revoked")
 
 

@@ -11,12 +11,13 @@ import pytest
 from flask.testing import FlaskClient
 from sqlalchemy.engine import Engine
 
-import web.auth
+import web.token_cache
 from core.db import JobStatus, session_scope
 from core.services.jobs import JobNotFound, get_job, queue_position
 from tests.web.conftest import add_job, add_version
-from web.auth import Caller, TokenCache
+from web.caller import Caller
 from web.resources import job_views, load_job
+from web.token_cache import TokenCache
 
 
 def test_queue_positions_agree_with_core(engine: Engine) -> None:
@@ -63,7 +64,7 @@ def test_job_views_keep_the_order_given_and_skip_missing(engine: Engine) -> None
 
 def test_token_cache_forgets_after_its_ttl(monkeypatch: pytest.MonkeyPatch) -> None:
     now = [100.0]
-    monkeypatch.setattr(web.auth, "monotonic", lambda: now[0])
+    monkeypatch.setattr(web.token_cache, "monotonic", lambda: now[0])
     cache = TokenCache(ttl=5.0, size=2)
     alice = Caller("token:1")
     cache.put("h1", alice)
