@@ -4,8 +4,6 @@ process that runs tasks."""
 
 from __future__ import annotations
 
-import os
-import socket
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -17,6 +15,7 @@ from core.queue.dispatch import Publisher
 from core.runtime.settings import Settings
 from core.storage import Storage, make_storage
 from worker.heartbeat import Heartbeat
+from worker.identity import worker_identity
 from worker.models import ModelCache
 from worker.watchdog import Watchdog
 
@@ -35,10 +34,6 @@ class WorkerContext:
 
 _context: WorkerContext | None = None
 _lock = threading.Lock()
-
-
-def worker_identity() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 def build_context(settings: Settings, publisher: Publisher, **overrides: Any) -> WorkerContext:

@@ -31,6 +31,7 @@ from core.db.session import session_scope
 from core.db.transitions import Lease, renew
 from core.queue.dispatch import QUEUE_GENERATE, QUEUE_TRAIN
 from core.queue.eta import mark_present
+from worker.identity import worker_identity
 
 log = logging.getLogger(__name__)
 
@@ -101,8 +102,6 @@ class Heartbeat:
 
     def announce(self) -> None:
         """Mark this worker present now, with the queues it has taken work from."""
-        from worker.context import worker_identity  # worker.context imports this module
-
         with self._lock:
             queues = ",".join(sorted(self._queues))
         with session_scope(self.engine) as session:
