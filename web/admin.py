@@ -26,13 +26,14 @@ from core.services.training_runs import (
 )
 from core.storage import StorageError
 from web.audit import DEFAULT_PAGE, audited_session, next_cursor
-from web.auth import logged_in_admin, page_caller, safe_next, sign_in, sign_out
+from web.auth import logged_in_admin, page_caller
 from web.db import get_session
-from web.forms import RUN_FIELD_FOR_ERROR, LoginForm, TrainingRunForm, attach_error
+from web.forms import RUN_FIELD_FOR_ERROR, TrainingRunForm, attach_error
 from web.loss_curve import loss_curve_svg
 from web.problems import Problem
 from web.resources import list_versions, samples_key
 from web.services import services
+from web.sign_in import ADMIN_TOKEN, sign_in_page, sign_out_page
 from web.submission import start_training_run
 
 # apiflask expects every blueprint to be an APIBlueprint; this one stays out of the API document.
@@ -52,20 +53,13 @@ def require_login() -> BaseResponse | None:
 
 @admin.route("/login", methods=["GET", "POST"])
 def login() -> Any:
-    form = LoginForm()
-    if form.validate_on_submit():
-        if sign_in(form.token.data or "", admin_only=True) is not None:
-            next_page = safe_next(request.args.get("next"), url_for("admin.runs"))
-            return redirect(next_page, code=303)
-        attach_error(form, "token", "This is not a live admin token.")
-    status = 401 if request.method == "POST" else 200
-    return render_template("admin/login.html", form=form), status
+    """Sign in with an admin token: the admin pages, and every job."""
+    return sign_in_page(ADMIN_TOKEN)
 
 
 @admin.post("/logout")
 def logout() -> BaseResponse:
-    sign_out()
-    return redirect(url_for("pages.index"), code=303)
+    return sign_out_page()
 
 
 @admin.get("/")

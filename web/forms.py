@@ -37,12 +37,12 @@ class GenerateForm(FlaskForm):
     )
 
 
-class LoginForm(FlaskForm):
-    token = PasswordField("Admin token", validators=[InputRequired("Paste an admin token.")])
-
-
 class SignInForm(FlaskForm):
     token = PasswordField("Token", validators=[InputRequired("Paste your token.")])
+
+
+class AdminSignInForm(SignInForm):
+    token = PasswordField("Admin token", validators=[InputRequired("Paste an admin token.")])
 
 
 class TrainingRunForm(FlaskForm):

@@ -44,14 +44,15 @@ from core.services.jobs import (
 )
 from core.services.model_versions import serving_model
 from core.storage import InvalidKey, LocalStorage, content_disposition
-from web.auth import SIGN_IN_KEY, page_caller, safe_next, sign_in, sign_out
+from web.auth import SIGN_IN_KEY, page_caller
 from web.batches import batch_detail, submit_batch_and_publish
 from web.caller import Caller
 from web.db import end_reads, get_session
-from web.forms import GenerateForm, SignInForm, attach_error
+from web.forms import GenerateForm, attach_error
 from web.problems import Problem, cap_problem
 from web.resources import job_resource, job_views, load_job
 from web.services import services
+from web.sign_in import ANY_TOKEN, sign_in_page, sign_out_page
 from web.submission import submit_and_publish
 
 # apiflask expects every blueprint to be an APIBlueprint; this one stays out of the API document.
@@ -228,20 +229,12 @@ def cancel_batch_page(batch_id: uuid.UUID) -> BaseResponse:
 def login() -> Any:
     """Sign in with any live token: a user token (the browser then sees that token's jobs) or
     an admin token (every job, and the admin pages)."""
-    form = SignInForm()
-    if form.validate_on_submit():
-        if sign_in(form.token.data or "", admin_only=False) is not None:
-            next_page = safe_next(request.args.get("next"), url_for("pages.index"))
-            return redirect(next_page, code=303)
-        attach_error(form, "token", "This is not a live token.")
-    status = 401 if request.method == "POST" else 200
-    return render_template("login.html", form=form), status
+    return sign_in_page(ANY_TOKEN)
 
 
 @pages.post("/logout")
 def logout() -> BaseResponse:
-    sign_out()
-    return redirect(url_for("pages.index"), code=303)
+    return sign_out_page()
 
 
 @pages.get("/jobs")
