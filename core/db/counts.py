@@ -15,10 +15,11 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from sqlalchemy import Connection, delete, event, func, select, text
+from sqlalchemy import Connection, delete, func, select, text
 from sqlalchemy.orm import Session
 
-from core.db.models import Base, JobStatus, StatusCount, StatusCountDelta
+from core.db.models import JobStatus, StatusCount, StatusCountDelta
+from core.db.triggers import Triggers, on_create_all
 
 TABLES = {"jobs": "job", "training_runs": "run"}
 
@@ -37,51 +38,60 @@ $$ LANGUAGE plpgsql
 """
 
 
-def _statements(dialect: str) -> list[str]:
+def _postgresql() -> list[str]:
+    out = [_PG_FUNCTION]
+    for table, kind in TABLES.items():
+        for event_name, when in (
+            ("INSERT", ""),
+            ("DELETE", ""),
+            ("UPDATE OF status", "WHEN (OLD.status IS DISTINCT FROM NEW.status)"),
+        ):
+            name = f"{table}_count_{event_name.split()[0].lower()}"
+            out.append(
+                f"CREATE TRIGGER {name} AFTER {event_name} ON {table} FOR EACH ROW {when} "
+                f"EXECUTE FUNCTION dq_status_count('{kind}')"
+            )
+    return out
+
+
+def _sqlite() -> list[str]:
     out = []
-    if dialect == "postgresql":
-        out.append(_PG_FUNCTION)
-        for table, kind in TABLES.items():
-            for event_name, when in (
-                ("INSERT", ""),
-                ("DELETE", ""),
-                ("UPDATE OF status", "WHEN (OLD.status IS DISTINCT FROM NEW.status)"),
-            ):
-                name = f"{table}_count_{event_name.split()[0].lower()}"
-                out.append(
-                    f"CREATE TRIGGER {name} AFTER {event_name} ON {table} FOR EACH ROW {when} "
-                    f"EXECUTE FUNCTION dq_status_count('{kind}')"
-                )
-        return out
-    if dialect == "sqlite":
-        for table, kind in TABLES.items():
-            add = "INSERT INTO status_count_deltas (kind, status, delta) VALUES ('{k}', {s}, {d});"
-            out.append(
-                f"CREATE TRIGGER {table}_count_insert AFTER INSERT ON {table} BEGIN "
-                + add.format(k=kind, s="NEW.status", d=1)
-                + " END"
-            )
-            out.append(
-                f"CREATE TRIGGER {table}_count_delete AFTER DELETE ON {table} BEGIN "
-                + add.format(k=kind, s="OLD.status", d=-1)
-                + " END"
-            )
-            out.append(
-                f"CREATE TRIGGER {table}_count_update AFTER UPDATE OF status ON {table} "
-                "WHEN OLD.status IS NOT NEW.status BEGIN "
-                + add.format(k=kind, s="OLD.status", d=-1)
-                + " "
-                + add.format(k=kind, s="NEW.status", d=1)
-                + " END"
-            )
-        return out
-    raise NotImplementedError(f"status counts need triggers for {dialect}")
+    for table, kind in TABLES.items():
+        add = "INSERT INTO status_count_deltas (kind, status, delta) VALUES ('{k}', {s}, {d});"
+        out.append(
+            f"CREATE TRIGGER {table}_count_insert AFTER INSERT ON {table} BEGIN "
+            + add.format(k=kind, s="NEW.status", d=1)
+            + " END"
+        )
+        out.append(
+            f"CREATE TRIGGER {table}_count_delete AFTER DELETE ON {table} BEGIN "
+            + add.format(k=kind, s="OLD.status", d=-1)
+            + " END"
+        )
+        out.append(
+            f"CREATE TRIGGER {table}_count_update AFTER UPDATE OF status ON {table} "
+            "WHEN OLD.status IS NOT NEW.status BEGIN "
+            + add.format(k=kind, s="OLD.status", d=-1)
+            + " "
+            + add.format(k=kind, s="NEW.status", d=1)
+            + " END"
+        )
+    return out
+
+
+TRIGGERS = Triggers(
+    purpose="status counts",
+    statements={"postgresql": _postgresql(), "sqlite": _sqlite()},
+    names=[
+        (f"{table}_count_{op}", table) for table in TABLES for op in ("insert", "delete", "update")
+    ],
+    functions=["dq_status_count"],
+)
 
 
 def create_triggers(connection: Connection) -> None:
     """Install the triggers, and count what the tables already hold."""
-    for statement in _statements(connection.dialect.name):
-        connection.execute(text(statement))
+    TRIGGERS.create(connection)
     for table, kind in TABLES.items():
         connection.execute(
             text(
@@ -92,20 +102,10 @@ def create_triggers(connection: Connection) -> None:
 
 
 def drop_triggers(connection: Connection) -> None:
-    for table in TABLES:
-        for op in ("insert", "delete", "update"):
-            on = f" ON {table}" if connection.dialect.name == "postgresql" else ""
-            connection.execute(text(f"DROP TRIGGER IF EXISTS {table}_count_{op}{on}"))
-    if connection.dialect.name == "postgresql":
-        connection.execute(text("DROP FUNCTION IF EXISTS dq_status_count()"))
+    TRIGGERS.drop(connection)
 
 
-@event.listens_for(Base.metadata, "after_create")
-def _after_create(target: object, connection: Connection, **kw: object) -> None:
-    # metadata.create_all (tests, tools) gets the same triggers as the migration.
-    tables = kw.get("tables")
-    if isinstance(tables, list) and "status_count_deltas" in {t.name for t in tables}:
-        create_triggers(connection)
+on_create_all("status_count_deltas", create_triggers)
 
 
 def fold(session: Session) -> int:

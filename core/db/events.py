@@ -15,9 +15,9 @@ The same statements run in the migration and after ``metadata.create_all`` (test
 
 from __future__ import annotations
 
-from sqlalchemy import Connection, event, text
+from sqlalchemy import Connection
 
-from core.db.models import Base
+from core.db.triggers import Triggers, on_create_all
 
 # Job status → webhook event name.
 WEBHOOK_EVENTS = {
@@ -103,38 +103,29 @@ _SQLITE = [
     "strftime('%Y-%m-%d %H:%M:%f', 'now'), strftime('%Y-%m-%d %H:%M:%f', 'now')); END",
 ]
 
-_TRIGGERS = (
-    "jobs_event_insert",
-    "jobs_event_status",
-    "jobs_event_progress",
-    "jobs_event_preview",
-    "jobs_webhook",
+TRIGGERS = Triggers(
+    purpose="job events",
+    statements={"postgresql": _PG, "sqlite": _SQLITE},
+    names=[
+        (name, "jobs")
+        for name in (
+            "jobs_event_insert",
+            "jobs_event_status",
+            "jobs_event_progress",
+            "jobs_event_preview",
+            "jobs_webhook",
+        )
+    ],
+    functions=["dq_job_event", "dq_job_webhook"],
 )
 
 
 def create_triggers(connection: Connection) -> None:
-    dialect = connection.dialect.name
-    if dialect == "postgresql":
-        statements = _PG
-    elif dialect == "sqlite":
-        statements = _SQLITE
-    else:
-        raise NotImplementedError(f"job events need triggers for {dialect}")
-    for statement in statements:
-        connection.execute(text(statement))
+    TRIGGERS.create(connection)
 
 
 def drop_triggers(connection: Connection) -> None:
-    on = " ON jobs" if connection.dialect.name == "postgresql" else ""
-    for name in _TRIGGERS:
-        connection.execute(text(f"DROP TRIGGER IF EXISTS {name}{on}"))
-    if connection.dialect.name == "postgresql":
-        connection.execute(text("DROP FUNCTION IF EXISTS dq_job_event()"))
-        connection.execute(text("DROP FUNCTION IF EXISTS dq_job_webhook()"))
+    TRIGGERS.drop(connection)
 
 
-@event.listens_for(Base.metadata, "after_create")
-def _after_create(target: object, connection: Connection, **kw: object) -> None:
-    tables = kw.get("tables")
-    if isinstance(tables, list) and "job_events" in {t.name for t in tables}:
-        create_triggers(connection)
+on_create_all("job_events", create_triggers)
