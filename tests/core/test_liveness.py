@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from core.serve import Child, Supervisor
+from core.cli.supervisor import Child, Supervisor
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -148,8 +148,8 @@ def test_a_stopped_reaper_goes_stale_and_a_resumed_one_fresh_again(tmp_path: Pat
 
 
 def test_dq_serve_runs_one_single_threaded_worker_per_core_without_a_gpu() -> None:
+    from core.cli.supervisor import default_workers
     from core.runtime.settings import Settings
-    from core.serve import default_workers
 
     cores = os.cpu_count() or 1
     assert default_workers(Settings.from_env({"DQ_DEVICE": "cpu"})) == max(1, min(8, cores))

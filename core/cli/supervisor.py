@@ -14,8 +14,8 @@ period). Children also get SIGTERM from the kernel if the supervisor itself dies
 if the web app cannot start, everything stops. Their output is shown line by line, prefixed
 with the child's name.
 
-Like ``core.cli``, this module imports neither the web app nor the workers: it starts them as
-processes, by command.
+Like the rest of ``core.cli``, this module imports neither the web app nor the workers: it starts
+them as processes, by command.
 """
 
 from __future__ import annotations

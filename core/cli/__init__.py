@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "diffusion" / "default_model"
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[1] / "diffusion" / "default_model"
 
 
 class UsageError(click.ClickException):
@@ -682,7 +682,7 @@ def web_cmd(host: str, port: int, workers: int, threads: int, migrate: bool) -> 
         str(threads),
         # The checkout root, so that `web` imports from a source tree as from an install.
         "--pythonpath",
-        str(Path(__file__).resolve().parents[1]),
+        str(Path(__file__).resolve().parents[2]),
         "--access-logfile",
         "-",
         # gunicorn's default line, plus the request id that problem bodies also name.
@@ -742,7 +742,7 @@ def serve_cmd(
     process; queued jobs survive and run after the next start.
     """
 
-    from core.serve import serve
+    from core.cli.supervisor import serve
 
     settings = _settings()
     for path in settings.local_paths():
@@ -751,7 +751,7 @@ def serve_cmd(
     _migrate(settings.database_url)
     import os
 
-    from core.serve import default_workers
+    from core.cli.supervisor import default_workers
 
     workers = workers or default_workers(settings)
     threads = threads_per_worker or max(1, (os.cpu_count() or 1) // workers)
@@ -975,7 +975,3 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         click.echo("dq: interrupted; a training run resumes from its last checkpoint", err=True)
         sys.exit(130)
-
-
-if __name__ == "__main__":
-    main()
