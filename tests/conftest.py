@@ -16,6 +16,7 @@ from core.diffusion.pipeline import LatentDiffusion
 from core.diffusion.schedule import NoiseSchedule
 from core.diffusion.text import TextEncoder, TextEncoderConfig, WordTokenizer
 from core.diffusion.unet import UNet, UNetConfig
+from tests.fake_redis import FakeRedis, serve_fake_redis
 from tests.services import postgres_schema
 
 TINY_AE = AutoencoderConfig(channels=(8, 16), groups=4, latent_scale_factor=1.0)
@@ -94,3 +95,10 @@ def moto_endpoint() -> Iterator[str]:
     host, port = server.get_host_and_port()
     yield f"http://{host}:{port}"
     server.stop()
+
+
+@pytest.fixture
+def fake_redis() -> Iterator[FakeRedis]:
+    """fakeredis over TCP on a free loopback port (tests/fake_redis.py): no Redis needed."""
+    with serve_fake_redis() as fake:
+        yield fake

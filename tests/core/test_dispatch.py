@@ -1,6 +1,6 @@
 """The outbox relay and reaper (core/queue/dispatch.py), with a recording publisher, on SQLite and
-PostgreSQL, and with the real publisher on Redis; and the Celery configuration every process
-shares."""
+PostgreSQL, and with the real publisher on Redis and on fakeredis; and the Celery configuration
+every process shares."""
 
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ from core.queue.dispatch import (
 )
 from core.runtime.settings import Settings
 from core.services.jobs import JobRequest, submit_job
+from tests.fake_redis import FakeRedis
 from tests.services import REDIS_URL, empty_redis
 
 SETTINGS = Settings.from_env({}, job_max_attempts=2, max_active_jobs_per_owner=1000)
@@ -73,6 +74,12 @@ def cycles(n: int) -> list[datetime]:
     step = max(REPUBLISH_WHEN_MISSING, REPUBLISH_WHEN_QUEUE_EMPTY) + timedelta(minutes=1)
     start = utcnow()
     return [start + i * step for i in range(n)]
+
+
+def job_ids_in(redis: Any, queue: str = "generate") -> list[str]:
+    """The job ids of the Celery messages in ``queue``'s Redis list, newest first (LPUSH)."""
+    bodies = (json.loads(m)["body"] for m in redis.lrange(queue, 0, -1))
+    return [json.loads(base64.b64decode(b))[1]["job_id"] for b in bodies]
 
 
 def job(engine: Engine, job_id: uuid.UUID) -> Job:
@@ -236,8 +243,7 @@ def test_redis_holds_one_message_per_waiting_job_and_gets_them_back_once_flushed
     with empty_redis() as redis:
 
         def queued_ids() -> list[str]:
-            bodies = (json.loads(m)["body"] for m in redis.lrange("generate", 0, -1))
-            return sorted(json.loads(base64.b64decode(b))[1]["job_id"] for b in bodies)
+            return sorted(job_ids_in(redis))
 
         ids = sorted(map(str, new_jobs(engine, 500)))
         clock = cycles(7)
@@ -253,6 +259,95 @@ def test_redis_holds_one_message_per_waiting_job_and_gets_them_back_once_flushed
         assert queued_ids() == ids
         assert relay_once(engine, publisher, settings, now=clock[6]).republished == []
         assert redis.llen("generate") == 500
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_fakeredis_holds_one_message_per_waiting_job_and_gets_them_back_once_flushed(
+    fake_redis: FakeRedis, engine: Engine
+) -> None:
+    """The fast twin of test_redis_holds_one_message_per_waiting_job_and_gets_them_back_once_flushed
+    above: the real publisher, its broker on fakeredis, and fewer jobs."""
+    from core.queue.broker import CeleryPublisher
+
+    settings = Settings.from_env({}, job_max_attempts=2, broker_url=fake_redis.url)
+    publisher = CeleryPublisher.from_settings(settings)
+    redis = fake_redis.client
+    ids = sorted(map(str, new_jobs(engine, 50)))
+    clock = cycles(7)
+    for now in clock[:5]:
+        relay_once(engine, publisher, settings, now=now)
+        assert redis.llen("generate") == 50
+    assert sorted(job_ids_in(redis)) == ids  # every job has a message, and only one
+
+    redis.flushall()  # Redis restarted without persistence: the queue is forgotten
+    assert publisher.queue_depth("generate") == 0
+    report = relay_once(engine, publisher, settings, now=clock[5])
+    assert sorted(map(str, report.republished)) == ids
+    assert sorted(job_ids_in(redis)) == ids
+    assert relay_once(engine, publisher, settings, now=clock[6]).republished == []
+    assert redis.llen("generate") == 50
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+@pytest.mark.parametrize("length", [0, 1, 6, 10, 13])
+def test_the_relay_sends_again_as_many_messages_as_the_redis_list_lacks(
+    fake_redis: FakeRedis, engine: Engine, length: int
+) -> None:
+    """The depth the relay reads is the length of the queue's Redis list (kombu's LLEN): with
+    ``length`` of 10 messages left, the 10 - ``length`` oldest jobs are sent again, and a list
+    holding more than 10 gets nothing. The fast twin, over lists of given lengths, of
+    test_redis_holds_one_message_per_waiting_job_and_gets_them_back_once_flushed (real Redis)
+    and of test_a_busy_queue_short_of_messages_gets_the_oldest_ones_back (a recorded depth)."""
+    from core.queue.broker import CeleryPublisher
+
+    settings = Settings.from_env({}, job_max_attempts=2, broker_url=fake_redis.url)
+    publisher = CeleryPublisher.from_settings(settings)
+    redis = fake_redis.client
+    new_jobs(engine, 10)
+    start, later = cycles(2)
+    assert len(relay_once(engine, publisher, settings, now=start).published) == 10
+    oldest_first = job_ids_in(redis)[::-1]
+    if length == 0:  # Redis deletes a list with its last message
+        redis.delete("generate")
+    elif length < 10:  # the broker lost the oldest messages
+        redis.ltrim("generate", 0, length - 1)
+    elif length > 10:  # duplicates of some messages are waiting too
+        redis.rpush("generate", *redis.lrange("generate", 0, length - 11))
+    assert redis.llen("generate") == length
+    assert publisher.queue_depth("generate") == length
+
+    report = relay_once(engine, publisher, settings, now=later)
+    missing = oldest_first[: max(0, 10 - length)]
+    assert [str(job_id) for job_id in report.republished] == missing
+    assert redis.llen("generate") == max(10, length)
+    assert sorted(set(job_ids_in(redis))) == sorted(oldest_first)
+    assert relay_once(engine, publisher, settings, now=later).republished == []
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_the_reaper_sends_again_the_message_of_a_job_the_broker_forgot(
+    fake_redis: FakeRedis, db_url: str, engine: Engine
+) -> None:
+    """One pass of ``dq reaper`` (run_reaper), its broker on fakeredis. The fast twin of
+    tests/worker/test_generation_inprocess.py::
+    test_a_job_lost_when_the_broker_restarted_empty_is_republished_and_runs, which runs the job
+    on a worker over the real Redis."""
+    from core.queue.broker import CeleryPublisher
+    from core.upkeep.reaper import run_reaper
+
+    settings = Settings.from_env({}, database_url=db_url, broker_url=fake_redis.url)
+    job_id = new_job(engine)
+    assert publish_job(engine, CeleryPublisher.from_settings(settings), job_id)
+    assert job_ids_in(fake_redis.client) == [str(job_id)]
+    fake_redis.client.flushall()  # Redis restarts and comes back empty
+    with session_scope(engine) as s:  # ... a while after the message went out
+        sent = s.get(Job, job_id)
+        assert sent is not None and sent.published_at is not None
+        sent.published_at -= REPUBLISH_WHEN_QUEUE_EMPTY + timedelta(seconds=1)
+    run_reaper(settings, once=True)
+    assert job_ids_in(fake_redis.client) == [str(job_id)]
+    run_reaper(settings, once=True)  # the message is there again: nothing more is sent
+    assert job_ids_in(fake_redis.client) == [str(job_id)]
 
 
 def test_training_runs_go_through_the_same_relay(engine: Engine) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy.engine import Engine
 
+from tests.fake_redis import FakeRedis
 from tests.services import REDIS_URL, require_redis
 from tests.web.conftest import RecordingPublisher, bearer, make_settings
 
@@ -45,6 +46,35 @@ def test_two_processes_share_one_budget_through_redis(
         for client in (first, second, first, second)
     ]
     assert codes == [202, 202, 202, 429]
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_two_processes_share_one_budget_through_fakeredis(
+    fake_redis: FakeRedis, db_url: str, tmp_path: Path, engine: Engine, user_token: str
+) -> None:
+    """The fast twin of test_two_processes_share_one_budget_through_redis: the same limiter
+    storage over redis://, on fakeredis, with the moving windows it counts in."""
+    from web import create_app
+
+    settings = make_settings(
+        db_url, tmp_path, rate_limit="3/minute", rate_limit_storage_url=fake_redis.url
+    )
+    first = create_app(settings, publisher=RecordingPublisher()).test_client()
+    second = create_app(settings, publisher=RecordingPublisher()).test_client()
+    codes = [
+        client.post("/api/v1/jobs", json={"prompt": "x"}, headers=bearer(user_token)).status_code
+        for client in (first, second, first, second)
+    ]
+    assert codes == [202, 202, 202, 429]
+
+    # One window for the caller and one for everyone, each a list of the hits it let through:
+    # the refused submission costs neither budget anything.
+    def hits(pattern: str) -> list[int]:
+        return [fake_redis.client.llen(key) for key in fake_redis.client.keys(pattern)]
+
+    assert hits("LIMITS:LIMITER/dq/token:*/api.submit_job_view/3/1/minute") == [3]
+    assert hits("LIMITS:LIMITER/dq/all-callers/api.submit_job_view:global/*") == [3]
+    assert len(fake_redis.client.keys("LIMITS:*")) == 2
 
 
 def test_a_limiter_store_that_is_down_lets_submissions_through(
@@ -106,6 +136,38 @@ def test_an_anonymous_flood_from_one_address_is_limited_and_the_queue_stays_capp
     assert set(codes[5:]) == {429}
     with Session(engine) as s:
         assert s.scalar(select(func.count()).select_from(Job)) == 4
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_an_anonymous_flood_is_limited_on_fakeredis_and_the_queue_stays_capped(
+    fake_redis: FakeRedis, db_url: str, tmp_path: Path, engine: Engine
+) -> None:
+    """The fast twin of
+    test_an_anonymous_flood_from_one_address_is_limited_and_the_queue_stays_capped, its limiter
+    storage on fakeredis."""
+    from sqlalchemy import func, select
+    from sqlalchemy.orm import Session
+
+    from core.db import Job
+    from web import create_app
+
+    settings = make_settings(
+        db_url,
+        tmp_path,
+        rate_limit="5/minute",
+        rate_limit_storage_url=fake_redis.url,
+        max_queued_jobs=4,
+    )
+    app = create_app(settings, publisher=RecordingPublisher())
+    codes = [_anonymous_post(app, f"a red circle {i}") for i in range(200)]
+    assert codes[:4] == [303] * 4
+    assert codes[4] == 503
+    assert set(codes[5:]) == {429}
+    with Session(engine) as s:
+        assert s.scalar(select(func.count()).select_from(Job)) == 4
+    # The address's window holds the five submissions the rate let through, not the flood.
+    (window,) = fake_redis.client.keys("LIMITS:LIMITER/dq/addr:*/pages.index/5/1/minute")
+    assert fake_redis.client.llen(window) == 5
 
 
 def test_the_per_caller_cap_gives_429_and_the_queue_cap_503_with_retry_after(
