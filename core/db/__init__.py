@@ -3,7 +3,7 @@
 Nothing here imports torch, Flask or Celery.
 """
 
-from core.db import counts, events  # noqa: F401 -- install their triggers on create_all
+from core.db import counts, events, fair_keys  # noqa: F401 -- install their triggers on create_all
 from core.db.models import (
     ApiToken,
     Base,

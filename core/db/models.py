@@ -172,6 +172,8 @@ class Job(LeasedWork, Base):
     progress_total: Mapped[int] = mapped_column(Integer, default=0)
     preview_key: Mapped[str | None] = mapped_column(String(512))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
+    # Its start tag in the fair order (core.queue.fairness), set by a trigger as it is queued.
+    fair_key: Mapped[float | None] = mapped_column(Float)
     # "token:<id>" for API callers, "session:<random>" for anonymous form users.
     owner: Mapped[str] = mapped_column(String(80), index=True)
     idempotency_key: Mapped[str | None] = mapped_column(String(255))
@@ -200,6 +202,30 @@ class Job(LeasedWork, Base):
         Index("ix_jobs_status_published_at", "status", "published_at"),
         # The latency histogram of /metrics (the last N succeeded jobs) and retention.
         Index("ix_jobs_status_finished_at", "status", "finished_at"),
+        # The fair order of the queue (core.queue.fairness): its head, a claim, and a queue
+        # position counted up to a bound are range scans of the queued rows alone.
+        Index(
+            "ix_jobs_queued_fair",
+            "fair_key",
+            "created_at",
+            "id",
+            postgresql_where=text("status = 'queued'"),
+            sqlite_where=text("status = 'queued'"),
+        ),
+        # Filling a batch: the queued jobs of one kind, in fair order.
+        Index(
+            "ix_jobs_queued_kind",
+            "model_version_id",
+            "sampler",
+            "steps",
+            "width",
+            "height",
+            "fair_key",
+            "created_at",
+            "id",
+            postgresql_where=text("status = 'queued'"),
+            sqlite_where=text("status = 'queued'"),
+        ),
     )
 
     @property
@@ -352,6 +378,19 @@ class AdminSession(Base):
     ended_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     client: Mapped[str | None] = mapped_column(String(64))
     user_agent: Mapped[str] = mapped_column(String(200), default="")
+
+
+class FairOwner(Base):
+    """Each owner's place in the fair order (``core.queue.fairness``): the start tag its last
+    queued job got, and where its next one starts. Written by the trigger that keys new jobs
+    (``core.db.fair_keys``)."""
+
+    __tablename__ = "fair_owners"
+
+    owner: Mapped[str] = mapped_column(String(80), primary_key=True)
+    last_start: Mapped[float] = mapped_column(Float, index=True)
+    next_start: Mapped[float] = mapped_column(Float)
+    weight: Mapped[float] = mapped_column(Float, default=1.0)
 
 
 class StatusCount(Base):

@@ -35,14 +35,23 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import case, func, literal, select, true
+from sqlalchemy import case, func, select, tuple_
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from core.db.models import Job, JobStatus, ThroughputSample, WorkerPresence, utcnow
 from core.db.transitions import db_now
 from core.queue.dispatch import QUEUE_GENERATE
-from core.queue.fairness import ahead_of, fair_queue
+from core.queue.fairness import (
+    KIND_COLUMNS,
+    ORDER,
+    POSITION_EXACT_UP_TO,
+    QUEUED,
+    Place,
+    ahead_of,
+    estimate_ahead,
+    same_kind,
+)
 
 # Used until a worker has measured anything: the shipped model on two CPU cores is about this
 # fast at batch 1 (bench/bench_eta.py prints what this machine measures).
@@ -202,6 +211,8 @@ class Estimate:
     queue_position: int | None  # jobs ahead in fair order; None once it is no longer queued
     start: datetime | None
     finish: datetime | None
+    # Whether queue_position was counted (up to POSITION_EXACT_UP_TO) or estimated beyond.
+    position_exact: bool = True
 
 
 UNKNOWN = Estimate(None, None, None)
@@ -294,79 +305,86 @@ def estimate(
     running_left = sum(left_by_host.values())
     workers = max(live_workers(session), len(left_by_host), 1)
 
-    for job_id, (position, ahead_work, own_batch) in _queued_work(
+    for job_id, (place, ahead_work, own_batch) in _queued_work(
         session, waiting, rates, max_batch_size
     ).items():
         start = now + timedelta(seconds=(ahead_work + running_left) / workers)
-        out[job_id] = Estimate(position, start, start + timedelta(seconds=own_batch))
+        out[job_id] = Estimate(
+            place.ahead, start, start + timedelta(seconds=own_batch), place.exact
+        )
     return out
 
 
 def _queued_work(
     session: Session, job_ids: list[uuid.UUID], rates: Rates, cap: int
-) -> dict[uuid.UUID, tuple[int, float, float]]:
-    """For each queued job: (jobs ahead, seconds of work ahead for one worker, seconds of its
-    own batch). One statement: every queued job against the asked ones, summed by kind."""
-    fair = fair_queue()
-    me = fair.alias("me")
-    other = fair.alias("other")
-    ahead = ahead_of(other, me)
-    same_kind = (
-        other.c.model_version_id.is_not_distinct_from(me.c.model_version_id)
-        & (other.c.sampler == me.c.sampler)
-        & (other.c.steps == me.c.steps)
-        & (other.c.width == me.c.width)
-        & (other.c.height == me.c.height)
-    )
-
-    def total(condition: Any, value: Any) -> Any:
-        return func.coalesce(func.sum(case((condition, value), else_=0)), 0)
-
-    rows = session.execute(
-        select(
-            me.c.id,
-            me.c.num_images.label("own_images"),
-            me.c.model_version_id.label("own_model"),
-            me.c.sampler.label("own_sampler"),
-            me.c.steps.label("own_steps"),
-            other.c.model_version_id,
-            other.c.sampler,
-            other.c.steps,
-            total(ahead, literal(1)).label("jobs_ahead"),
-            total(ahead, other.c.num_images).label("images_ahead"),
-            # Its own kind ahead of it and behind it: its batch is made of these.
-            total(ahead & same_kind, other.c.num_images).label("same_ahead"),
-            total(~ahead & same_kind & (other.c.id != me.c.id), other.c.num_images).label(
-                "same_behind"
-            ),
-        )
-        .select_from(me.join(other, true()))
-        .where(me.c.id.in_(job_ids))
-        .group_by(
-            me.c.id,
-            me.c.num_images,
-            me.c.model_version_id,
-            me.c.sampler,
-            me.c.steps,
-            other.c.model_version_id,
-            other.c.sampler,
-            other.c.steps,
+) -> dict[uuid.UUID, tuple[Place, float, float]]:
+    """For each queued job: (its place, seconds of work ahead for one worker, seconds of its
+    own batch). Per job, two bounded statements: the jobs ahead of it by kind, counted through
+    the index up to POSITION_EXACT_UP_TO, and its own kind behind it, up to one batch. Beyond
+    the bound the work ahead is that of the counted head, scaled to the estimated place."""
+    j = Job.__table__
+    kind = tuple(j.c[name] for name in KIND_COLUMNS)
+    mine = session.execute(
+        select(j.c.id, j.c.fair_key, j.c.created_at, j.c.num_images, *kind).where(
+            j.c.id.in_(job_ids), QUEUED
         )
     ).all()
-    out: dict[uuid.UUID, tuple[int, float, float]] = {}
-    for g in rows:
-        position, work, own = out.get(g.id, (0, 0.0, 0.0))
-        kind = (g.model_version_id, g.sampler, g.steps)
-        position += int(g.jobs_ahead)
-        # Other kinds ahead run in batches of up to `cap` images.
-        full, rest = divmod(int(g.images_ahead) - int(g.same_ahead), cap)
-        work += full * rates.batch_seconds(*kind, cap) + rates.batch_seconds(*kind, rest)
-        if kind == (g.own_model, g.own_sampler, g.own_steps):
-            # Full batches of its own kind ahead run first; the partial one joins its batch,
-            # with compatible jobs behind it, up to the cap.
-            full, rest = divmod(int(g.same_ahead), cap)
-            work += full * rates.batch_seconds(*kind, cap)
-            batch = min(cap, rest + int(g.own_images) + int(g.same_behind))
-            own = rates.batch_seconds(*kind, max(batch, int(g.own_images)))
-        out[g.id] = (position, work, own)
+    out: dict[uuid.UUID, tuple[Place, float, float]] = {}
+    for me in mine:
+        if me.fair_key is None:
+            continue
+        ahead = (
+            select(j.c.num_images, *kind)
+            .where(ahead_of(me.fair_key, me.created_at, me.id))
+            .order_by(*ORDER)
+            .limit(POSITION_EXACT_UP_TO)
+            .subquery()
+        )
+        groups = session.execute(
+            select(
+                ahead.c.model_version_id,
+                ahead.c.sampler,
+                ahead.c.steps,
+                ahead.c.width,
+                ahead.c.height,
+                func.count().label("jobs"),
+                func.sum(ahead.c.num_images).label("images"),
+            ).group_by(*(ahead.c[name] for name in KIND_COLUMNS))
+        ).all()
+        behind = session.scalars(
+            select(j.c.num_images)
+            .where(
+                QUEUED, *same_kind(me), tuple_(*ORDER) > tuple_(me.fair_key, me.created_at, me.id)
+            )
+            .order_by(*ORDER)
+            .limit(cap)
+        ).all()
+        own_kind = tuple(getattr(me, name) for name in KIND_COLUMNS)
+        counted = sum(int(g.jobs) for g in groups)
+        work = 0.0
+        same_ahead = 0
+        for g in groups:
+            images = int(g.images or 0)
+            batch_kind = (g.model_version_id, g.sampler, g.steps)
+            if tuple(getattr(g, name) for name in KIND_COLUMNS) == own_kind:
+                same_ahead = images
+                continue
+            # Other kinds ahead run in batches of up to `cap` images.
+            full, rest = divmod(images, cap)
+            work += full * rates.batch_seconds(*batch_kind, cap)
+            work += rates.batch_seconds(*batch_kind, rest)
+        # Full batches of its own kind ahead run first; the partial one joins its batch, with
+        # compatible jobs behind it, up to the cap.
+        full, rest = divmod(same_ahead, cap)
+        work += full * rates.batch_seconds(me.model_version_id, me.sampler, me.steps, cap)
+        batch = min(cap, rest + int(me.num_images) + sum(int(n) for n in behind))
+        own = rates.batch_seconds(
+            me.model_version_id, me.sampler, me.steps, max(batch, int(me.num_images))
+        )
+        if counted < POSITION_EXACT_UP_TO:
+            place = Place(counted, True)
+        else:
+            place = Place(max(estimate_ahead(session, me.fair_key), counted), False)
+            work *= place.ahead / counted  # the counted head's work per job, for every job ahead
+        out[me.id] = (place, work, own)
     return out

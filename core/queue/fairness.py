@@ -1,166 +1,184 @@
 """Fair share between owners: the order in which queued jobs run.
 
-Weighted round-robin by owner (fair queueing, Demers, Keshav and Shenker 1989, with whole jobs
-as the packets). Each queued job gets a *fair key*
+Start-time fair queuing (Goyal, Vin and Cheng, "Start-time Fair Queuing: A Scheduling Algorithm
+for Integrated Services Packet Switching Networks", SIGCOMM 1996), with whole jobs as the
+packets, each of cost 1. Every job gets a *start tag* once, as it is queued, and jobs run in
+(start tag, created_at, id) order:
 
-    key = rank / weight
-    rank = the owner's turns taken (its jobs running, or started and ended within the last
-           FAIR_WINDOW_SECONDS) + the job's place among the owner's queued jobs by created_at
+    V            = the virtual time: the smallest start tag of the jobs queued or running (the
+                   job in service, or the head of the queue)
+    start        = max(V, the owner's finish tag)           (jobs.fair_key)
+    finish tag   = start + 1 / weight                       (fair_owners.next_start)
 
-and jobs run in (key, created_at, id) order. An owner is ``token:<id>`` (weight from
-``api_tokens.weight``, admin-set, default 1) or ``session:…`` (weight 1). So every owner's next
-job comes before anyone's second turn: owner A with 200 queued jobs and owner B with one take
-turns, and B waits for at most one batch of A's. A weight of 2 gives two turns per round (keys
-0.5, 1, 1.5, …), 0.5 one turn every other round.
+An owner is ``token:<id>`` (weight from ``api_tokens.weight``, admin-set, default 1) or
+``session:…`` (weight 1). The database gives the tags, in a trigger on ``jobs``
+(``core.db.fair_keys``), so that every path that queues a job keys it the same way.
 
-Why the turns taken count: ranked by place in the queue alone, A's next job would rank 1 again
-after each of A's batches, tie B's at rank 1, win on created_at, and B would wait behind all of
-A's jobs whenever its job could not share A's batches. Counting the jobs A started keeps A's
-later jobs behind B's. The order of the jobs still waiting does not change when a claim takes
-one (the owner's turns go up by one as its places go down by one), so a queue position stays
-true while the queue drains, until turns leave the window. The window is the memory of the
-round: an owner idle for FAIR_WINDOW_SECONDS starts afresh. Extreme weight ratios (100 against
-0.1) need more turns than one window holds before the light owner's turn comes.
+What it guarantees (``tests/core/test_fair_share.py``):
 
-A worker claims the head of this order, then fills its batch with compatible jobs taken in the
-same order (``worker.generation.claim_batch``). The order is one statement with a window function
-(SQLite ≥ 3.25, PostgreSQL): it reads the queued rows by the status index and sorts them by
-owner, plus the running and recently ended ones by ``ix_jobs_status_finished_at``; some
-milliseconds at 5,000 queued jobs. Each caller takes a bounded head of it (``LIMIT``).
+- Every owner's next job comes before anyone's second turn. Owner A queues 200 jobs (tags 0,
+  1, …, 199); owner B queues one while A's first 16 run: V = 0 (A's first is in service), B's
+  tag is 0, and B's job is claimed in the next claim, ahead of A's 17th.
+- A weight of 2 gives two turns per round (tags 0, 0.5, 1, …), 0.5 one every other round.
+- An idle owner starts afresh: its finish tag falls behind V while it has nothing queued, and
+  max(V, …) forgets it. An owner that queued far ahead keeps its later tags: it has had its
+  share of the rounds to come.
+
+The tags are stored, so nothing ranks the queue at claim time: the head, a claim and a batch fill
+are range scans of partial indexes on the queued rows (``ix_jobs_queued_fair`` in tag order,
+``ix_jobs_queued_kind`` by kind of batch, then tag), whatever the queue's depth.
+
+Where it differs from re-ranking the whole queue at every claim (the window function this module
+used before): a weight changed by an admin applies to jobs queued after the change; a job put
+back in the queue (a lost lease, a transient error) keeps its old tag and so runs next, as it
+should; and a claim that fills its batch with compatible jobs from further down the order runs
+them early, so their owners' later jobs keep their tags (they are ahead by that batch).
+
+Queue positions: the jobs ahead of a job are counted through the index up to
+:data:`POSITION_EXACT_UP_TO` (exact, in at most that many index entries). Beyond it the count is
+estimated from ``fair_owners`` alone: an owner whose finish tag is ahead of V has queued jobs at
+tags V, V + 1/w, … up to its last start, so the jobs ahead of a tag k are, summed over owners,
+those of its tags that fall below k. The estimate is exact while each owner's queued tags are
+contiguous; batch fills and requeues make gaps (docs/QUEUE.md measures the error). A position
+says which one it is (:class:`Place`).
 
 No Flask, no Celery here.
 """
 
 from __future__ import annotations
 
+import math
 import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import (
-    CTE,
-    ColumnElement,
-    Float,
-    Row,
-    String,
-    cast,
-    func,
-    literal,
-    select,
-    tuple_,
-)
+from sqlalchemy import ColumnElement, func, select, tuple_
 from sqlalchemy.orm import Session
 
-from core.db.models import ApiToken, Job, JobStatus
-from core.db.transitions import db_now
+from core.db.models import FairOwner, Job, JobStatus
 
 _jobs = Job.__table__
-_tokens = ApiToken.__table__
+_owners = FairOwner.__table__
 
-# Jobs an owner started this recently (running, or ended since) count as its turns taken.
-FAIR_WINDOW_SECONDS = 600.0
-ENDED = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED)
 # The columns a claim needs to judge whether a job fits a batch.
 BATCH_COLUMNS = ("model_version_id", "sampler", "steps", "width", "height", "num_images")
+KIND_COLUMNS = ("model_version_id", "sampler", "steps", "width", "height")
+# Queue positions are counted exactly up to this many jobs ahead, and estimated beyond.
+POSITION_EXACT_UP_TO = 1000
+
+QUEUED: ColumnElement[bool] = _jobs.c.status == JobStatus.QUEUED
+ORDER = (_jobs.c.fair_key, _jobs.c.created_at, _jobs.c.id)
 
 
-def fair_queue() -> CTE:
-    """The queued jobs with their fair key: a CTE with columns ``id``, ``owner``,
-    ``created_at``, :data:`BATCH_COLUMNS` and ``fair_key``; order by :func:`fair_order`."""
-    columns = (_jobs.c.id, _jobs.c.owner, _jobs.c.created_at, *(_jobs.c[n] for n in BATCH_COLUMNS))
-    # The owners' turns taken first (waiting 0), then their queued jobs (waiting 1), so that
-    # a queued job's number counts them too.
-    active = (
-        select(*columns, literal(0).label("waiting"))
-        .where(_jobs.c.status == JobStatus.RUNNING)
-        .union_all(
-            # By ix_jobs_status_finished_at: a range per status.
-            select(*columns, literal(0)).where(
-                _jobs.c.status.in_(ENDED),
-                _jobs.c.finished_at >= db_now(-FAIR_WINDOW_SECONDS),
-                _jobs.c.started_at.is_not(None),
-            ),
-            select(*columns, literal(1)).where(_jobs.c.status == JobStatus.QUEUED),
-        )
-        .subquery("active")
-    )
-    ranked = (
-        select(
-            active,
-            func.row_number()
-            .over(
-                partition_by=active.c.owner,
-                order_by=(active.c.waiting, active.c.created_at, active.c.id),
-            )
-            .label("rank"),
-        )
-    ).subquery("ranked")
-    # Only tokens whose weight differs from 1: usually none or a few rows, computed once.
-    weights = (
-        select(
-            (literal("token:", String) + cast(_tokens.c.id, String)).label("owner"),
-            _tokens.c.weight,
-        )
-        .where(_tokens.c.weight != 1.0, _tokens.c.weight > 0)
-        .cte("weights")
-        .prefix_with("MATERIALIZED")
-    )
-    return (
-        select(
-            ranked.c.id,
-            ranked.c.owner,
-            ranked.c.created_at,
-            *(ranked.c[name] for name in BATCH_COLUMNS),
-            (cast(ranked.c.rank, Float) / func.coalesce(weights.c.weight, 1.0)).label("fair_key"),
-        )
-        .select_from(ranked.outerjoin(weights, weights.c.owner == ranked.c.owner))
-        .where(ranked.c.waiting == 1)
-        .cte("fair")
-    )
+def ahead_of(key: float, created_at: Any, job_id: uuid.UUID) -> ColumnElement[bool]:
+    """Queued rows of ``jobs`` that run before the job with this tag, age and id."""
+    return QUEUED & (tuple_(*ORDER) < tuple_(key, created_at, job_id))
 
 
-def fair_order(fair: Any) -> tuple[ColumnElement[Any], ...]:
-    """The run order of :func:`fair_queue`'s rows: key, then age, then id (to break ties)."""
-    return (fair.c.fair_key, fair.c.created_at, fair.c.id)
+def same_kind(like: Any) -> list[ColumnElement[bool]]:
+    """Rows of ``jobs`` of the same kind of batch as ``like`` (anything with the kind columns),
+    spelled so that ``ix_jobs_queued_kind`` serves them (no IS NOT DISTINCT FROM)."""
+    model = _jobs.c.model_version_id
+    return [
+        model.is_(None) if like.model_version_id is None else model == like.model_version_id,
+        _jobs.c.sampler == like.sampler,
+        _jobs.c.steps == like.steps,
+        _jobs.c.width == like.width,
+        _jobs.c.height == like.height,
+    ]
 
 
 def next_in_line(
     session: Session, limit: int, *, like: Any = None, max_images: int | None = None
-) -> list[Row[Any]]:
-    """The first ``limit`` queued jobs in fair order (id and :data:`BATCH_COLUMNS`). With
-    ``like`` (anything with the batch columns), only jobs that can share its batch, and with
-    ``max_images`` only those that fit in what is left of it."""
-    fair = fair_queue()
-    query = select(fair.c.id, *(fair.c[name] for name in BATCH_COLUMNS))
+) -> list[Any]:
+    """The first ``limit`` queued jobs in fair order (id, :data:`BATCH_COLUMNS` and
+    ``fair_key``). With ``like`` (anything with the kind columns), only jobs that can share its
+    batch, and with ``max_images`` only those that fit in what is left of it."""
+    query = select(_jobs.c.id, *(_jobs.c[name] for name in BATCH_COLUMNS), _jobs.c.fair_key).where(
+        QUEUED
+    )
     if like is not None:
-        query = query.where(
-            fair.c.model_version_id.is_not_distinct_from(like.model_version_id),
-            fair.c.sampler == like.sampler,
-            fair.c.steps == like.steps,
-            fair.c.width == like.width,
-            fair.c.height == like.height,
-        )
+        query = query.where(*same_kind(like))
     if max_images is not None:
-        query = query.where(fair.c.num_images <= max_images)
-    return list(session.execute(query.order_by(*fair_order(fair)).limit(limit)).all())
+        query = query.where(_jobs.c.num_images <= max_images)
+    return list(session.execute(query.order_by(*ORDER).limit(limit)).all())
 
 
-def ahead_of(fair: Any, me: Any) -> ColumnElement[bool]:
-    """Rows of ``fair`` that run before the row ``me`` (an alias of the same CTE)."""
-    return tuple_(*fair_order(fair)) < tuple_(*fair_order(me))
+def virtual_time(session: Session) -> float | None:
+    """The start tag at the head of the queue; None when nothing is queued."""
+    return session.scalar(select(func.min(_jobs.c.fair_key)).where(QUEUED))
 
 
-def queue_positions(session: Session, job_ids: list[uuid.UUID]) -> dict[uuid.UUID, int]:
-    """For each of these jobs that is queued: how many queued jobs come before it in fair
-    order. One statement, whatever the number of jobs asked about."""
+@dataclass(frozen=True)
+class Place:
+    """How many queued jobs run before a job: counted when ``exact``, else estimated."""
+
+    ahead: int
+    exact: bool
+
+
+def count_ahead(session: Session, key: float, created_at: Any, job_id: uuid.UUID) -> int:
+    """Queued jobs before this one, counted through the index up to
+    :data:`POSITION_EXACT_UP_TO` (that value means "at least")."""
+    head = (
+        select(_jobs.c.id)
+        .where(ahead_of(key, created_at, job_id))
+        .order_by(*ORDER)
+        .limit(POSITION_EXACT_UP_TO)
+        .subquery()
+    )
+    return int(session.scalar(select(func.count()).select_from(head)) or 0)
+
+
+def estimate_ahead(session: Session, key: float) -> int:
+    """Queued jobs with a start tag below ``key``, from the owners' tags alone: one row per
+    owner with jobs queued, none per job."""
+    v = virtual_time(session)
+    if v is None or key <= v:
+        return 0
+    owners = session.execute(
+        select(_owners.c.last_start, _owners.c.weight).where(_owners.c.last_start >= v)
+    ).all()
+    return sum(_tags_below(v, last, weight, key) for last, weight in owners)
+
+
+def _tags_below(v: float, last: float, weight: float, key: float) -> int:
+    """An owner's tags v', v' + 1/w, …, ``last`` (v' the first at or after ``v``) that are below
+    ``key``: counted from its last one back, which is the one it surely has."""
+    step = 1.0 / weight if weight > 0 else 1.0
+    eps = 1e-9
+    queued = math.floor((last - v) / step + eps) + 1  # its tags from v' to last
+    if key > last:
+        return queued
+    # Tags at or above key: last, last - step, … >= key.
+    at_or_above = math.floor((last - key) / step + eps) + 1
+    return max(0, queued - at_or_above)
+
+
+def places(session: Session, jobs: Sequence[Any]) -> dict[uuid.UUID, Place]:
+    """For each of these queued jobs (rows with ``id``, ``fair_key`` and ``created_at``): its
+    :class:`Place`. Bounded work per job, whatever the queue's depth."""
+    out = {}
+    for job in jobs:
+        if job.fair_key is None:  # not keyed: cannot be placed (never after the migration)
+            continue
+        ahead = count_ahead(session, job.fair_key, job.created_at, job.id)
+        if ahead < POSITION_EXACT_UP_TO:
+            out[job.id] = Place(ahead, True)
+        else:
+            estimated = estimate_ahead(session, job.fair_key)
+            out[job.id] = Place(max(estimated, POSITION_EXACT_UP_TO), False)
+    return out
+
+
+def queue_positions(session: Session, job_ids: list[uuid.UUID]) -> dict[uuid.UUID, Place]:
+    """For each of these jobs that is queued: its :class:`Place` in the fair order."""
     if not job_ids:
         return {}
-    fair = fair_queue()
-    me = fair.alias("me")
-    ahead = fair.alias("ahead")
     rows = session.execute(
-        select(me.c.id, func.count(ahead.c.id))
-        .select_from(me.outerjoin(ahead, ahead_of(ahead, me)))
-        .where(me.c.id.in_(job_ids))
-        .group_by(me.c.id)
+        select(_jobs.c.id, _jobs.c.fair_key, _jobs.c.created_at).where(
+            _jobs.c.id.in_(job_ids), QUEUED
+        )
     ).all()
-    return {row[0]: int(row[1]) for row in rows}
+    return places(session, rows)

@@ -23,6 +23,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from core.db import counts
 from core.db.models import Job, JobStatus, utcnow
 from core.db.transitions import transition_job
 from core.queue.fairness import queue_positions
@@ -87,10 +88,9 @@ def check_caps(session: Session, owner: str, settings: Settings, count: int = 1)
     )
     if (active or 0) + count > settings.max_active_jobs_per_owner:
         raise TooManyActiveJobs(settings.max_active_jobs_per_owner)
-    queued = session.scalar(
-        select(func.count()).select_from(Job).where(Job.status == JobStatus.QUEUED)
-    )
-    if (queued or 0) + count > settings.max_queued_jobs:
+    # The status counts the triggers keep (core.db.counts): a few rows, not the queue.
+    queued = counts.read(session, "job")[JobStatus.QUEUED.value]
+    if queued + count > settings.max_queued_jobs:
         raise QueueFull(settings.max_queued_jobs)
 
 
@@ -322,14 +322,16 @@ def queue_position(session: Session, job: Job) -> int | None:
     """How many queued jobs will run before this one under fair share (``core.queue.fairness``), or
     None once it is no longer queued.
 
-    It is the jobs ahead in the fair order as the queue stands now, so it is approximate twice
-    over: a claim fills its batch with compatible jobs from further down the order, which may
-    pass incompatible ones ahead of them (or take this job early, alongside the head); and jobs
-    that other owners submit later may come before this one, because their rank is lower.
+    It is the jobs ahead in the fair order as the queue stands now, counted up to
+    ``POSITION_EXACT_UP_TO`` and estimated beyond (``core.queue.fairness.places``). It is
+    approximate even when counted: a claim fills its batch with compatible jobs from further
+    down the order, which may pass incompatible ones ahead of them (or take this job early,
+    alongside the head).
     """
     if job.status is not JobStatus.QUEUED:
         return None
-    return queue_positions(session, [job.id]).get(job.id, 0)
+    place = queue_positions(session, [job.id]).get(job.id)
+    return place.ahead if place is not None else 0
 
 
 def cancel_job(session: Session, job: Job) -> Job:

@@ -193,6 +193,118 @@ def test_the_claim_query_stays_bounded_with_5000_jobs_waiting(
     assert len({get_owner(engine, j) for j in batch.ids}) == 16
 
 
+def test_an_idle_owner_starts_afresh(engine: Engine, tmp_path: Path) -> None:
+    """A ran 30 jobs while nobody else wanted the workers; then B and A queue 5 each. A's past
+    turns are forgotten: the two take turns, rather than A waiting behind all of B's."""
+    ctx = worker(engine, tmp_path, max_batch_size=1)
+    add_jobs(engine, "token:1", 30)
+    assert len(claim_order(ctx, 31)) == 30
+    b_jobs = add_jobs(engine, "session:b", 5)
+    a_jobs = add_jobs(engine, "token:1", 5)
+    claimed = [ids[0] for ids in claim_order(ctx, 11)]
+    assert sorted(claimed, key=str) == sorted(a_jobs + b_jobs, key=str)
+    owners = ["a" if j in a_jobs else "b" for j in claimed]
+    assert owners[:6].count("a") >= 2, owners  # turn about, give or take the first
+    assert owners.index("a") <= 2, owners
+
+
+def test_a_job_put_back_in_the_queue_keeps_its_place(engine: Engine, tmp_path: Path) -> None:
+    """A job whose lease was lost goes back with its old start tag, so it runs next."""
+    from core.db.transitions import requeue
+
+    ctx = worker(engine, tmp_path, max_batch_size=1)
+    first, *_ = add_jobs(engine, "token:1", 3, seconds_ago=10)
+    add_jobs(engine, "session:b", 3)
+    batch = claim_batch(ctx, uuid.uuid4())
+    assert batch is not None and batch.ids == [first]
+    with session_scope(engine) as s:
+        assert requeue(s, batch.jobs[0].lease)
+    with Session(engine) as s:
+        assert queue_position(s, get_job(s, first, None)) == 0
+    again = claim_batch(ctx, uuid.uuid4())
+    assert again is not None and again.ids == [first]
+
+
+def test_positions_past_the_bound_are_estimated_and_say_so(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Counted up to the bound, estimated from the owners' tags beyond it: with each owner's
+    tags contiguous, the estimate is the count."""
+    import core.queue.fairness as fairness
+
+    monkeypatch.setattr(fairness, "POSITION_EXACT_UP_TO", 10)
+    heavy = token_owner(engine, weight=2.0)
+    jobs = {
+        owner: add_jobs(engine, owner, 20, seconds_ago=i)
+        for i, owner in enumerate(["session:a", heavy, "session:c"])
+    }
+    with Session(engine) as s:
+        everyone = [j for ids in jobs.values() for j in ids]
+        places = fairness.queue_positions(s, everyone)
+    counted = sorted(places.values(), key=lambda p: p.ahead)
+    assert [p.ahead for p in counted[:10]] == list(range(10))
+    assert all(p.exact for p in counted[:10]) and not any(p.exact for p in counted[10:])
+    # The true positions, from a full sort of the tags, against the estimates.
+    with Session(engine) as s:
+        order = s.scalars(
+            select(Job.id).where(Job.status == JobStatus.QUEUED).order_by(*fairness.ORDER)
+        ).all()
+    errors = [abs(places[j].ahead - order.index(j)) for j in everyone if not places[j].exact]
+    assert max(errors) <= 2, errors  # ties between owners' equal tags, nothing more
+
+
+def test_queued_jobs_of_a_database_from_before_the_stored_order_get_it_and_all_run(
+    db_url: str, tmp_path: Path
+) -> None:
+    """Migrations run forward on a database that holds queued jobs: each is given its start tag
+    in the order the window function gave it, and a worker then claims every one of them."""
+    from core.db import make_engine, migrate
+
+    migrate.upgrade(db_url, "0005")
+    engine = make_engine(db_url)
+    try:
+        a = add_jobs_raw(engine, "token:1", 12, seconds_ago=30)
+        b = add_jobs_raw(engine, "session:b", 4, seconds_ago=10)
+        migrate.upgrade(db_url)
+        with Session(engine) as s:
+            keys = {row.id: row.fair_key for row in s.execute(select(Job.id, Job.fair_key))}
+        assert [keys[j] for j in a] == [float(i) for i in range(12)]
+        assert [keys[j] for j in b] == [float(i) for i in range(4)]
+        ctx = worker(engine, tmp_path, max_batch_size=1)
+        claimed = [ids[0] for ids in claim_order(ctx, 17)]
+        assert sorted(claimed, key=str) == sorted(a + b, key=str)
+        owners = ["a" if j in a else "b" for j in claimed]
+        assert owners[:8] == ["a", "b"] * 4  # the old jobs take turns, as before the migration
+        later = add_jobs(engine, "session:b", 1)  # and new ones are keyed by the trigger
+        with Session(engine) as s:
+            assert s.scalar(select(Job.fair_key).where(Job.id == later[0])) is not None
+    finally:
+        engine.dispose()
+
+
+def add_jobs_raw(engine: Engine, owner: str, n: int, *, seconds_ago: float) -> list[uuid.UUID]:
+    """Queued jobs written with plain SQL, as a database of revision 0005 holds them."""
+    from sqlalchemy import text
+
+    ids = [uuid.uuid4() for _ in range(n)]
+    with engine.begin() as c:
+        for i, job_id in enumerate(ids):
+            c.execute(
+                text(
+                    "INSERT INTO jobs (id, status, prompt, negative_prompt, steps, guidance, "
+                    "sampler, seed, width, height, num_images, model_version_id, progress_step, "
+                    "progress_total, created_at, owner, attempts) VALUES (:id, 'queued', 'p', '', "
+                    "20, 4.0, 'dpmpp-2m', 1, 32, 32, 1, NULL, 0, 20, :at, :owner, 0)"
+                ),
+                {
+                    "id": job_id if engine.dialect.name == "postgresql" else job_id.hex,
+                    "at": utcnow() - timedelta(seconds=seconds_ago - i * 0.001),
+                    "owner": owner,
+                },
+            )
+    return ids
+
+
 def get_owner(engine: Engine, job_id: uuid.UUID) -> str:
     with Session(engine) as s:
         owner = s.scalar(select(Job.owner).where(Job.id == job_id))

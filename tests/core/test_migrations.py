@@ -19,6 +19,7 @@ TABLES = {
     "audit_events",
     "batches",
     "disabled_webhook_urls",
+    "fair_owners",
     "job_events",
     "throughput_samples",
     "webhook_attempts",

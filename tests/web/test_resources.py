@@ -9,10 +9,11 @@ from typing import Any
 
 import pytest
 from flask.testing import FlaskClient
+from sqlalchemy import update
 from sqlalchemy.engine import Engine
 
 import web.token_cache
-from core.db import JobStatus, session_scope
+from core.db import Job, JobStatus, session_scope
 from core.services.jobs import JobNotFound, get_job, queue_position
 from tests.web.conftest import add_job, add_version
 from web.caller import Caller
@@ -21,9 +22,13 @@ from web.token_cache import TokenCache
 
 
 def test_queue_positions_agree_with_core(engine: Engine) -> None:
+    # a's running job was queued (and so took a's first turn) before anything else here.
+    running = add_job(engine, "a", JobStatus.QUEUED, seconds_ago=40)
+    with session_scope(engine) as session:
+        session.execute(update(Job).where(Job.id == running).values(status=JobStatus.RUNNING))
     ids = [
         add_job(engine, "a", JobStatus.QUEUED, seconds_ago=50),
-        add_job(engine, "a", JobStatus.RUNNING, seconds_ago=40),
+        running,
         add_job(engine, "b", JobStatus.QUEUED, seconds_ago=30),
         add_job(engine, "a", JobStatus.SUCCEEDED, seconds_ago=20),
         add_job(engine, "b", JobStatus.QUEUED, seconds_ago=10),
