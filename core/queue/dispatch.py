@@ -37,6 +37,7 @@ from sqlalchemy import func, or_, select, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
+from core.db import counts
 from core.db.models import Job, JobStatus, TrainingRun, WebhookDelivery, utcnow
 from core.db.session import session_scope
 from core.db.transitions import reap
@@ -234,7 +235,7 @@ def relay_once(
         reap_expired(session, Job, settings, now, report)
         reap_expired(session, TrainingRun, settings, now, report)
     for model, queue in ((Job, QUEUE_GENERATE), (TrainingRun, QUEUE_TRAIN)):
-        if _publish_unpublished(engine, publisher, model, report):
+        if _publish_unpublished(engine, publisher, model, report) is True:
             _republish_lost(engine, publisher, model, queue, now, report)
     publish_due_webhooks(engine, publisher, now, report)
     return report
@@ -354,11 +355,14 @@ def _publish_unpublished(
     publisher: Publisher,
     model: type[Job] | type[TrainingRun],
     report: RelayReport,
-) -> bool:
-    """Send the messages of queued rows that have none yet, oldest first. False when the broker
-    refused one: the rest wait for the next pass."""
+) -> bool | None:
+    """Send the messages of queued rows that have none yet, oldest first. True when the outbox
+    is empty; False when the broker refused one, None when the pass's cap left some: the rest
+    wait for the next pass."""
     tried = 0
-    while tried < RELAY_MAX_PER_PASS:
+    while True:
+        if tried >= RELAY_MAX_PER_PASS:
+            return None
         with session_scope(engine) as session:
             batch = session.scalars(
                 select(model.id)
@@ -375,8 +379,7 @@ def _publish_unpublished(
                 return False
         tried += len(batch)
         if len(batch) < RELAY_BATCH:
-            break
-    return True
+            return True
 
 
 def _republish_lost(
@@ -398,9 +401,18 @@ def _republish_lost(
         return
     if depth is None:  # the broker cannot tell what it holds: sending more could only duplicate
         return
-    waiting = [model.status == JobStatus.QUEUED, model.published_at < started]
+    # The queued rows stamped before ``started``: all the queued ones (the status counts the
+    # triggers keep, a few rows) less those with no stamp or a newer one, which the index on
+    # (status, published_at) finds among the few the outbox has just sent. Constant in the
+    # queue's depth; it runs only once the outbox is empty.
+    fresh = [
+        model.status == JobStatus.QUEUED,
+        or_(model.published_at.is_(None), model.published_at >= started),
+    ]
     with session_scope(engine) as session:
-        published = session.scalar(select(func.count()).select_from(model).where(*waiting)) or 0
+        queued = counts.read(session, counts.TABLES[model.__tablename__])[JobStatus.QUEUED.value]
+        unstamped = session.scalar(select(func.count()).select_from(model).where(*fresh)) or 0
+    published = queued - unstamped
     missing = min(published - depth, RELAY_MAX_PER_PASS)
     # A re-published row is stamped after ``started``, so it drops out of the next batch.
     cutoff = min(
