@@ -9,10 +9,13 @@ Two topologies:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -26,7 +29,7 @@ from sqlalchemy.orm import Session
 
 from core.db import Job, JobStatus, ModelKind, ModelVersion, TrainingRun, make_engine
 from core.db.session import session_scope
-from core.queue.dispatch import publish_job
+from core.queue.dispatch import publish_job, publish_run
 from core.runtime.settings import Settings
 from core.services.jobs import JobRequest, submit_job
 from core.storage import Storage, make_storage
@@ -49,6 +52,7 @@ class Stack:
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
     logs: dict[int, Path] = field(default_factory=dict)
     model_version_id: uuid.UUID | None = None
+    _publisher: Any = None
 
     # --- processes ------------------------------------------------------------------------
 
@@ -127,31 +131,35 @@ class Stack:
         os.killpg(proc.pid, sig)
         proc.wait(timeout=30)
 
-    def stop_all(self, grace: float = 3.0) -> None:
-        """SIGTERM every process group at once, give them ``grace`` seconds together, then
-        SIGKILL what is left (a test's teardown needs no graceful drain, and one at a time it
-        cost seconds a test)."""
+    def stop_all(self) -> None:
+        """SIGKILL every process group at once: a test's teardown needs no graceful drain (the
+        tests that need a warm shutdown send SIGTERM themselves), and waiting for one cost
+        two to three seconds a test. Killing the group also ends gunicorn's and Celery's
+        children, and a frozen (SIGSTOPped) process."""
         running = [p for p in self.procs if p.poll() is None]
         for proc in running:
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGCONT)  # a frozen one cannot take SIGTERM
-                os.killpg(proc.pid, signal.SIGTERM)
-        deadline = time.monotonic() + grace
-        for proc in running:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-        for proc in running:
-            # Also whatever is left in the group (gunicorn's or Celery's children).
-            with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
+        for proc in running:
             proc.wait(timeout=10)
 
     # --- jobs -----------------------------------------------------------------------------
 
     def publisher(self) -> Any:
-        from core.queue.broker import CeleryPublisher
+        """One publisher per stack: each new one is a Celery app and a broker connection."""
+        if self._publisher is None:
+            from core.queue.broker import CeleryPublisher
 
-        return CeleryPublisher.from_settings(self.settings)
+            self._publisher = CeleryPublisher.from_settings(self.settings)
+        return self._publisher
+
+    def publish(self, model: type[Job] | type[TrainingRun], row_id: uuid.UUID) -> None:
+        """Send a committed, queued job's or run's message, as the web app does right after the
+        commit. A running reaper may have sent it between the commit and this call: then this
+        sends nothing, and the row must show it published."""
+        send, read = (publish_job, self.job) if model is Job else (publish_run, self.run)
+        sent = send(self.engine, self.publisher(), row_id)
+        assert sent or read(row_id).published_at is not None
 
     def submit(
         self, prompt: str = "a small red circle in the center", publish: bool = True, **kw: Any
@@ -161,9 +169,7 @@ class Stack:
             job, _ = submit_job(s, JobRequest(prompt=prompt, **kw), "token:1", self.settings)
             job_id = job.id
         if publish:
-            # A running reaper may have sent it between the commit and this call.
-            sent = publish_job(self.engine, self.publisher(), job_id)
-            assert sent or self.job(job_id).published_at is not None
+            self.publish(Job, job_id)
         return job_id
 
     def job(self, job_id: uuid.UUID) -> Job:
@@ -195,15 +201,27 @@ class Stack:
         return self.job(job_id)
 
 
-def register_tiny_model(engine: Engine, storage: Storage, tmp: Path) -> uuid.UUID:
-    """Upload a tiny randomly initialised pipeline and make it the active denoiser version."""
+@functools.cache
+def tiny_model_files() -> dict[str, bytes]:
+    """The tiny pipeline's model.json and model.safetensors, made once a session (every stack
+    and every in-process context registers the same model)."""
+    with tempfile.TemporaryDirectory() as d:
+        make_tiny_pipeline().save(Path(d))
+        return {f: (Path(d) / f).read_bytes() for f in ("model.json", "model.safetensors")}
+
+
+def register_tiny_model(
+    engine: Engine, storage: Storage, version_id: uuid.UUID | None = None, upload: bool = True
+) -> uuid.UUID:
+    """Upload a tiny randomly initialised pipeline and make it the active denoiser version
+    (``upload=False``: its files are in storage already)."""
     import json
 
-    d = tmp / "tiny_model"
-    make_tiny_pipeline().save(d)
-    for f in ("model.json", "model.safetensors"):
-        storage.put(f"models/tiny/{f}", (d / f).read_bytes())
-    version_id = uuid.uuid4()
+    files = tiny_model_files()
+    if upload:
+        for f, data in files.items():
+            storage.put(f"models/tiny/{f}", data)
+    version_id = version_id or uuid.uuid4()
     with session_scope(engine) as s:
         s.add(
             ModelVersion(
@@ -211,7 +229,7 @@ def register_tiny_model(engine: Engine, storage: Storage, tmp: Path) -> uuid.UUI
                 name="tiny",
                 kind=ModelKind.DENOISER,
                 checkpoint_key="models/tiny",
-                config=json.loads((d / "model.json").read_text()),
+                config=json.loads(files["model.json"]),
                 is_active=True,
             )
         )
@@ -226,20 +244,29 @@ def _flush_redis() -> None:
 
 @pytest.fixture(params=["embedded", "production"])
 def stack(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Stack]:
-    yield from _make_stack(request, tmp_path, request.param)
+    yield from _stack_for_test(request, tmp_path, request.param)
 
 
 @pytest.fixture
 def production_stack(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Stack]:
-    yield from _make_stack(request, tmp_path, "production")
+    yield from _stack_for_test(request, tmp_path, "production")
 
 
 @pytest.fixture
 def embedded_stack(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Stack]:
-    yield from _make_stack(request, tmp_path, "embedded")
+    yield from _stack_for_test(request, tmp_path, "embedded")
 
 
-def _make_stack(request: pytest.FixtureRequest, tmp: Path, topology: str) -> Iterator[Stack]:
+def _stack_for_test(request: pytest.FixtureRequest, tmp: Path, topology: str) -> Iterator[Stack]:
+    with open_stack(request, tmp, topology) as stack:
+        yield stack
+        record_outcomes(stack, request.node.nodeid)
+
+
+@contextlib.contextmanager
+def open_stack(request: pytest.FixtureRequest, tmp: Path, topology: str) -> Iterator[Stack]:
+    """The services of ``topology``, the schema migrated and the tiny model registered; every
+    process the stack started is stopped at the end."""
     env = {
         "PYTHONPATH": str(ROOT),
         "DQ_JOB_LEASE_SECONDS": "2",
@@ -257,7 +284,8 @@ def _make_stack(request: pytest.FixtureRequest, tmp: Path, topology: str) -> Ite
             "DQ_BROKER_URL": f"sqla+sqlite:///{tmp / 'broker.sqlite3'}",
             "DQ_STORAGE_URL": f"file://{tmp / 'objects'}",
         }
-        yield from _finish_stack(topology, env, tmp, request.node.nodeid)
+        with _started(topology, env, tmp) as stack:
+            yield stack
         return
     require_redis(REDIS_TEST_URL)
     endpoint = request.getfixturevalue("moto_endpoint")
@@ -277,12 +305,14 @@ def _make_stack(request: pytest.FixtureRequest, tmp: Path, topology: str) -> Ite
         }
         _flush_redis()
         try:
-            yield from _finish_stack(topology, env, tmp, request.node.nodeid)
+            with _started(topology, env, tmp) as stack:
+                yield stack
         finally:
             _flush_redis()
 
 
-def _finish_stack(topology: str, env: dict[str, str], tmp: Path, test: str = "") -> Iterator[Stack]:
+@contextlib.contextmanager
+def _started(topology: str, env: dict[str, str], tmp: Path) -> Iterator[Stack]:
     settings = Settings.from_env(env)
     from core.db import migrate
 
@@ -290,13 +320,46 @@ def _finish_stack(topology: str, env: dict[str, str], tmp: Path, test: str = "")
     engine = make_engine(settings.database_url)
     storage = make_storage(settings)
     stack = Stack(topology, env, settings, engine, storage, tmp)
-    stack.model_version_id = register_tiny_model(engine, storage, tmp)
+    stack.model_version_id = register_tiny_model(engine, storage)
     try:
         yield stack
-        record_outcomes(stack, test)
     finally:
         stack.stop_all()
         engine.dispose()
+
+
+@contextlib.contextmanager
+def view_of_shared_stack(shared: Stack, tmp: Path, test: str) -> Iterator[Stack]:
+    """One test's view of a production stack that several tests share (its services, schema,
+    bucket, tiny model and any process the sharing fixture started, such as ``dq web``): the
+    test's own processes and logs under its own ``tmp``. At its end what the test's work came
+    to is recorded, its processes are stopped, and the stack is emptied for the next test:
+    every table but the tokens, the tiny model registered again, the Redis database flushed."""
+    assert shared.name == "production"
+    view = dataclasses.replace(shared, env=dict(shared.env), tmp=tmp, procs=[], logs={})
+    try:
+        yield view
+        record_outcomes(view, test)
+    finally:
+        view.stop_all()
+        _empty(shared)
+
+
+def _empty(stack: Stack) -> None:
+    from sqlalchemy import text
+
+    from core.db import ApiToken, Base
+
+    kept = ApiToken.__tablename__
+    tables = ", ".join(t.name for t in Base.metadata.sorted_tables if t.name != kept)
+    with stack.engine.begin() as conn:
+        # A lock still held by a killed worker's session is released within moments; never
+        # wait for one for good.
+        conn.execute(text("SET LOCAL lock_timeout = '30s'"))
+        conn.execute(text(f"TRUNCATE {tables} CASCADE"))
+    assert stack.model_version_id is not None
+    register_tiny_model(stack.engine, stack.storage, stack.model_version_id, upload=False)
+    _flush_redis()
 
 
 # --- what each test's jobs came to ----------------------------------------------------------

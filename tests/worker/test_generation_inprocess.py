@@ -55,7 +55,7 @@ def context(engine: Engine, tmp_path: Path, failures: int = 0, **settings: Any) 
         **settings,
     )
     storage = FlakyStorage(tmp_path / "objects", failures)
-    register_tiny_model(engine, storage, tmp_path)
+    register_tiny_model(engine, storage)
     return build_context(s, Recorder(), engine=engine, storage=storage)
 
 

@@ -17,6 +17,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -26,7 +27,7 @@ from core.db.session import session_scope
 from core.services.tokens import create_token
 from tests.e2e.test_embedded import free_port
 from tests.e2e.test_production import call
-from tests.worker.conftest import Stack
+from tests.worker.conftest import Stack, open_stack, view_of_shared_stack
 from worker.watchdog import EXIT_HUNG
 
 
@@ -51,12 +52,34 @@ class Api:
         return self.job(job_id)
 
 
-@pytest.fixture
-def api(production_stack: Stack) -> Api:
-    base = production_stack.start_web(free_port(), workers=1)
-    with session_scope(production_stack.engine) as s:
+@pytest.fixture(scope="module")
+def shared_stack(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Stack]:
+    """One production stack for the module: services, schema, bucket and tiny model once;
+    each test gets a view of it with processes of its own, and an empty stack after it."""
+    with open_stack(request, tmp_path_factory.mktemp("chaos"), "production") as shared:
+        yield shared
+
+
+@pytest.fixture(scope="module")
+def shared_api(shared_stack: Stack) -> Api:
+    """``dq web`` once for the module, and a token for its client."""
+    base = shared_stack.start_web(free_port(), workers=1)
+    with session_scope(shared_stack.engine) as s:
         _, token = create_token(s, Role.USER, "chaos")
     return Api(base, token)
+
+
+@pytest.fixture
+def stack(shared_stack: Stack, request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Stack]:
+    with view_of_shared_stack(shared_stack, tmp_path, request.node.nodeid) as view:
+        yield view
+
+
+@pytest.fixture
+def api(shared_api: Api, stack: Stack) -> Api:
+    return shared_api
 
 
 class Poller:
@@ -89,11 +112,6 @@ class Poller:
 
     def drops(self) -> list[tuple[int, int]]:
         return [(a, b) for a, b in zip(self.seen, self.seen[1:], strict=False) if b < a]
-
-
-@pytest.fixture
-def stack(production_stack: Stack) -> Iterator[Stack]:
-    yield production_stack
 
 
 def test_a_job_past_its_time_limit_fails_naming_it_and_the_worker_serves_the_next(

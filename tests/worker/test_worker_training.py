@@ -10,7 +10,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from core.db import JobStatus, ModelKind, ModelVersion, TrainingMetric
+from core.db import JobStatus, ModelKind, ModelVersion, TrainingMetric, TrainingRun
 from core.db.session import session_scope
 from core.queue.dispatch import publish_run
 from core.services.training_runs import submit_training_run
@@ -42,9 +42,7 @@ def submit_run(stack: Stack, kind: str, train: dict[str, Any], **kw: Any) -> uui
             **kw,
         )
         run_id = run.id
-    # A running reaper may have sent it between the commit and this call.
-    sent = publish_run(stack.engine, stack.publisher(), run_id)
-    assert sent or stack.run(run_id).published_at is not None
+    stack.publish(TrainingRun, run_id)
     return run_id
 
 
@@ -125,8 +123,6 @@ def test_cancel_stops_a_training_run(embedded_stack: Stack) -> None:
     run_id = submit_run(stack, "autoencoder", {"steps": 5000, "checkpoint_every": 1000})
     stack.wait_until(lambda: stack.run(run_id).step > 0, 120, "the run to start")
     with session_scope(stack.engine) as s:
-        from core.db import TrainingRun
-
         run = s.get(TrainingRun, run_id)
         assert run is not None
         run.cancel_requested = True
