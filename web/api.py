@@ -31,12 +31,15 @@ from web.auth import bearer_caller
 from web.db import end_reads, get_session
 from web.problems import Problem, cap_problem, invalid
 from web.resources import (
+    job_etag,
     job_resource,
     job_views,
     list_versions,
     load_job,
     model_version_resource,
+    poll_after_seconds,
     serving_resource,
+    with_estimates,
 )
 from web.schemas import (
     IdempotencyHeaders,
@@ -46,6 +49,8 @@ from web.schemas import (
     LocationHeader,
     ModelsOut,
     PageQuery,
+    PollHeaders,
+    PollResponseHeaders,
 )
 from web.services import services
 from web.submission import submit_and_publish
@@ -175,22 +180,46 @@ def list_jobs_view(query: dict[str, Any]) -> Any:
 
 
 @api.get("/jobs/<uuid:job_id>")
-@api.output(JobOut)
+@api.input(PollHeaders, location="headers", arg_name="headers")
+@api.output(JobOut, headers=PollResponseHeaders)
 @api.doc(
     summary="Poll a job",
-    description="Its status, queue position, progress with a live preview, and its images.",
+    description="Its status, queue position, progress with a live preview, and its images. "
+    "Send the ETag back in If-None-Match: while nothing a poll shows has changed the answer is "
+    "304 with no body, and costs the server less. Retry-After says how many seconds to wait "
+    "before the next poll (absent once the job has ended); the event stream "
+    "(/jobs/{job_id}/events) pushes the same object instead.",
     security="BearerAuth",
-    responses=COMMON_ERRORS,
+    responses={**COMMON_ERRORS, 304: "Not modified since the ETag in If-None-Match."},
 )
-def get_job_view(job_id: uuid.UUID) -> Any:
+def get_job_view(job_id: uuid.UUID, headers: dict[str, Any]) -> Any:
     session = get_session()
     try:
-        view = load_job(session, job_id, bearer_caller().scope)
+        view = load_job(session, job_id, bearer_caller().scope, estimates=False)
+        etag = job_etag(session, view)
+        if etag in _etags(headers.get("if_none_match")):
+            return Response(status=304, headers=_poll_headers(etag, view))
+        (view,) = with_estimates(session, [view])
     except JobNotFound:
         raise Problem(404, f"There is no job {job_id}.") from None
     finally:
         end_reads(session)
-    return json_response(job_resource(view, services().storage))
+    return json_response(job_resource(view, services().storage), 200, _poll_headers(etag, view))
+
+
+def _etags(if_none_match: str | None) -> set[str]:
+    """The entity tags of an If-None-Match header (weak or strong alike, RFC 9110 13.1.2)."""
+    if not if_none_match:
+        return set()
+    return {tag.strip().removeprefix("W/").strip('"') for tag in if_none_match.split(",")}
+
+
+def _poll_headers(etag: str, view: Any) -> dict[str, str]:
+    headers = {"ETag": f'"{etag}"', "Cache-Control": "private, no-cache"}
+    after = poll_after_seconds(view)
+    if after is not None:
+        headers["Retry-After"] = str(after)
+    return headers
 
 
 @api.post("/jobs/<uuid:job_id>/cancel")

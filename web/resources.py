@@ -10,10 +10,12 @@ estimated start and finish (a few bounded queries, none for a finished job).
 
 from __future__ import annotations
 
+import hashlib
 import math
+import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
@@ -23,6 +25,7 @@ from sqlalchemy.orm import Session
 
 from core.db.models import Image, Job, JobStatus, ModelKind, ModelVersion, TrainingRun
 from core.queue.eta import UNKNOWN, Estimate, estimate
+from core.queue.fairness import queue_positions
 from core.runtime.settings import Settings
 from core.services.jobs import JobNotFound
 from core.services.model_versions import DEFAULT_MODEL_NAME, ServingModel
@@ -94,9 +97,12 @@ class JobView:
         return self.estimate.queue_position
 
 
-def job_views(session: Session, job_ids: Sequence[uuid.UUID]) -> list[JobView]:
+def job_views(
+    session: Session, job_ids: Sequence[uuid.UUID], *, estimates: bool = True
+) -> list[JobView]:
     """The jobs in the order given (absent ones left out): one query, and one more for the
-    images when some of them have succeeded."""
+    images when some of them have succeeded; then, unless ``estimates`` is False, their queue
+    positions and estimated times (:func:`with_estimates`)."""
     if not job_ids:
         return []
     # Through the session's connection: these are table queries, and the ORM's handling of a
@@ -108,8 +114,55 @@ def job_views(session: Session, job_ids: Sequence[uuid.UUID]) -> list[JobView]:
     if done:
         for image in connection.execute(_IMAGES, {"job_ids": done}):
             images[image.job_id].append(image)
-    estimates = estimate(session, list(rows.values()), max_batch_size=_max_batch_size())
-    return [JobView(rows[i], images.get(i, []), estimates[i]) for i in job_ids if i in rows]
+    views = [JobView(rows[i], images.get(i, [])) for i in job_ids if i in rows]
+    return with_estimates(session, views) if estimates else views
+
+
+def with_estimates(session: Session, views: Sequence[JobView]) -> list[JobView]:
+    """The views with their queue position and estimated start and finish."""
+    found = estimate(session, [v.job for v in views], max_batch_size=_max_batch_size())
+    return [replace(v, estimate=found[v.job.id]) for v in views]
+
+
+# A poll's validator stays the same for at most this long, so that a client answered 304 never
+# holds image and preview URLs (signed for an hour) older than this.
+ETAG_PERIOD_SECONDS = 1800
+
+
+def job_etag(session: Session, view: JobView) -> str:
+    """A validator of what a poll would show: the job's state, its place in the queue, and the
+    half hour (the signed URLs). Estimated times are left out: they move every second, and a
+    client that already has them loses nothing by keeping them until the state changes. Costs
+    the job's row (already read) and, while it waits, one bounded count (no estimate)."""
+    job = view.job
+    place = None
+    if job.status is JobStatus.QUEUED:
+        place = queue_positions(session, [job.id]).get(job.id)
+    parts = (
+        job.id,
+        job.status.value,
+        job.progress_step,
+        job.preview_key,
+        job.error,
+        job.finished_at,
+        len(view.images),
+        None if place is None else (place.ahead, place.exact),
+        int(time.time() // ETAG_PERIOD_SECONDS),
+    )
+    return hashlib.sha256(repr(parts).encode()).hexdigest()[:32]
+
+
+def poll_after_seconds(view: JobView) -> int | None:
+    """How long a poller should wait before asking again (the Retry-After of a poll): a second
+    while it runs (its progress moves every step), longer the further back it waits, and None
+    once it has ended (nothing will change)."""
+    job = view.job
+    if job.status is JobStatus.RUNNING:
+        return 1
+    if job.status is not JobStatus.QUEUED:
+        return None
+    ahead = view.queue_position or 0
+    return 2 if ahead < 20 else 5 if ahead < 200 else 15
 
 
 def _max_batch_size() -> int:
@@ -119,10 +172,12 @@ def _max_batch_size() -> int:
     return Settings().max_batch_size
 
 
-def load_job(session: Session, job_id: uuid.UUID, scope: str | None) -> JobView:
+def load_job(
+    session: Session, job_id: uuid.UUID, scope: str | None, *, estimates: bool = True
+) -> JobView:
     """The job as its owner (or an admin, ``scope=None``) sees it; JobNotFound otherwise, as
     ``core.services.jobs.get_job`` answers."""
-    views = job_views(session, [job_id])
+    views = job_views(session, [job_id], estimates=estimates)
     if not views or (scope is not None and views[0].job.owner != scope):
         raise JobNotFound(f"no job {job_id}")
     return views[0]
@@ -145,6 +200,7 @@ def job_resource(view: JobView, storage: Storage) -> dict[str, Any]:
             "preview_url": storage.url(job.preview_key) if running and job.preview_key else None,
         },
         "queue_position": view.queue_position,
+        "queue_position_exact": view.queue_position is None or view.estimate.position_exact,
         "estimated_start": iso(view.estimate.start),
         "estimated_finish": iso(view.estimate.finish),
         "created_at": iso(job.created_at),

@@ -269,7 +269,17 @@ class JobOut(Schema):
     queue_position = Integer(
         required=True,
         allow_none=True,
-        metadata={"description": "Jobs ahead of this one; null once it is no longer queued."},
+        metadata={
+            "description": "Jobs ahead of this one; null once it is no longer queued. Counted "
+            "up to 1000 jobs ahead, estimated beyond (see queue_position_exact)."
+        },
+    )
+    queue_position_exact = Boolean(
+        required=True,
+        metadata={
+            "description": "Whether queue_position was counted (true) or, more than 1000 jobs "
+            "back, estimated from the owners' places in the fair order (false)."
+        },
     )
     estimated_start = DateTime(
         required=True,
@@ -304,6 +314,25 @@ class JobPage(Schema):
     total = Integer(required=True, metadata={"description": "Jobs matching the filter."})
     limit = Integer(required=True)
     offset = Integer(required=True)
+
+
+class PollHeaders(Schema):
+    if_none_match = String(
+        data_key="If-None-Match",
+        validate=Length(max=1000, error="must be at most {max} characters"),
+        metadata={"description": "The ETag of the last answer: 304 while nothing has changed."},
+    )
+
+
+class PollResponseHeaders(Schema):
+    etag = String(data_key="ETag", required=True, metadata={"description": "For If-None-Match."})
+    retry_after = Integer(
+        data_key="Retry-After",
+        metadata={
+            "description": "Seconds to wait before the next poll; absent once the job has ended."
+        },
+    )
+    cache_control = String(data_key="Cache-Control", required=True)
 
 
 class LocationHeader(Schema):

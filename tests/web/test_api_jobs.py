@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 from flask.testing import FlaskClient
-from sqlalchemy import event, select
+from sqlalchemy import event, select, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
@@ -37,6 +37,7 @@ JOB_FIELDS = {
     "status",
     "progress",
     "queue_position",
+    "queue_position_exact",
     "estimated_start",
     "estimated_finish",
     "created_at",
@@ -556,3 +557,60 @@ def test_models_lists_versions_and_the_one_serving(
     # New jobs take the active version's defaults and name it.
     job = client.post("/api/v1/jobs", json={"prompt": "x"}, headers=bearer(user_token)).get_json()
     assert job["params"]["model"] == "shapes-v2" and job["params"]["steps"] == 31
+
+
+def test_a_poll_answers_304_while_nothing_it_shows_has_changed(
+    client: FlaskClient, user_token: str, engine: Engine
+) -> None:
+    """ETag and If-None-Match: the same tag while the job waits where it was; a new one once
+    a job ahead of it leaves the queue, and again when it runs, with its progress, and ends.
+    Retry-After tells the poller how long to wait, and is gone once the job has ended."""
+    ahead = client.post("/api/v1/jobs", json={"prompt": "a"}, headers=bearer(user_token))
+    r = client.post("/api/v1/jobs", json={"prompt": "b"}, headers=bearer(user_token))
+    url = r.headers["Location"]
+    job_id = uuid.UUID(r.get_json()["id"])
+
+    first = client.get(url, headers=bearer(user_token))
+    assert first.status_code == 200 and first.get_json()["queue_position"] == 1
+    assert first.get_json()["queue_position_exact"] is True
+    etag = first.headers["ETag"]
+    assert etag.startswith('"') and first.headers["Retry-After"] == "2"
+    assert first.headers["Cache-Control"] == "private, no-cache"
+
+    def poll(tag: str) -> Any:
+        return client.get(url, headers={**bearer(user_token), "If-None-Match": tag})
+
+    same = poll(etag)
+    assert same.status_code == 304 and same.get_data() == b""
+    assert same.headers["ETag"] == etag and same.headers["Retry-After"] == "2"
+    assert poll(f'"other", W/{etag}').status_code == 304  # a list, weak or not
+    assert poll('"something-else"').status_code == 200
+
+    def set_job(jid: uuid.UUID, **values: Any) -> None:
+        with session_scope(engine) as s:
+            s.execute(update(Job).where(Job.id == jid).values(**values))
+
+    set_job(uuid.UUID(ahead.get_json()["id"]), status=JobStatus.CANCELED)
+    moved = poll(etag)
+    assert moved.status_code == 200 and moved.get_json()["queue_position"] == 0
+    set_job(job_id, status=JobStatus.RUNNING, progress_step=3)
+    running = poll(moved.headers["ETag"])
+    assert running.status_code == 200 and running.headers["Retry-After"] == "1"
+    assert poll(running.headers["ETag"]).status_code == 304
+    set_job(job_id, progress_step=4)
+    stepped = poll(running.headers["ETag"])
+    assert stepped.status_code == 200 and stepped.get_json()["progress"]["step"] == 4
+    set_job(job_id, status=JobStatus.FAILED, error="boom")
+    ended = poll(stepped.headers["ETag"])
+    assert ended.status_code == 200 and "Retry-After" not in ended.headers
+    assert poll(ended.headers["ETag"]).status_code == 304
+    # Another caller learns nothing from a tag: 404 as before.
+    other = client.get(url, headers={**bearer(_other(engine)), "If-None-Match": etag})
+    assert other.status_code == 404
+
+
+def _other(engine: Engine) -> str:
+    from core.services.tokens import create_token
+
+    with session_scope(engine) as s:
+        return create_token(s, "user", "mallory")[1]
