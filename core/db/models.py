@@ -212,6 +212,8 @@ class Job(LeasedWork, Base):
             postgresql_where=text("status = 'queued'"),
             sqlite_where=text("status = 'queued'"),
         ),
+        # A caller's active jobs (the per-caller cap) and its pages of jobs by status.
+        Index("ix_jobs_owner_status_created_at", "owner", "status", "created_at"),
         # Filling a batch: the queued jobs of one kind, in fair order.
         Index(
             "ix_jobs_queued_kind",

@@ -1,6 +1,7 @@
 """the fair order stored: jobs.fair_key (each job's start tag, given by a trigger), fair_owners
 (each owner's next start), and partial indexes on the queued rows in that order, so that claims,
-queue positions and batch fills are index range scans instead of a window over the queue
+queue positions and batch fills are index range scans instead of a window over the queue; an
+index on (owner, status, created_at) for the per-caller cap and a caller's pages
 
 Revision ID: 0006
 Revises: 0005
@@ -48,11 +49,13 @@ def upgrade() -> None:
         sqlite_where=QUEUED,
         postgresql_where=QUEUED,
     )
+    op.create_index("ix_jobs_owner_status_created_at", "jobs", ["owner", "status", "created_at"])
     fair_keys.create_triggers(op.get_bind())
 
 
 def downgrade() -> None:
     fair_keys.drop_triggers(op.get_bind())
+    op.drop_index("ix_jobs_owner_status_created_at", table_name="jobs")
     op.drop_index("ix_jobs_queued_kind", table_name="jobs")
     op.drop_index("ix_jobs_queued_fair", table_name="jobs")
     op.drop_index(op.f("ix_fair_owners_last_start"), table_name="fair_owners")
