@@ -53,7 +53,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import ColumnElement, func, select, tuple_
+from sqlalchemy import ColumnElement, delete, func, select, tuple_
 from sqlalchemy.orm import Session
 
 from core.db.models import FairOwner, Job, JobStatus
@@ -103,6 +103,28 @@ def next_in_line(
     if max_images is not None:
         query = query.where(_jobs.c.num_images <= max_images)
     return list(session.execute(query.order_by(*ORDER).limit(limit)).all())
+
+
+# Idle owners' rows the reaper deletes in one pass, at most.
+FORGET_BATCH = 1000
+
+
+def forget_idle_owners(session: Session, limit: int = FORGET_BATCH) -> int:
+    """Delete up to ``limit`` rows of ``fair_owners`` whose finish tag V has passed: the trigger
+    would give such an owner V, as it gives an owner it has never seen, so the row says nothing.
+    Keeps the table (and :func:`estimate_ahead`'s read of it) to the owners with work ahead.
+    Returns how many went."""
+    jobs = _jobs.c
+    in_service = session.scalar(
+        select(func.min(jobs.fair_key)).where(
+            jobs.status.in_([JobStatus.QUEUED, JobStatus.RUNNING])
+        )
+    )
+    idle = select(_owners.c.owner).limit(limit)
+    if in_service is not None:
+        idle = idle.where(_owners.c.last_start <= in_service, _owners.c.next_start <= in_service)
+    gone = session.execute(delete(FairOwner).where(FairOwner.owner.in_(idle.scalar_subquery())))
+    return int(gone.rowcount or 0)  # type: ignore[attr-defined]
 
 
 def virtual_time(session: Session) -> float | None:

@@ -23,6 +23,7 @@ from sqlalchemy.engine import Engine
 from core.db import counts
 from core.db.session import get_engine, session_scope
 from core.queue.dispatch import relay_once
+from core.queue.fairness import forget_idle_owners
 from core.runtime.liveness import touch
 from core.runtime.settings import Settings
 from core.services.batches import finish_batches
@@ -79,9 +80,13 @@ class RetentionSchedule:
 
 
 def fold_status_counts(engine: Engine) -> int:
-    """Fold the status-count deltas into the counters /metrics reads."""
+    """Fold the status-count deltas into the counters /metrics reads, and forget a batch of
+    owners whose place in the fair order has passed."""
     with session_scope(engine) as session:
-        return counts.fold(session)
+        folded = counts.fold(session)
+    with session_scope(engine) as session:
+        forget_idle_owners(session)
+    return folded
 
 
 def run_reaper(

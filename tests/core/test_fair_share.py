@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
-from sqlalchemy import insert, select
+from sqlalchemy import func, insert, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
@@ -223,6 +223,31 @@ def test_a_job_put_back_in_the_queue_keeps_its_place(engine: Engine, tmp_path: P
         assert queue_position(s, get_job(s, first, None)) == 0
     again = claim_batch(ctx, uuid.uuid4())
     assert again is not None and again.ids == [first]
+
+
+def test_owners_whose_turn_has_passed_are_forgotten_and_come_back_the_same(
+    engine: Engine, tmp_path: Path
+) -> None:
+    """The reaper deletes fair_owners rows whose finish tag the queue has passed; such an owner's
+    next job gets the tag it would have got with its row kept."""
+    from core.db.models import FairOwner
+    from core.queue.fairness import forget_idle_owners
+
+    ctx = worker(engine, tmp_path, max_batch_size=1)
+    add_jobs(engine, "session:done", 2, seconds_ago=20)
+    add_jobs(engine, "session:busy", 6, seconds_ago=10)
+    claim_order(ctx, 4)  # both of done's jobs and two of busy's have run: V = 2
+    with session_scope(engine) as s:
+        assert forget_idle_owners(s) == 1
+    with Session(engine) as s:
+        assert set(s.scalars(select(FairOwner.owner))) == {"session:busy"}
+    (back,) = add_jobs(engine, "session:done", 1)
+    with Session(engine) as s:
+        assert s.scalar(select(Job.fair_key).where(Job.id == back)) == 2.0  # V, as if kept
+    claim_order(ctx, 10)  # the queue empties: every row can go
+    with session_scope(engine) as s:
+        assert forget_idle_owners(s) == 2
+        assert s.scalar(select(func.count()).select_from(FairOwner)) == 0
 
 
 def test_positions_past_the_bound_are_estimated_and_say_so(
