@@ -55,6 +55,7 @@ def create_app(
         security,
         webhooks_api,
     )
+    from web.converters import CONVERTERS
     from web.db import get_session
     from web.metrics import make_registry
     from web.openapi import DESCRIPTION, finish_spec, with_serving_model
@@ -93,6 +94,8 @@ def create_app(
         SESSION_COOKIE_SAMESITE="Lax",
         PERMANENT_SESSION_LIFETIME=timedelta(days=30),
         WTF_CSRF_TIME_LIMIT=None,  # the token lives as long as the session
+        # 3.2: the first version that describes an event stream's items (itemSchema).
+        OPENAPI_VERSION="3.2.0",
         DESCRIPTION=DESCRIPTION,
         SECURITY_SCHEMES={
             "BearerAuth": {"type": "http", "scheme": "bearer", "description": "dq token create"}
@@ -110,6 +113,7 @@ def create_app(
             },
         ],
     )
+    app.url_map.converters.update(CONVERTERS)  # before any blueprint's routes are added
     if settings.trusted_proxy_hops:
         # The client's address and scheme as the trusted proxies saw them (rate limits, Secure
         # cookies, HSTS). The Host header is not taken from them.

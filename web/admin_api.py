@@ -235,7 +235,7 @@ def activate_default_view() -> Any:
     return json_response(models_listing())
 
 
-@admin_api.post("/tokens/<int:token_id>/revoke")
+@admin_api.post("/tokens/<token_id:token_id>/revoke")
 @admin_api.output(TokenOut)
 @admin_api.doc(
     summary="Revoke a token",
@@ -284,7 +284,7 @@ class TokenWeightOut(TokenOut):
     weight = Float(required=True, metadata={"description": "Fair-share weight (default 1)."})
 
 
-@admin_api.put("/tokens/<int:token_id>/weight")
+@admin_api.put("/tokens/<token_id:token_id>/weight")
 @admin_api.input(TokenWeightIn, location="json", arg_name="body")
 @admin_api.output(TokenWeightOut)
 @admin_api.doc(

@@ -347,6 +347,37 @@ has ended with nothing after Last-Event-ID answers 204.
 """
 
 
+EVENT_NAMES = ["status", "progress", "preview", *TERMINAL.values(), "queue"]
+# One event of the stream, as OpenAPI 3.2 describes the items of text/event-stream: the fields
+# of the wire format, with ``data`` a JSON text (see STREAM_DESCRIPTION for what each carries).
+EVENT_DATA = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["job_id"],
+    "anyOf": [{"required": ["status", "progress", "at"]}, {"required": ["job"]}],
+    "properties": {
+        "job_id": {"type": "string", "format": "uuid"},
+        "status": {"type": "string", "enum": [s.value for s in JobStatus]},
+        "progress": {"$ref": "#/components/schemas/Progress"},
+        "at": {"type": ["string", "null"], "format": "date-time"},
+        "job": {"$ref": "#/components/schemas/JobOut"},
+    },
+}
+EVENT_ITEM = {
+    "type": "object",
+    "required": ["event", "data"],
+    "properties": {
+        "event": {"type": "string", "enum": EVENT_NAMES},
+        "data": {
+            "type": "string",
+            "contentMediaType": "application/json",
+            "contentSchema": EVENT_DATA,
+        },
+        "id": {"type": "string", "pattern": "^[0-9]+$", "description": "Last-Event-ID."},
+    },
+}
+
+
 @api.get("/jobs/<uuid:job_id>/events")
 @api.input(StreamQuery, location="query", arg_name="query", unknown=RAISE)
 @api.input(StreamHeaders, location="headers", arg_name="headers")
@@ -357,7 +388,7 @@ has ended with nothing after Last-Event-ID answers 204.
     responses={
         200: {
             "description": "The event stream.",
-            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+            "content": {"text/event-stream": {"itemSchema": EVENT_ITEM}},
         },
         204: "The job has ended and the client has seen its last event.",
         **COMMON_ERRORS,

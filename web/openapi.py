@@ -2,15 +2,19 @@
 
 - Error responses are ``application/problem+json`` (RFC 9457), as the app sends them.
 - Limits that come from the settings are written in with their values on this deployment.
-- Path parameters that Flask matches as UUIDs say so (``format: uuid``).
+- Path parameters say what Flask's converter matches: a UUID (``format: uuid``), or an integer
+  id in the range of its column (:mod:`web.converters`).
 - Every operation carries its tag (Jobs or Admin), which apiflask leaves out once ``TAGS``
   describes the tags, so the docs page groups the operations.
+- Where an id in one response is a path parameter of the next request, the response says so
+  with an OpenAPI link (:data:`LINKS`).
 """
 
 from __future__ import annotations
 
 import re
 from typing import Any
+from urllib.parse import quote
 
 from werkzeug.routing import Map, UUIDConverter
 
@@ -18,6 +22,7 @@ from core.runtime.settings import Settings
 from core.services.batches import PLACEHOLDER_NAME
 from core.services.jobs import size_bounds
 from core.services.model_versions import ServingModel
+from web.converters import IdConverter
 from web.schemas import run_kind_rules
 
 DESCRIPTION = """\
@@ -43,15 +48,113 @@ which JSON can escape but no regular expression dialect of JSON Schema can name,
 too)."""
 
 
-def _uuid_parameters(url_map: Map) -> set[tuple[str, str]]:
-    """(OpenAPI path, parameter name) of every ``<uuid:…>`` converter."""
-    found = set()
+def _path_parameters(url_map: Map) -> dict[tuple[str, str], dict[str, Any]]:
+    """The schema of each (OpenAPI path, parameter name) that a ``<uuid:…>`` or an id converter
+    matches."""
+    found: dict[tuple[str, str], dict[str, Any]] = {}
     for rule in url_map.iter_rules():
         path = re.sub(r"<(?:[^:<>]+:)?([^<>]+)>", r"{\1}", rule.rule)
         for name, converter in rule._converters.items():
             if isinstance(converter, UUIDConverter):
-                found.add((path, name))
+                found[path, name] = {"type": "string", "format": "uuid"}
+            elif isinstance(converter, IdConverter):
+                found[path, name] = {
+                    "type": "integer",
+                    "minimum": converter.minimum,
+                    "maximum": converter.maximum,
+                }
     return found
+
+
+JOB = "/api/v1/jobs/{job_id}"
+BATCH = "/api/v1/batches/{batch_id}"
+RUN = "/api/v1/admin/training-runs/{run_id}"
+WEBHOOKS = f"{JOB}/webhooks"
+REPLAY = f"{WEBHOOKS}/{{delivery_id}}/replay"
+TOKEN = "/api/v1/admin/tokens/{token_id}"
+_ID = "$response.body#/id"
+
+# The routes a job id leads to: name -> (method, path).
+_JOB_ROUTES = {
+    "GetJob": ("get", JOB),
+    "CancelJob": ("post", f"{JOB}/cancel"),
+    "FollowJob": ("get", f"{JOB}/events"),
+    "GetJobWebhooks": ("get", WEBHOOKS),
+}
+
+
+def _with_job(source: str, *names: str) -> dict[str, tuple[str, str, dict[str, str]]]:
+    return {name: (*_JOB_ROUTES[name], {"job_id": source}) for name in names}
+
+
+# (method, path, status) of a response -> its links: name -> (method, path, parameters) of the
+# request it leads to, each parameter a runtime expression over the response. A client follows
+# them, and so does Schemathesis's stateful phase, which thus calls the routes that take an id
+# with ids the server made (a job with a webhook, once canceled, has a delivery to replay).
+LINKS: dict[tuple[str, str, str], dict[str, tuple[str, str, dict[str, str]]]] = {
+    ("post", "/api/v1/jobs", "202"): _with_job(_ID, *_JOB_ROUTES),
+    ("get", "/api/v1/jobs", "200"): _with_job(
+        "$response.body#/jobs/0/id", "GetJob", "GetJobWebhooks"
+    ),
+    ("get", JOB, "200"): _with_job(_ID, "CancelJob", "FollowJob", "GetJobWebhooks"),
+    ("post", f"{JOB}/cancel", "200"): _with_job(_ID, "GetJob", "FollowJob", "GetJobWebhooks"),
+    ("get", WEBHOOKS, "200"): {
+        "ReplayDelivery": (
+            "post",
+            REPLAY,
+            {"job_id": "$response.body#/job_id", "delivery_id": "$response.body#/deliveries/0/id"},
+        )
+    },
+    ("post", REPLAY, "202"): {
+        "GetJobWebhooks": ("get", WEBHOOKS, {"job_id": "$response.body#/job_id"})
+    },
+    ("post", "/api/v1/batches", "202"): {
+        "GetBatch": ("get", BATCH, {"batch_id": _ID}),
+        "CancelBatch": ("post", f"{BATCH}/cancel", {"batch_id": _ID}),
+        **_with_job("$response.body#/jobs/0/id", "GetJob"),
+    },
+    ("get", "/api/v1/batches", "200"): {
+        "GetBatch": ("get", BATCH, {"batch_id": "$response.body#/batches/0/id"})
+    },
+    ("get", BATCH, "200"): {
+        "CancelBatch": ("post", f"{BATCH}/cancel", {"batch_id": _ID}),
+        **_with_job("$response.body#/jobs/0/id", "GetJob"),
+    },
+    ("post", f"{BATCH}/cancel", "200"): {"GetBatch": ("get", BATCH, {"batch_id": _ID})},
+    ("post", "/api/v1/admin/training-runs", "202"): {
+        "GetRun": ("get", RUN, {"run_id": _ID}),
+        "CancelRun": ("post", f"{RUN}/cancel", {"run_id": _ID}),
+    },
+    ("get", "/api/v1/admin/training-runs", "200"): {
+        "GetRun": ("get", RUN, {"run_id": "$response.body#/runs/0/id"})
+    },
+    ("get", RUN, "200"): {"CancelRun": ("post", f"{RUN}/cancel", {"run_id": _ID})},
+    ("get", "/api/v1/models", "200"): {
+        "ActivateVersion": (
+            "post",
+            "/api/v1/admin/models/{version_id}/activate",
+            {"version_id": "$response.body#/versions/0/id"},
+        )
+    },
+    ("post", f"{TOKEN}/revoke", "200"): {
+        "SetTokenWeight": ("put", f"{TOKEN}/weight", {"token_id": _ID})
+    },
+}
+
+
+def _operation_ref(method: str, path: str) -> str:
+    """The operation as a URI reference into this document (a JSON Pointer, RFC 6901)."""
+    pointer = path.replace("~", "~0").replace("/", "~1")
+    return f"#/paths/{quote(pointer, safe='~')}/{method}"
+
+
+def _links(spec: dict[str, Any]) -> None:
+    for (method, path, status), links in LINKS.items():
+        response = spec["paths"][path][method]["responses"][status]
+        response["links"] = {
+            name: {"operationRef": _operation_ref(to_method, to_path), "parameters": parameters}
+            for name, (to_method, to_path, parameters) in links.items()
+        }
 
 
 def operation_tag(path: str) -> str:
@@ -59,7 +162,7 @@ def operation_tag(path: str) -> str:
 
 
 def finish_spec(spec: dict[str, Any], settings: Settings, url_map: Map) -> dict[str, Any]:
-    uuids = _uuid_parameters(url_map)
+    path_parameters = _path_parameters(url_map)
     for path_name, path in spec.get("paths", {}).items():
         for operation in path.values():
             if not isinstance(operation, dict):
@@ -68,8 +171,9 @@ def finish_spec(spec: dict[str, Any], settings: Settings, url_map: Map) -> dict[
             if "requestBody" in operation:  # every body this API takes is required
                 operation["requestBody"]["required"] = True
             for parameter in operation.get("parameters", []):
-                if parameter.get("in") == "path" and (path_name, parameter["name"]) in uuids:
-                    parameter["schema"] = {"type": "string", "format": "uuid"}
+                schema = path_parameters.get((path_name, parameter["name"]))
+                if parameter.get("in") == "path" and schema is not None:
+                    parameter["schema"] = dict(schema)
             for status, response in operation.get("responses", {}).items():
                 content = response.get("content", {})
                 if status[:1] in ("4", "5") and "application/json" in content:
@@ -102,6 +206,7 @@ def finish_spec(spec: dict[str, Any], settings: Settings, url_map: Map) -> dict[
     run_in = schemas.get("TrainingRunIn")
     if run_in:
         run_in["allOf"] = run_kind_rules()
+    _links(spec)
     return spec
 
 

@@ -208,7 +208,7 @@ def _deliveries_body(session: Any, job_id: uuid.UUID) -> dict[str, Any]:
     }
 
 
-@api.post("/jobs/<uuid:job_id>/webhooks/<int:delivery_id>/replay")
+@api.post("/jobs/<uuid:job_id>/webhooks/<big_id:delivery_id>/replay")
 @api.output(
     WebhookDeliveriesOut,
     status_code=202,

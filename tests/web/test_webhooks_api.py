@@ -17,6 +17,7 @@ from core.runtime.settings import Settings
 from core.services.webhooks.delivery import deliver
 from tests.core.test_webhooks import Receiver
 from tests.web.conftest import RecordingPublisher, add_job, bearer
+from tests.web.test_api_jobs import assert_problem
 
 OPEN = Settings.from_env({}, webhook_allowed_networks="127.0.0.0/8")
 
@@ -82,6 +83,23 @@ def test_a_job_shows_its_webhook_and_filter(client: FlaskClient, user_token: str
     assert job["webhook_events_filter"] == ["completed", "failed"]
     plain = _submit(client, user_token).get_json()
     assert plain["webhook"] is None and plain["webhook_events_filter"] is None
+
+
+@pytest.mark.parametrize(
+    ("delivery_id", "detail"),
+    [
+        (2**63 - 1, "has no webhook delivery"),  # the largest BIGINT: looked up, not there
+        (2**63, "There is nothing at"),  # no BIGINT holds it: no route, as for a malformed id
+        (2**64 + 7, "There is nothing at"),
+        (10**30, "There is nothing at"),
+    ],
+)
+def test_a_delivery_id_beyond_what_a_bigint_holds_is_404_not_a_database_error(
+    client: FlaskClient, user_token: str, delivery_id: int, detail: str
+) -> None:
+    job_id = _submit(client, user_token).get_json()["id"]
+    path = f"/api/v1/jobs/{job_id}/webhooks/{delivery_id}/replay"
+    assert_problem(client.post(path, headers=bearer(user_token)), 404, detail)
 
 
 def test_the_key_is_made_once_per_token_and_rotation_keeps_the_old_one_signing(
