@@ -41,15 +41,16 @@ from sqlalchemy.orm import Session
 
 from core.db.models import Job, JobStatus, ThroughputSample, WorkerPresence, utcnow
 from core.db.transitions import db_now
+from core.queue import fairness
 from core.queue.dispatch import QUEUE_GENERATE
 from core.queue.fairness import (
     KIND_COLUMNS,
     ORDER,
-    POSITION_EXACT_UP_TO,
     QUEUED,
+    OwnerTags,
     Place,
     ahead_of,
-    estimate_ahead,
+    head_boundary,
     same_kind,
 )
 
@@ -319,9 +320,10 @@ def _queued_work(
     session: Session, job_ids: list[uuid.UUID], rates: Rates, cap: int
 ) -> dict[uuid.UUID, tuple[Place, float, float]]:
     """For each queued job: (its place, seconds of work ahead for one worker, seconds of its
-    own batch). Per job, two bounded statements: the jobs ahead of it by kind, counted through
-    the index up to POSITION_EXACT_UP_TO, and its own kind behind it, up to one batch. Beyond
-    the bound the work ahead is that of the counted head, scaled to the estimated place."""
+    own batch). Bounded statements: for a job within the counted head, the jobs ahead of it by
+    kind, counted through the index up to POSITION_EXACT_UP_TO; for jobs past it, the head's
+    work (one statement for them all), scaled to the place estimated from the owners' tags;
+    and for each, its own kind behind it, up to one batch."""
     j = Job.__table__
     kind = tuple(j.c[name] for name in KIND_COLUMNS)
     mine = session.execute(
@@ -329,38 +331,32 @@ def _queued_work(
             j.c.id.in_(job_ids), QUEUED
         )
     ).all()
+    # The deepest first: the first past the bound counts the head, the rest reuse it.
+    mine = sorted(
+        (m for m in mine if m.fair_key is not None),
+        key=lambda m: (m.fair_key, m.created_at, str(m.id)),
+        reverse=True,
+    )
+    boundary = head_boundary(session) if len(mine) > 1 else None
+    head: list[Any] | None = None  # the counted head's groups, shared by every job past it
+    tags: OwnerTags | None = None
     out: dict[uuid.UUID, tuple[Place, float, float]] = {}
     for me in mine:
-        if me.fair_key is None:
-            continue
-        ahead = (
-            select(j.c.num_images, *kind)
-            .where(ahead_of(me.fair_key, me.created_at, me.id))
-            .order_by(*ORDER)
-            .limit(POSITION_EXACT_UP_TO)
-            .subquery()
-        )
-        groups = session.execute(
-            select(
-                ahead.c.model_version_id,
-                ahead.c.sampler,
-                ahead.c.steps,
-                ahead.c.width,
-                ahead.c.height,
-                func.count().label("jobs"),
-                func.sum(ahead.c.num_images).label("images"),
-            ).group_by(*(ahead.c[name] for name in KIND_COLUMNS))
-        ).all()
+        position = (me.fair_key, me.created_at, me.id)
+        if head is not None and boundary is not None and position > boundary:
+            groups = head
+        else:
+            groups = _kinds_ahead(session, position)
+        counted = sum(int(g.jobs) for g in groups)
+        if counted >= fairness.POSITION_EXACT_UP_TO:
+            head = groups
         behind = session.scalars(
             select(j.c.num_images)
-            .where(
-                QUEUED, *same_kind(me), tuple_(*ORDER) > tuple_(me.fair_key, me.created_at, me.id)
-            )
+            .where(QUEUED, *same_kind(me), tuple_(*ORDER) > tuple_(*position))
             .order_by(*ORDER)
             .limit(cap)
         ).all()
         own_kind = tuple(getattr(me, name) for name in KIND_COLUMNS)
-        counted = sum(int(g.jobs) for g in groups)
         work = 0.0
         same_ahead = 0
         for g in groups:
@@ -381,10 +377,33 @@ def _queued_work(
         own = rates.batch_seconds(
             me.model_version_id, me.sampler, me.steps, max(batch, int(me.num_images))
         )
-        if counted < POSITION_EXACT_UP_TO:
+        if counted < fairness.POSITION_EXACT_UP_TO:
             place = Place(counted, True)
         else:
-            place = Place(max(estimate_ahead(session, me.fair_key), counted), False)
+            tags = tags or OwnerTags.load(session)
+            place = Place(max(tags.ahead(me.fair_key), counted), False)
             work *= place.ahead / counted  # the counted head's work per job, for every job ahead
         out[me.id] = (place, work, own)
     return out
+
+
+def _kinds_ahead(session: Session, position: tuple[Any, ...]) -> list[Any]:
+    """The jobs ahead of a job at ``position`` (tag, age, id), up to POSITION_EXACT_UP_TO of
+    them, counted with their images by kind of batch."""
+    j = Job.__table__
+    ahead = (
+        select(j.c.num_images, *(j.c[name] for name in KIND_COLUMNS))
+        .where(ahead_of(*position))
+        .order_by(*ORDER)
+        .limit(fairness.POSITION_EXACT_UP_TO)
+        .subquery()
+    )
+    return list(
+        session.execute(
+            select(
+                *(ahead.c[name] for name in KIND_COLUMNS),
+                func.count().label("jobs"),
+                func.sum(ahead.c.num_images).label("images"),
+            ).group_by(*(ahead.c[name] for name in KIND_COLUMNS))
+        ).all()
+    )

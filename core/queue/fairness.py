@@ -156,13 +156,31 @@ def count_ahead(session: Session, key: float, created_at: Any, job_id: uuid.UUID
 def estimate_ahead(session: Session, key: float) -> int:
     """Queued jobs with a start tag below ``key``, from the owners' tags alone: one row per
     owner with jobs queued, none per job."""
-    v = virtual_time(session)
-    if v is None or key <= v:
-        return 0
-    owners = session.execute(
-        select(_owners.c.last_start, _owners.c.weight).where(_owners.c.last_start >= v)
-    ).all()
-    return sum(_tags_below(v, last, weight, key) for last, weight in owners)
+    return OwnerTags.load(session).ahead(key)
+
+
+@dataclass(frozen=True)
+class OwnerTags:
+    """The head's start tag and each owner's (last start, weight) with jobs queued: what
+    :func:`estimate_ahead` reads, loaded once for the places of many jobs."""
+
+    head: float | None
+    owners: list[tuple[float, float]]
+
+    @classmethod
+    def load(cls, session: Session) -> OwnerTags:
+        v = virtual_time(session)
+        if v is None:
+            return cls(None, [])
+        rows = session.execute(
+            select(_owners.c.last_start, _owners.c.weight).where(_owners.c.last_start >= v)
+        ).all()
+        return cls(v, [(float(last), float(weight)) for last, weight in rows])
+
+    def ahead(self, key: float) -> int:
+        if self.head is None or key <= self.head:
+            return 0
+        return sum(_tags_below(self.head, last, weight, key) for last, weight in self.owners)
 
 
 def _tags_below(v: float, last: float, weight: float, key: float) -> int:
@@ -182,16 +200,29 @@ def places(session: Session, jobs: Sequence[Any]) -> dict[uuid.UUID, Place]:
     """For each of these queued jobs (rows with ``id``, ``fair_key`` and ``created_at``): its
     :class:`Place`. Bounded work per job, whatever the queue's depth."""
     out = {}
+    boundary = head_boundary(session) if len(jobs) > 1 else None
+    tags: OwnerTags | None = None
     for job in jobs:
         if job.fair_key is None:  # not keyed: cannot be placed (never after the migration)
             continue
-        ahead = count_ahead(session, job.fair_key, job.created_at, job.id)
+        mine = (job.fair_key, job.created_at, job.id)
+        beyond = boundary is not None and mine > boundary
+        ahead = POSITION_EXACT_UP_TO if beyond else count_ahead(session, *mine)
         if ahead < POSITION_EXACT_UP_TO:
             out[job.id] = Place(ahead, True)
         else:
-            estimated = estimate_ahead(session, job.fair_key)
-            out[job.id] = Place(max(estimated, POSITION_EXACT_UP_TO), False)
+            tags = tags or OwnerTags.load(session)
+            out[job.id] = Place(max(tags.ahead(job.fair_key), POSITION_EXACT_UP_TO), False)
     return out
+
+
+def head_boundary(session: Session) -> tuple[Any, ...] | None:
+    """The (tag, age, id) of the last job of the counted head (the POSITION_EXACT_UP_TO-th in
+    line): a job after it is past the bound, without counting. None when the queue is shorter."""
+    row = session.execute(
+        select(*ORDER).where(QUEUED).order_by(*ORDER).offset(POSITION_EXACT_UP_TO - 1).limit(1)
+    ).first()
+    return None if row is None else tuple(row)
 
 
 def queue_positions(session: Session, job_ids: list[uuid.UUID]) -> dict[uuid.UUID, Place]:

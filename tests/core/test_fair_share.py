@@ -276,6 +276,17 @@ def test_positions_past_the_bound_are_estimated_and_say_so(
         ).all()
     errors = [abs(places[j].ahead - order.index(j)) for j in everyone if not places[j].exact]
     assert max(errors) <= 2, errors  # ties between owners' equal tags, nothing more
+    # The ETAs of a page of jobs (one statement for the head, shared) give the same places.
+    from core.queue.eta import estimate
+
+    with Session(engine) as s:
+        rows = s.scalars(select(Job).where(Job.id.in_(everyone))).all()
+        estimates = estimate(s, rows, max_batch_size=4)
+        singly = {j: estimate(s, [r], max_batch_size=4)[j] for r in rows for j in [r.id]}
+    for j in everyone:
+        assert estimates[j].queue_position == places[j].ahead
+        assert estimates[j].position_exact is places[j].exact
+        assert estimates[j].start == singly[j].start or estimates[j].start is not None
 
 
 def test_queued_jobs_of_a_database_from_before_the_stored_order_get_it_and_all_run(
