@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session
 
 from core.db.models import Image, Job, JobStatus, ModelKind, ModelVersion, TrainingRun
 from core.queue.eta import UNKNOWN, Estimate, estimate
-from core.queue.fairness import queue_positions
+from core.queue.fairness import count_ahead, virtual_time
 from core.runtime.settings import Settings
 from core.services.jobs import JobNotFound
 from core.services.model_versions import DEFAULT_MODEL_NAME, ServingModel
@@ -59,6 +59,7 @@ _JOBS = (
                 "preview_key",
                 "error",
                 "created_at",
+                "fair_key",
                 "started_at",
                 "finished_at",
                 "webhook_url",
@@ -133,11 +134,14 @@ def job_etag(session: Session, view: JobView) -> str:
     """A validator of what a poll would show: the job's state, its place in the queue, and the
     half hour (the signed URLs). Estimated times are left out: they move every second, and a
     client that already has them loses nothing by keeping them until the state changes. Costs
-    the job's row (already read) and, while it waits, one bounded count (no estimate)."""
+    the job's row (already read) and, while it waits, a count bounded by the counted head and
+    the head's tag (no estimate)."""
     job = view.job
     place = None
-    if job.status is JobStatus.QUEUED:
-        place = queue_positions(session, [job.id]).get(job.id)
+    if job.status is JobStatus.QUEUED and job.fair_key is not None:
+        # Jobs ahead, counted up to the bound; past it, the head's tag stands for the rest
+        # (it moves with every claim).
+        place = (count_ahead(session, job.fair_key, job.created_at, job.id), virtual_time(session))
     parts = (
         job.id,
         job.status.value,
@@ -146,7 +150,7 @@ def job_etag(session: Session, view: JobView) -> str:
         job.error,
         job.finished_at,
         len(view.images),
-        None if place is None else (place.ahead, place.exact),
+        place,
         int(time.time() // ETAG_PERIOD_SECONDS),
     )
     return hashlib.sha256(repr(parts).encode()).hexdigest()[:32]
