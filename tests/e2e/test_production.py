@@ -33,10 +33,15 @@ def test_twenty_jobs_through_gunicorn_two_workers_postgres_redis_and_s3(
     production_stack: Stack,
 ) -> None:
     stack = production_stack
-    for _ in range(2):
-        stack.start_worker(extra_env={"DQ_MAX_BATCH_SIZE": "4"})
-    stack.start_reaper()
+    # Started together: each process spends seconds on its imports.
+    reaper = stack.start_reaper(wait=False)
+    workers = [
+        stack.start_worker(extra_env={"DQ_MAX_BATCH_SIZE": "4"}, wait=False) for _ in range(2)
+    ]
     base = stack.start_web(free_port())
+    stack.wait_for_log(reaper, "reaper started", timeout=60)
+    for worker in workers:
+        stack.wait_for_log(worker, "ready.", timeout=90)
     with session_scope(stack.engine) as s:
         _, token = create_token(s, Role.USER, "e2e")
 

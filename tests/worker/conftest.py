@@ -86,6 +86,16 @@ class Stack:
             self.wait_for_log(proc, "ready.", timeout=90)
         return proc
 
+    def start_workers(
+        self, count: int, queues: str = "generate", extra_env: dict[str, str] | None = None
+    ) -> list[subprocess.Popen[bytes]]:
+        """``count`` workers started together, not one after another (each spends seconds
+        importing torch); returns once every one is ready."""
+        procs = [self.start_worker(queues, extra_env, wait=False) for _ in range(count)]
+        for proc in procs:
+            self.wait_for_log(proc, "ready.", timeout=90)
+        return procs
+
     def start_web(self, port: int, workers: int = 2) -> str:
         """``dq web`` (gunicorn) on loopback; returns its base URL once /healthz answers."""
         import urllib.request
@@ -103,9 +113,10 @@ class Stack:
                     raise AssertionError(f"web did not start:\n{log}") from None
                 time.sleep(0.2)
 
-    def start_reaper(self, interval: float = 0.3) -> subprocess.Popen[bytes]:
+    def start_reaper(self, interval: float = 0.3, wait: bool = True) -> subprocess.Popen[bytes]:
         proc = self._spawn(["reaper", "--interval", str(interval)], "reaper")
-        self.wait_for_log(proc, "reaper started", timeout=60)
+        if wait:
+            self.wait_for_log(proc, "reaper started", timeout=60)
         return proc
 
     def log_text(self, proc: subprocess.Popen[bytes]) -> str:

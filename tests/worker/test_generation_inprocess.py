@@ -217,16 +217,24 @@ def generation_claim(ctx: WorkerContext, job_id: uuid.UUID) -> Any:
 def test_a_job_lost_when_the_broker_restarted_empty_is_republished_and_runs(
     production_stack: Stack,
 ) -> None:
+    from datetime import timedelta
+
     import redis
 
+    from core.queue.dispatch import REPUBLISH_WHEN_QUEUE_EMPTY
     from tests.worker.conftest import REDIS_TEST_URL
 
     stack = production_stack
     job_id = stack.submit(steps=3)
     assert redis.Redis.from_url(REDIS_TEST_URL).llen("generate") == 1
     redis.Redis.from_url(REDIS_TEST_URL).flushdb()  # Redis restarts and comes back empty
-    stack.start_worker()
-    stack.start_reaper()
+    with session_scope(stack.engine) as s:  # ... a while after the message went out
+        sent = s.get(Job, job_id)
+        assert sent is not None and sent.published_at is not None
+        sent.published_at -= REPUBLISH_WHEN_QUEUE_EMPTY + timedelta(seconds=1)
+    worker = stack.start_worker(wait=False)
+    stack.start_reaper(wait=False)
+    stack.wait_for_log(worker, "ready.", timeout=90)
     got = stack.wait_status(job_id, JobStatus.SUCCEEDED, timeout=60)
     assert got.attempts == 1
 
