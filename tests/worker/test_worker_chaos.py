@@ -143,11 +143,13 @@ def test_a_worker_hung_where_no_check_runs_exits_and_its_job_fails_naming_the_li
     job_id = api.submit(steps=50, seed=3)
     job = api.wait(stack, job_id, timeout=60)
     assert job["status"] == "failed" and job["error"] == "ran past the 5 s time limit"
+    # Its supervisor starts a fresh worker, which serves the next job. It starts while the
+    # hung one is on its way out; the next job is sent only once that one is gone.
+    fresh = stack.start_worker(wait=False)
     stack.wait_until(lambda: hung.poll() is not None, 30, "the hung worker to exit")
     assert hung.returncode == EXIT_HUNG  # the watchdog ended the stuck process
     assert "is still running" in stack.log_text(hung)
-    # Its supervisor starts a fresh worker, which serves the next job.
-    stack.start_worker()
+    stack.wait_for_log(fresh, "ready.", timeout=90)
     nxt = api.wait(stack, api.submit(steps=4, seed=4))
     assert nxt["status"] == "succeeded", nxt["error"]
 
@@ -157,17 +159,19 @@ def test_a_worker_frozen_past_its_lease_loses_the_job_and_writes_nothing_after_w
 ) -> None:
     # Frozen inside a transaction, it would hold row locks until PostgreSQL ends its session
     # (twice the statement timeout); keep that short here.
+    stack.start_reaper(wait=False)  # it starts while the worker does
     first = stack.start_worker(
         extra_env={"DQ_MAX_BATCH_SIZE": "1", "DQ_DB_STATEMENT_TIMEOUT_SECONDS": "2"}
     )
-    stack.start_reaper()
-    job_id = api.submit(steps=400, sampler="ddpm", num_images=3, seed=5)
+    job_id = api.submit(steps=200, sampler="ddpm", num_images=3, seed=5)
     with Poller(api, job_id) as poller:
         stack.wait_until(lambda: api.job(job_id)["progress"]["step"] > 20, 60, "progress")
         stack.kill_group(first, signal.SIGSTOP)  # a VM freeze, a GC pause
-        # The lease (2 s) runs out; the reaper re-queues; a second worker claims it.
+        # The lease (2 s) runs out; the reaper re-queues; a second worker claims it. It starts
+        # while the lease runs out: it can take the job only once the reaper has re-queued it.
+        second = stack.start_worker(extra_env={"DQ_MAX_BATCH_SIZE": "1"}, wait=False)
         stack.wait_until(lambda: stack.job(job_id).status is JobStatus.QUEUED, 30, "re-queue")
-        second = stack.start_worker(extra_env={"DQ_MAX_BATCH_SIZE": "1"})
+        stack.wait_for_log(second, "ready.", timeout=90)
         stack.wait_until(lambda: stack.job(job_id).attempts == 2, 30, "the second claim")
         stack.wait_until(lambda: api.job(job_id)["progress"]["step"] > 5, 60, "progress again")
         stack.kill_group(first, signal.SIGCONT)  # it wakes and goes on as if nothing happened
@@ -219,9 +223,9 @@ def test_failed_progress_writes_cost_the_batch_nothing(stack: Stack, api: Api) -
 
 
 def test_sigterm_mid_job_finishes_it_once(stack: Stack, api: Api) -> None:
+    stack.start_reaper(wait=False)  # it starts while the worker does
     worker = stack.start_worker()
-    stack.start_reaper()
-    job_id = api.submit(steps=300, sampler="ddpm", num_images=2, seed=40)
+    job_id = api.submit(steps=150, sampler="ddpm", num_images=2, seed=40)
     stack.wait_until(lambda: api.job(job_id)["progress"]["step"] > 10, 60, "progress")
     worker.send_signal(signal.SIGTERM)  # warm shutdown: Celery lets the task finish
     assert worker.wait(timeout=120) == 0
@@ -244,19 +248,22 @@ def test_a_trainer_frozen_past_its_lease_registers_nothing_after_waking(stack: S
     from tests.worker.test_worker_training import submit_run, wait_run
 
     first = stack.start_worker(queues="train", extra_env={"DQ_DB_STATEMENT_TIMEOUT_SECONDS": "2"})
-    run_id = submit_run(stack, "autoencoder", {"steps": 240, "checkpoint_every": 20})
-    stack.start_reaper()  # after the submit: its relay would publish the run first
+    # Frozen past step 40 of 120, it wakes while the second worker trains the rest.
+    run_id = submit_run(stack, "autoencoder", {"steps": 120, "checkpoint_every": 20})
+    stack.start_reaper(wait=False)  # after the submit: its relay would publish the run first
     stack.wait_until(lambda: stack.run(run_id).step >= 40, 120, "two checkpoints")
     stack.kill_group(first, signal.SIGSTOP)
+    # It starts while the lease runs out: it can take the run only once it is re-queued.
+    second = stack.start_worker(queues="train", wait=False)
     stack.wait_until(lambda: stack.run(run_id).status is JobStatus.QUEUED, 30, "re-queue")
-    second = stack.start_worker(queues="train")
+    stack.wait_for_log(second, "ready.", timeout=90)
     stack.wait_until(lambda: stack.run(run_id).attempts == 2, 30, "the second claim")
     stack.wait_for_log(second, "resumes from step", timeout=60)
     stack.kill_group(first, signal.SIGCONT)
     stack.wait_for_log(first, f"lost training run {run_id}", timeout=60)
     run = wait_run(stack, run_id, timeout=300)
     assert run.status is JobStatus.SUCCEEDED, run.error
-    assert run.attempts == 2 and run.step == 240
+    assert run.attempts == 2 and run.step == 120
     with Session(stack.engine) as s:
         versions = s.scalars(select(ModelVersion)).all()
         steps = list(
@@ -269,7 +276,7 @@ def test_a_trainer_frozen_past_its_lease_registers_nothing_after_waking(stack: S
     ours = [v for v in versions if v.name.endswith(run_id.hex[:8])]
     assert len(ours) == 1 and ours[0].id == run.model_version_id  # one version registered
     assert ours[0].checkpoint_key.endswith("/2")
-    assert steps == sorted(set(steps)) and steps[-1] == 240  # no step recorded twice
+    assert steps == sorted(set(steps)) and steps[-1] == 120  # no step recorded twice
     # The checkpoint the run points at is whole and is the second worker's.
     assert all(key.startswith(f"runs/{run_id}/2/") for key in run.checkpoint_keys)
     got = stack.tmp / "check"
@@ -278,7 +285,7 @@ def test_a_trainer_frozen_past_its_lease_registers_nothing_after_waking(stack: S
         (got / rel).parent.mkdir(parents=True, exist_ok=True)
         (got / rel).write_bytes(stack.storage.get(key))
     _, meta = load_checkpoint(got / "train_state")
-    assert meta["step"] == 240
+    assert meta["step"] == 120
     for f in ("model.json", "model.safetensors"):
         (got / "version" / f).parent.mkdir(parents=True, exist_ok=True)
         (got / "version" / f).write_bytes(stack.storage.get(f"{ours[0].checkpoint_key}/{f}"))

@@ -105,9 +105,9 @@ def test_cancel_stops_a_running_job_within_a_few_steps(production_stack: Stack) 
 
 def test_two_workers_on_one_queue_share_the_jobs(production_stack: Stack) -> None:
     stack = production_stack
-    for _ in range(2):
-        stack.start_worker(extra_env={"DQ_MAX_BATCH_SIZE": "1"})
-    jobs = [stack.submit(steps=150, sampler="ddim", seed=i) for i in range(6)]
+    stack.start_workers(2, extra_env={"DQ_MAX_BATCH_SIZE": "1"})
+    # Both are waiting on the queue: while one runs a job, the next message goes to the other.
+    jobs = [stack.submit(steps=50, sampler="ddim", seed=i) for i in range(6)]
     hosts = {stack.wait_status(j, JobStatus.SUCCEEDED).worker_host for j in jobs}
     assert len(hosts) == 2
 
@@ -131,9 +131,9 @@ def test_a_pickled_message_is_refused_and_the_worker_goes_on(production_stack: S
 def test_a_job_whose_worker_is_killed_succeeds_exactly_once(stack: Stack) -> None:
     import signal
 
+    stack.start_reaper(wait=False)  # it starts while the worker does
     first = stack.start_worker()
-    stack.start_reaper()
-    job_id = stack.submit(steps=600, sampler="ddpm", num_images=3, seed=9)
+    job_id = stack.submit(steps=300, sampler="ddpm", num_images=3, seed=9)
     stack.wait_until(lambda: stack.job(job_id).progress_step > 0, 60, "the job to start")
     stack.kill(first, signal.SIGKILL)
     assert stack.job(job_id).status is JobStatus.RUNNING  # the dead worker still holds it
