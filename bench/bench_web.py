@@ -21,6 +21,7 @@ import http.client
 import json
 import os
 import platform
+import secrets
 import signal
 import socket
 import statistics
@@ -94,13 +95,16 @@ def server(database_url: str, broker_url: str, workdir: Path, workers: int) -> I
         DQ_DATABASE_URL=database_url,
         DQ_BROKER_URL=broker_url,
         DQ_STORAGE_URL=f"file://{workdir / 'objects'}",
-        DQ_SECRET_KEY="bench",
+        DQ_SECRET_KEY=secrets.token_hex(32),
         # Measure the endpoints, not the limiter's or the caps' refusals.
         DQ_RATE_LIMIT="100000000/minute",
         DQ_GLOBAL_RATE_LIMIT="100000000/minute",
         DQ_MAX_ACTIVE_JOBS_PER_OWNER="100000000",
         DQ_MAX_QUEUED_JOBS="100000000",
     )
+    from core.db import migrate
+
+    migrate.upgrade(database_url)  # `dq web` serves only a migrated schema
     process = subprocess.Popen(
         [sys.executable, "-m", "core.cli", "web", "--port", str(port), "--workers", str(workers)],
         cwd=workdir,
