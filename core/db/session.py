@@ -117,6 +117,24 @@ def get_engine(settings: Settings | None = None, url: str | None = None) -> Engi
         if settings is not None
         else ()
     )
+    return _shared_engine(url, *timeouts)
+
+
+# A reader that has the primary to fall back to gains nothing by waiting long for a replica.
+REPLICA_CONNECT_TIMEOUT_SECONDS = 2
+
+
+def get_replica_engine(settings: Settings) -> Engine | None:
+    """The process-wide engine of DQ_DATABASE_REPLICA_URL, or None when no replica is set. It
+    gives up connecting after at most REPLICA_CONNECT_TIMEOUT_SECONDS."""
+    url = settings.database_replica_url
+    if url is None:
+        return None
+    connect_timeout = min(settings.db_connect_timeout_seconds, REPLICA_CONNECT_TIMEOUT_SECONDS)
+    return _shared_engine(url, connect_timeout, settings.db_statement_timeout_seconds)
+
+
+def _shared_engine(url: str, *timeouts: int) -> Engine:
     with _lock:
         engine = _engines.get(url)
         if engine is None:
@@ -154,6 +172,7 @@ __all__ = [
     "check_database",
     "dispose_engines",
     "get_engine",
+    "get_replica_engine",
     "make_engine",
     "read_only_engine",
     "session_factory",

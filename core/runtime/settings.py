@@ -108,7 +108,8 @@ PLACEHOLDER_SECRET_MARKERS = ("change", "generate", "example", "secret", "placeh
 MIN_SECRET_KEY_CHARS = 32
 
 
-DATABASE_SCHEMES = ("sqlite", "postgresql", "postgresql+psycopg")
+POSTGRESQL_SCHEMES = ("postgresql", "postgresql+psycopg")
+DATABASE_SCHEMES = ("sqlite", *POSTGRESQL_SCHEMES)
 BROKER_SCHEMES = ("redis", "rediss", "sqla+sqlite", "sqla+postgresql", "sqla+postgresql+psycopg")
 
 
@@ -119,6 +120,13 @@ class Settings:
     database_url: str = _setting(
         "sqlite:///var/dq.sqlite3",
         "SQLAlchemy URL of the job database: sqlite:///PATH or postgresql+psycopg://USER@HOST/DB.",
+    )
+    database_replica_url: str | None = _setting(
+        None,
+        "A PostgreSQL streaming replica of DQ_DATABASE_URL that the web app's polls, lists and "
+        "pages read from; what it lacks yet or cannot answer is read from the primary. Empty: "
+        "everything reads the primary.",
+        _optional,
     )
     broker_url: str = _setting(
         "sqla+sqlite:///var/broker.sqlite3",
@@ -307,6 +315,14 @@ class Settings:
             raise SettingsError(
                 f"DQ_DATABASE_URL={self.database_url!r} is not valid: use sqlite:///PATH or "
                 "postgresql+psycopg://USER@HOST/DB"
+            )
+        replica = self.database_replica_url
+        if replica is not None and (
+            self.is_embedded or replica.split("://", 1)[0] not in POSTGRESQL_SCHEMES
+        ):
+            raise SettingsError(
+                f"DQ_DATABASE_REPLICA_URL={_mask_password(replica)!r} is not valid: name a "
+                "postgresql+psycopg://USER@HOST/DB replica of a PostgreSQL DQ_DATABASE_URL"
             )
         scheme = self.broker_url.split("://", 1)[0] if "://" in self.broker_url else ""
         if scheme not in BROKER_SCHEMES:

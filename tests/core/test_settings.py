@@ -47,6 +47,18 @@ def test_environment_values_are_parsed_into_types() -> None:
     assert (s.max_steps, s.job_lease_seconds, s.debug, s.device) == (50, 12.5, True, "cuda:1")
     assert storage_location(s.storage_url) == ("s3", "images/prod")
     assert s.public_dict()["DQ_DATABASE_URL"] == "postgresql+psycopg://dq:***@db:5432/dq"
+    assert s.database_replica_url is None
+
+
+def test_a_replica_of_a_postgresql_primary_is_read_and_its_password_masked() -> None:
+    s = Settings.from_env(
+        {
+            "DQ_DATABASE_URL": "postgresql+psycopg://dq:pw@db/dq",
+            "DQ_DATABASE_REPLICA_URL": "postgresql+psycopg://dq:pw@replica/dq",
+        }
+    )
+    assert s.database_replica_url == "postgresql+psycopg://dq:pw@replica/dq"
+    assert s.public_dict()["DQ_DATABASE_REPLICA_URL"] == "postgresql+psycopg://dq:***@replica/dq"
 
 
 @pytest.mark.parametrize(
@@ -58,6 +70,15 @@ def test_environment_values_are_parsed_into_types() -> None:
         ({"DQ_DEBUG": "maybe"}, "DQ_DEBUG='maybe' is not valid: must be true or false"),
         ({"DQ_DATABASE_URL": "mysql://x/y"}, "DQ_DATABASE_URL='mysql://x/y' is not valid"),
         ({"DQ_BROKER_URL": "amqp://guest@x//"}, "DQ_BROKER_URL='amqp://guest@x//' is not valid"),
+        # A replica is of a PostgreSQL primary, and its password stays out of the message.
+        (
+            {"DQ_DATABASE_REPLICA_URL": "postgresql+psycopg://dq:pw@replica/dq"},
+            "DQ_DATABASE_REPLICA_URL='postgresql+psycopg://dq:***@replica/dq' is not valid",
+        ),
+        (
+            {"DQ_DATABASE_URL": "postgresql://db/dq", "DQ_DATABASE_REPLICA_URL": "sqlite:///r"},
+            "DQ_DATABASE_REPLICA_URL='sqlite:///r' is not valid: name a postgresql+psycopg://",
+        ),
         ({"DQ_STORAGE_URL": "ftp://x"}, "DQ_STORAGE_URL='ftp://x' is not valid"),
         ({"DQ_STORAGE_URL": "s3://"}, "DQ_STORAGE_URL='s3://' is not valid: name a bucket"),
         ({"DQ_S3_ENDPOINT_URL": "minio:9000"}, "DQ_S3_ENDPOINT_URL='minio:9000' is not valid"),
