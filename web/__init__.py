@@ -142,6 +142,7 @@ def create_app(
         publisher=publisher,
         token_cache=TokenCache(ttl=TOKEN_CACHE_SECONDS),
         read_engine=db.read_engine(engine),
+        replica=db.replica(settings),
     )
     app.extensions["dq"] = svc
     app.extensions["dq_metrics"] = make_registry(svc)

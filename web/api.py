@@ -12,6 +12,7 @@ from typing import Any
 from apiflask import APIBlueprint
 from flask import Response, jsonify, request, url_for
 from marshmallow import RAISE
+from sqlalchemy.orm import Session
 
 from core.db.models import JobStatus
 from core.services.jobs import (
@@ -28,7 +29,7 @@ from core.services.jobs import (
 from core.services.model_versions import serving_model
 from core.services.webhooks import validate_target
 from web.auth import bearer_caller
-from web.db import end_reads, get_session
+from web.db import end_reads, get_session, replica_read
 from web.problems import Problem, cap_problem, invalid
 from web.resources import (
     job_etag,
@@ -161,14 +162,15 @@ def submit_job_view(body: dict[str, Any], headers: dict[str, Any]) -> Any:
     responses=COMMON_ERRORS,
 )
 def list_jobs_view(query: dict[str, Any]) -> Any:
-    session = get_session()
+    scope = bearer_caller().scope
     status = JobStatus(query["status"]) if query.get("status") else None
-    jobs, total = list_jobs(
-        session, bearer_caller().scope, status, limit=query["limit"], offset=query["offset"]
-    )
-    storage = services().storage
-    return json_response(
-        {
+
+    def page(session: Session) -> dict[str, Any]:
+        jobs, total = list_jobs(
+            session, scope, status, limit=query["limit"], offset=query["offset"]
+        )
+        storage = services().storage
+        return {
             "jobs": [
                 job_resource(view, storage) for view in job_views(session, [job.id for job in jobs])
             ],
@@ -176,7 +178,8 @@ def list_jobs_view(query: dict[str, Any]) -> Any:
             "limit": query["limit"],
             "offset": query["offset"],
         }
-    )
+
+    return json_response(replica_read(page))
 
 
 @api.get("/jobs/<uuid:job_id>")
@@ -193,18 +196,25 @@ def list_jobs_view(query: dict[str, Any]) -> Any:
     responses={**COMMON_ERRORS, 304: "Not modified since the ETag in If-None-Match."},
 )
 def get_job_view(job_id: uuid.UUID, headers: dict[str, Any]) -> Any:
-    session = get_session()
+    scope = bearer_caller().scope
+    known = _etags(headers.get("if_none_match"))
+
+    def poll(session: Session) -> Response:
+        try:
+            view = load_job(session, job_id, scope, estimates=False)
+            etag = job_etag(session, view)
+            if etag in known:
+                return Response(status=304, headers=_poll_headers(etag, view))
+            (view,) = with_estimates(session, [view])
+        finally:
+            end_reads(session)
+        body = job_resource(view, services().storage)
+        return json_response(body, 200, _poll_headers(etag, view))
+
     try:
-        view = load_job(session, job_id, bearer_caller().scope, estimates=False)
-        etag = job_etag(session, view)
-        if etag in _etags(headers.get("if_none_match")):
-            return Response(status=304, headers=_poll_headers(etag, view))
-        (view,) = with_estimates(session, [view])
+        return replica_read(poll, JobNotFound)
     except JobNotFound:
         raise Problem(404, f"There is no job {job_id}.") from None
-    finally:
-        end_reads(session)
-    return json_response(job_resource(view, services().storage), 200, _poll_headers(etag, view))
 
 
 def _etags(if_none_match: str | None) -> set[str]:

@@ -47,7 +47,7 @@ from core.services.webhooks import validate_target
 from core.storage import Storage
 from web.api import BODY_ERRORS, COMMON_ERRORS, JSON_BODY_ENDPOINTS, api, json_response
 from web.auth import bearer_caller
-from web.db import end_reads, get_session
+from web.db import end_reads, get_session, replica_read
 from web.problems import Problem, cap_problem, invalid
 from web.resources import iso
 from web.schemas import (
@@ -384,14 +384,18 @@ def submit_batch_view(body: dict[str, Any], headers: dict[str, Any]) -> Any:
     responses=COMMON_ERRORS,
 )
 def list_batches_view(query: dict[str, Any]) -> Any:
-    session = get_session()
-    try:
-        batches, total = list_batches(
-            session, bearer_caller().scope, limit=query["limit"], offset=query["offset"]
-        )
-        counts = status_counts(session, [batch.id for batch in batches])
-    finally:
-        end_reads(session)
+    scope = bearer_caller().scope
+
+    def page(session: Session) -> tuple[list[Batch], int, dict[uuid.UUID, dict[str, int]]]:
+        try:
+            batches, total = list_batches(
+                session, scope, limit=query["limit"], offset=query["offset"]
+            )
+            return batches, total, status_counts(session, [batch.id for batch in batches])
+        finally:
+            end_reads(session)
+
+    batches, total, counts = replica_read(page)
     storage = services().storage
     return json_response(
         {
@@ -413,12 +417,18 @@ def list_batches_view(query: dict[str, Any]) -> Any:
     responses=COMMON_ERRORS,
 )
 def get_batch_view(batch_id: uuid.UUID) -> Any:
-    session = get_session()
+    scope = bearer_caller().scope
+
+    def detail(session: Session) -> dict[str, Any]:
+        try:
+            return batch_detail(session, get_batch(session, batch_id, scope))
+        finally:
+            end_reads(session)
+
     try:
-        detail = batch_detail(session, _batch(batch_id))
-    finally:
-        end_reads(session)
-    return json_response(detail)
+        return json_response(replica_read(detail, BatchNotFound))
+    except BatchNotFound:
+        raise Problem(404, f"There is no batch {batch_id}.") from None
 
 
 @api.post("/batches/<uuid:batch_id>/cancel")

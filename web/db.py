@@ -10,18 +10,43 @@ cheap:
   BEGIN and ROLLBACK round trips are paid;
 - on SQLite likewise (no BEGIN, so no lock that a writer waits for under WAL); a read-only view
   still ends its session's transaction as soon as it has what it needs (:func:`end_reads`).
+
+With DQ_DATABASE_REPLICA_URL, polls, lists and pages read through :func:`replica_read`, from a
+streaming replica, and fall back to the primary for what it lacks yet or cannot answer. Who is
+calling (tokens, sign-ins) is always read from the primary: a sign-in a replica has not seen
+yet would otherwise sign the browser out.
 """
 
 from __future__ import annotations
 
+import logging
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
 from flask import Flask, g, request
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
-from core.db.session import read_only_engine
-from web.services import services
+from core.db.session import get_replica_engine, read_only_engine
+from core.runtime.settings import Settings
+from web.services import Replica, services
+
+log = logging.getLogger(__name__)
 
 READ_METHODS = ("GET", "HEAD")
+# After the replica fails, reads skip it this long, and the failure is logged once for them.
+REPLICA_RETRY_SECONDS = 30.0
+
+T = TypeVar("T")
+
+
+def replica(settings: Settings) -> Replica | None:
+    """The replica of DQ_DATABASE_REPLICA_URL, read like the primary by GET requests
+    (:func:`read_engine`); None without one."""
+    engine = get_replica_engine(settings)
+    return None if engine is None else Replica(read_only_engine(engine))
 
 
 def read_engine(engine: Engine) -> Engine:
@@ -41,6 +66,34 @@ def get_session() -> Session:
     return session
 
 
+def replica_read(read: Callable[[Session], T], *missing: type[Exception]) -> T:
+    """``read(session)`` on the replica when there is one, else on the request's session.
+
+    A replica trails the primary by the time it takes to replay what was written, so a job
+    committed a moment ago may not be there yet: when ``read`` raises one of ``missing`` (say
+    JobNotFound) on the replica, it reads the primary again, and a job just submitted never reads
+    as missing. When the replica fails (it is down, or cancels a query that conflicts with its
+    replay: OperationalError), ``read`` runs on the primary, and reads skip the replica for
+    REPLICA_RETRY_SECONDS. Call it after the caller is known (:mod:`web.auth`)."""
+    found = services().replica
+    if found is not None and time.monotonic() >= found.skip_until:
+        if "replica_db" not in g:
+            g.replica_db = Session(found.engine, expire_on_commit=False)
+        try:
+            return read(g.replica_db)
+        except missing:
+            pass
+        except OperationalError as e:
+            g.pop("replica_db").close()
+            found.skip_until = time.monotonic() + REPLICA_RETRY_SECONDS
+            log.warning(
+                "the database replica failed, reads go to the primary for %.0f s: %s",
+                REPLICA_RETRY_SECONDS,
+                str(e.orig or e).partition("\n")[0],
+            )
+    return read(get_session())
+
+
 def end_reads(session: Session) -> None:
     """End the request's transaction once a read-only view has what it needs, before it builds
     its answer, so that a poll holds no lock while it renders."""
@@ -48,9 +101,10 @@ def end_reads(session: Session) -> None:
 
 
 def close_session(_exc: BaseException | None = None) -> None:
-    session = g.pop("db", None)
-    if session is not None:
-        session.close()
+    for name in ("db", "replica_db"):
+        session = g.pop(name, None)
+        if session is not None:
+            session.close()
 
 
 def init_app(app: Flask) -> None:

@@ -28,6 +28,7 @@ from flask import (
     url_for,
 )
 from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session
 from werkzeug.wrappers import Response as BaseResponse
 
 from core.db.models import Batch, Job
@@ -47,7 +48,7 @@ from core.storage import InvalidKey, LocalStorage, content_disposition
 from web.auth import SIGN_IN_KEY, page_caller
 from web.batches import batch_detail, submit_batch_and_publish
 from web.caller import Caller
-from web.db import end_reads, get_session
+from web.db import end_reads, get_session, replica_read
 from web.forms import GenerateForm, attach_error
 from web.problems import Problem, cap_problem
 from web.resources import job_resource, job_views, load_job
@@ -103,14 +104,19 @@ def _job(job_id: uuid.UUID) -> Job:
 
 def _job_json(job_id: uuid.UUID) -> dict[str, Any]:
     """The API's job object, as this browser may see it."""
-    session = get_session()
+    scope = page_caller().scope
+
+    def read(session: Session) -> dict[str, Any]:
+        try:
+            view = load_job(session, job_id, scope)
+        finally:
+            end_reads(session)
+        return job_resource(view, services().storage)
+
     try:
-        view = load_job(session, job_id, page_caller().scope)
+        return replica_read(read, JobNotFound)
     except JobNotFound:
         raise Problem(404, NO_SUCH_JOB) from None
-    finally:
-        end_reads(session)
-    return job_resource(view, services().storage)
 
 
 def _prefill(form: GenerateForm) -> None:
@@ -203,13 +209,18 @@ def _submit_lines(form: GenerateForm) -> Batch | None:
 def batch_page(batch_id: uuid.UUID) -> Any:
     """A batch's jobs with their status and first image; reloads itself while any job waits or
     runs."""
-    session = get_session()
+    scope = page_caller().scope
+
+    def read(session: Session) -> dict[str, Any]:
+        try:
+            return batch_detail(session, get_batch(session, batch_id, scope))
+        finally:
+            end_reads(session)
+
     try:
-        batch = get_batch(session, batch_id, page_caller().scope)
+        detail = replica_read(read, BatchNotFound)
     except BatchNotFound:
         raise Problem(404, "There is no such batch, or it was made in another browser.") from None
-    detail = batch_detail(session, batch)
-    end_reads(session)
     return render_template("batch.html", batch=detail)
 
 
@@ -241,18 +252,20 @@ def logout() -> BaseResponse:
 def recent_jobs() -> Any:
     page = request.args.get("page", "1")
     number = int(page) if page.isdigit() and 0 < int(page) < 100_000 else 1
-    session = get_session()
-    jobs, total = list_jobs(
-        session,
-        page_caller().scope,
-        limit=JOBS_PER_PAGE,
-        offset=(number - 1) * JOBS_PER_PAGE,
-    )
+    scope = page_caller().scope
     storage = services().storage
-    thumbnails = {
-        view.job.id: storage.url(view.images[0].storage_key) if view.images else None
-        for view in job_views(session, [job.id for job in jobs])
-    }
+
+    def read(session: Session) -> tuple[list[Job], int, dict[uuid.UUID, str | None]]:
+        jobs, total = list_jobs(
+            session, scope, limit=JOBS_PER_PAGE, offset=(number - 1) * JOBS_PER_PAGE
+        )
+        thumbnails = {
+            view.job.id: storage.url(view.images[0].storage_key) if view.images else None
+            for view in job_views(session, [job.id for job in jobs])
+        }
+        return jobs, total, thumbnails
+
+    jobs, total, thumbnails = replica_read(read)
     return render_template(
         "jobs.html",
         jobs=jobs,

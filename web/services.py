@@ -1,5 +1,6 @@
-"""What one app instance talks to: its settings, database engine, object store, broker and rate
-limiter, built once by :func:`web.create_app` and reached from a request by :func:`services`."""
+"""What one app instance talks to: its settings, database engine (and replica), object store,
+broker and rate limiter, built once by :func:`web.create_app` and reached from a request by
+:func:`services`."""
 
 from __future__ import annotations
 
@@ -20,6 +21,15 @@ if TYPE_CHECKING:
 
 
 @dataclass
+class Replica:
+    """A streaming replica of the database, and until when (time.monotonic()) reads skip it
+    after it failed (:func:`web.db.replica_read`)."""
+
+    engine: Engine
+    skip_until: float = 0.0
+
+
+@dataclass
 class Services:
     settings: Settings
     engine: Engine
@@ -29,6 +39,8 @@ class Services:
     # GET requests read through this one: the same pool (see web.db).
     read_engine: Engine
     limiter: Limiter | None = None
+    # Polls, lists and pages read from this streaming replica first, when one is set (web.db).
+    replica: Replica | None = None
 
 
 def services() -> Services:
