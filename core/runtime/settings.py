@@ -219,7 +219,8 @@ class Settings:
         20, "Queued and running jobs one caller may have at once; more get 429."
     )
     max_queued_jobs: int = _setting(
-        5000, "Queued jobs the whole service holds; past it submissions get 503 with Retry-After."
+        1_000_000,
+        "Queued jobs the whole service holds; past it submissions get 503 with Retry-After.",
     )
     trusted_proxy_hops: int = _setting(
         0,
