@@ -256,6 +256,19 @@ def batch_detail(session: Session, batch: Batch) -> dict[str, Any]:
     return batch_resource(batch, counts, services().storage, jobs, batch_images(session, done))
 
 
+def read_batch_detail(batch_id: uuid.UUID, scope: str | None) -> dict[str, Any]:
+    """:func:`batch_detail` of the caller's batch, read from the replica when there is one (the
+    primary when it lacks the batch); BatchNotFound when neither has it for this caller."""
+
+    def read(session: Session) -> dict[str, Any]:
+        try:
+            return batch_detail(session, get_batch(session, batch_id, scope))
+        finally:
+            end_reads(session)
+
+    return replica_read(read, BatchNotFound)
+
+
 def publish_jobs(jobs: list[Job]) -> None:
     """Each committed job's task message, as :func:`web.submission.submit_and_publish` sends
     one; a job whose message fails to leave is sent by the relay."""
@@ -417,16 +430,8 @@ def list_batches_view(query: dict[str, Any]) -> Any:
     responses=COMMON_ERRORS,
 )
 def get_batch_view(batch_id: uuid.UUID) -> Any:
-    scope = bearer_caller().scope
-
-    def detail(session: Session) -> dict[str, Any]:
-        try:
-            return batch_detail(session, get_batch(session, batch_id, scope))
-        finally:
-            end_reads(session)
-
     try:
-        return json_response(replica_read(detail, BatchNotFound))
+        return json_response(read_batch_detail(batch_id, bearer_caller().scope))
     except BatchNotFound:
         raise Problem(404, f"There is no batch {batch_id}.") from None
 

@@ -46,7 +46,7 @@ from core.services.jobs import (
 from core.services.model_versions import serving_model
 from core.storage import InvalidKey, LocalStorage, content_disposition
 from web.auth import SIGN_IN_KEY, page_caller
-from web.batches import batch_detail, submit_batch_and_publish
+from web.batches import read_batch_detail, submit_batch_and_publish
 from web.caller import Caller
 from web.db import end_reads, get_session, replica_read
 from web.forms import GenerateForm, attach_error
@@ -209,16 +209,8 @@ def _submit_lines(form: GenerateForm) -> Batch | None:
 def batch_page(batch_id: uuid.UUID) -> Any:
     """A batch's jobs with their status and first image; reloads itself while any job waits or
     runs."""
-    scope = page_caller().scope
-
-    def read(session: Session) -> dict[str, Any]:
-        try:
-            return batch_detail(session, get_batch(session, batch_id, scope))
-        finally:
-            end_reads(session)
-
     try:
-        detail = replica_read(read, BatchNotFound)
+        detail = read_batch_detail(batch_id, page_caller().scope)
     except BatchNotFound:
         raise Problem(404, "There is no such batch, or it was made in another browser.") from None
     return render_template("batch.html", batch=detail)
