@@ -112,7 +112,7 @@ FORGET_BATCH = 1000
 def forget_idle_owners(session: Session, limit: int = FORGET_BATCH) -> int:
     """Delete up to ``limit`` rows of ``fair_owners`` whose finish tag V has passed: the trigger
     would give such an owner V, as it gives an owner it has never seen, so the row says nothing.
-    Keeps the table (and :func:`estimate_ahead`'s read of it) to the owners with work ahead.
+    Keeps the table (and :class:`OwnerTags`' read of it) to the owners with work ahead.
     Returns how many went."""
     # V as the trigger reads it: the smaller of the head's tag (the partial index) and the
     # running jobs' smallest (a few rows), each an index read, never a scan of the queue.
@@ -157,16 +157,10 @@ def count_ahead(session: Session, key: float, created_at: Any, job_id: uuid.UUID
     return int(session.scalar(select(func.count()).select_from(head)) or 0)
 
 
-def estimate_ahead(session: Session, key: float) -> int:
-    """Queued jobs with a start tag below ``key``, from the owners' tags alone: one row per
-    owner with jobs queued, none per job."""
-    return OwnerTags.load(session).ahead(key)
-
-
 @dataclass(frozen=True)
 class OwnerTags:
-    """The head's start tag and each owner's (last start, weight) with jobs queued: what
-    :func:`estimate_ahead` reads, loaded once for the places of many jobs."""
+    """The head's start tag and each owner's (last start, weight) with jobs queued: one read of
+    ``fair_owners``, none per job, from which :meth:`ahead` estimates the places of many jobs."""
 
     head: float | None
     owners: list[tuple[float, float]]
