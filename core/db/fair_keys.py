@@ -89,26 +89,28 @@ TRIGGERS = Triggers(
     functions=["dq_fair_key"],
 )
 
+# The weight of the owner of the job ``j``, as the backfill reads it.
+_WEIGHT_OF_J = (
+    "coalesce((SELECT t.weight FROM api_tokens t "
+    "WHERE j.owner = 'token:' || CAST(t.id AS VARCHAR(20)) AND t.weight > 0), 1.0)"
+)
+
 # Jobs already queued or running when the column arrives: each owner's k-th (running ones
 # first, then by age) starts at (k - 1) / weight, the order the window function gave them.
-_BACKFILL_JOBS = """
+_BACKFILL_JOBS = f"""
 UPDATE jobs SET fair_key = ranked.start FROM (
     SELECT j.id AS id,
         (row_number() OVER (PARTITION BY j.owner
             ORDER BY CASE WHEN j.status = 'running' THEN 0 ELSE 1 END, j.created_at, j.id) - 1)
-        / coalesce((SELECT t.weight FROM api_tokens t
-            WHERE j.owner = 'token:' || CAST(t.id AS VARCHAR(20)) AND t.weight > 0), 1.0)
-        AS start
+        / {_WEIGHT_OF_J} AS start
     FROM jobs j WHERE j.status IN ('queued', 'running') AND j.fair_key IS NULL
 ) AS ranked WHERE jobs.id = ranked.id
 """
 
-_BACKFILL_OWNERS = """
+_BACKFILL_OWNERS = f"""
 INSERT INTO fair_owners (owner, last_start, next_start, weight)
 SELECT owner, max(fair_key), max(fair_key) + 1.0 / w, w FROM (
-    SELECT j.owner AS owner, j.fair_key AS fair_key,
-        coalesce((SELECT t.weight FROM api_tokens t
-            WHERE j.owner = 'token:' || CAST(t.id AS VARCHAR(20)) AND t.weight > 0), 1.0) AS w
+    SELECT j.owner AS owner, j.fair_key AS fair_key, {_WEIGHT_OF_J} AS w
     FROM jobs j WHERE j.status IN ('queued', 'running') AND j.fair_key IS NOT NULL
 ) AS keyed GROUP BY owner, w
 """
