@@ -40,6 +40,7 @@ def create_app(
 ) -> APIFlask:
     """Build the app. ``settings`` default to the DQ_* environment; ``publisher`` to a Celery
     sender on the settings' broker; ``storage`` to the settings' store (tests pass fakes)."""
+    from core.queue.eta import SnapshotCache
     from core.services.model_versions import serving_model
     from web import (  # noqa: F401 -- routes on api, admin_api
         admin,
@@ -52,6 +53,7 @@ def create_app(
         pages,
         problems,
         ratelimit,
+        resources,
         security,
         webhooks_api,
     )
@@ -141,6 +143,7 @@ def create_app(
         storage=storage or make_storage(settings),
         publisher=publisher,
         token_cache=TokenCache(ttl=TOKEN_CACHE_SECONDS),
+        queue_snapshots=SnapshotCache(settings.queue_snapshot_seconds),
         read_engine=db.read_engine(engine),
         replica=db.replica(settings),
     )
@@ -148,6 +151,7 @@ def create_app(
     app.extensions["dq_metrics"] = make_registry(svc)
 
     db.init_app(app)
+    resources.init_app(app)
     problems.init_app(app)
     csrf = CSRFProtect(app)
     app.register_blueprint(pages.pages)

@@ -48,6 +48,7 @@ from web.schemas import (
     JobOut,
     JobPage,
     LocationHeader,
+    MeOut,
     ModelsOut,
     PageQuery,
     PollHeaders,
@@ -257,6 +258,33 @@ def models_listing() -> dict[str, Any]:
         "serving": serving_resource(serving_model(session)),
         "versions": [model_version_resource(v) for v in list_versions(session)],
     }
+
+
+@api.get("/me")
+@api.output(MeOut)
+@api.doc(
+    summary="Who you are",
+    description="The caller this token acts for (its owner string and role) and the limits "
+    "that apply to its submissions. Reads nothing but the token: a cheap way to check one.",
+    security="BearerAuth",
+    responses=COMMON_ERRORS,
+)
+def me_view() -> Any:
+    caller = bearer_caller()
+    settings = services().settings
+    return json_response(
+        {
+            "owner": caller.owner,
+            "role": "admin" if caller.is_admin else "user",
+            "limits": {
+                "max_steps": settings.max_steps,
+                "max_images_per_job": settings.max_images_per_job,
+                "max_prompt_chars": settings.max_prompt_chars,
+                "max_active_jobs": settings.max_active_jobs_per_owner,
+                "rate_limit": settings.rate_limit,
+            },
+        }
+    )
 
 
 @api.get("/models")

@@ -26,7 +26,7 @@ from typing import TypeVar
 
 from flask import Flask, g, request
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session
 
 from core.db.session import get_replica_engine, read_only_engine
@@ -74,7 +74,8 @@ def replica_read(read: Callable[[Session], T], *missing: type[Exception]) -> T:
     JobNotFound) on the replica, it reads the primary again, and a job just submitted never reads
     as missing. When the replica fails (it is down, or cancels a query that conflicts with its
     replay: OperationalError), ``read`` runs on the primary, and reads skip the replica for
-    REPLICA_RETRY_SECONDS. Call it after the caller is known (:mod:`web.auth`)."""
+    REPLICA_RETRY_SECONDS. A read on the primary that met a connection which had died is run
+    once more, on a new one. Call it after the caller is known (:mod:`web.auth`)."""
     found = services().replica
     if found is not None and time.monotonic() >= found.skip_until:
         if "replica_db" not in g:
@@ -91,6 +92,15 @@ def replica_read(read: Callable[[Session], T], *missing: type[Exception]) -> T:
                 REPLICA_RETRY_SECONDS,
                 str(e.orig or e).partition("\n")[0],
             )
+    try:
+        return read(get_session())
+    except DBAPIError as e:
+        if not e.connection_invalidated:
+            raise
+    # A pooled connection had died (PostgreSQL restarted within the moment that pooled
+    # connections are trusted without a ping, core.db.session): the pool has been renewed, and
+    # a read is safe to run again.
+    g.pop("db").close()
     return read(get_session())
 
 

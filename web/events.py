@@ -48,6 +48,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from core.db.models import JobEvent, JobStatus
+from core.queue.eta import SnapshotCache
 from core.queue.event_hub import EventHub, ServerBusy, TooManyStreams
 from core.queue.notify import redis_url
 from core.services.jobs import JobNotFound
@@ -125,10 +126,13 @@ def read_events(engine: Engine, job_id: uuid.UUID, after: int) -> list[Any]:
         )
 
 
-def read_job(engine: Engine, storage: Storage, job_id: uuid.UUID) -> dict[str, Any] | None:
-    """The job object as the API shows it now; None once the job is gone (pruned)."""
+def read_job(
+    engine: Engine, storage: Storage, snapshots: SnapshotCache, job_id: uuid.UUID
+) -> dict[str, Any] | None:
+    """The job object as the API shows it now (its place from the process's view of the
+    queue); None once the job is gone (pruned)."""
     with Session(engine) as session:
-        views = job_views(session, [job_id])
+        views = job_views(session, [job_id], snapshots=snapshots)
         return job_resource(views[0], storage) if views else None
 
 
@@ -147,6 +151,7 @@ class EventStream:
         self.hub = hub
         self.engine = svc.read_engine
         self.storage = svc.storage
+        self.snapshots = svc.queue_snapshots
         self.heartbeat = svc.settings.sse_heartbeat_seconds
         self.job_id = job_id
         self.last_id = last_event_id or 0
@@ -157,6 +162,9 @@ class EventStream:
 
     def close(self) -> None:
         self.hub.unsubscribe(self.sub)
+
+    def read_job(self) -> dict[str, Any] | None:
+        return read_job(self.engine, self.storage, self.snapshots, self.job_id)
 
     def _batch(self, rows: list[Any], job: dict[str, Any] | None) -> str:
         running_preview = job["progress"]["preview_url"] if job else None
@@ -217,7 +225,7 @@ class EventStream:
                 fresh = opened.get("status") == last.status and (
                     opened["progress"]["step"] == last.step
                 )
-                job = opened if fresh else read_job(self.engine, self.storage, self.job_id)
+                job = opened if fresh else self.read_job()
                 opened = {}
                 if ended is not None:
                     yield self._batch(rows[: ended + 1], job)
@@ -248,7 +256,9 @@ class EventStream:
                 queue_check = now + QUEUE_REFRESH_SECONDS
                 if self.hub.queue_version != queue_seen:
                     queue_seen = self.hub.queue_version
-                    job = read_job(self.engine, self.storage, self.job_id)
+                    # Every stream of the process shares one new read of the queue.
+                    self.snapshots.moved(queue_seen)
+                    job = self.read_job()
                     if job is None:
                         return
                     if job["status"] == "queued":  # else its own event is on the way

@@ -5,7 +5,8 @@ Polling is the hot path: a client asks for its job every half second. :func:`loa
 job in one query built once at import (building a SQLAlchemy statement costs more than running
 it): the job and its model's name; the images take a second query once the job has succeeded.
 While a job waits or runs, ``core.queue.eta`` adds its queue position under fair share and its
-estimated start and finish (a few bounded queries, none for a finished job).
+estimated start and finish from the process's view of the queue (``QueueSnapshot``, read again
+at most once every DQ_QUEUE_SNAPSHOT_SECONDS): no query of the queue per poll.
 """
 
 from __future__ import annotations
@@ -19,13 +20,12 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
-from flask import has_app_context
+from flask import Flask, has_app_context, request
 from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session
 
 from core.db.models import Image, Job, JobStatus, ModelKind, ModelVersion, TrainingRun
-from core.queue.eta import UNKNOWN, Estimate, estimate
-from core.queue.fairness import count_ahead, virtual_time
+from core.queue.eta import UNKNOWN, Estimate, QueueSnapshot, SnapshotCache, estimate
 from core.runtime.settings import Settings
 from core.services.jobs import JobNotFound
 from core.services.model_versions import DEFAULT_MODEL_NAME, ServingModel
@@ -53,6 +53,7 @@ _JOBS = (
                 "sampler",
                 "seed",
                 "width",
+                "height",
                 "num_images",
                 "progress_step",
                 "progress_total",
@@ -64,6 +65,8 @@ _JOBS = (
                 "finished_at",
                 "webhook_url",
                 "webhook_events",
+                "model_version_id",
+                "worker_host",
             )
         ),
         _versions.c.name.label("model_name"),
@@ -99,7 +102,11 @@ class JobView:
 
 
 def job_views(
-    session: Session, job_ids: Sequence[uuid.UUID], *, estimates: bool = True
+    session: Session,
+    job_ids: Sequence[uuid.UUID],
+    *,
+    estimates: bool = True,
+    snapshots: SnapshotCache | None = None,
 ) -> list[JobView]:
     """The jobs in the order given (absent ones left out): one query, and one more for the
     images when some of them have succeeded; then, unless ``estimates`` is False, their queue
@@ -116,13 +123,39 @@ def job_views(
         for image in connection.execute(_IMAGES, {"job_ids": done}):
             images[image.job_id].append(image)
     views = [JobView(rows[i], images.get(i, [])) for i in job_ids if i in rows]
-    return with_estimates(session, views) if estimates else views
+    return with_estimates(session, views, snapshots) if estimates else views
 
 
-def with_estimates(session: Session, views: Sequence[JobView]) -> list[JobView]:
-    """The views with their queue position and estimated start and finish."""
-    found = estimate(session, [v.job for v in views], max_batch_size=_max_batch_size())
+def with_estimates(
+    session: Session, views: Sequence[JobView], snapshots: SnapshotCache | None = None
+) -> list[JobView]:
+    """The views with their queue position and estimated start and finish, from the process's
+    view of the queue (at most DQ_QUEUE_SNAPSHOT_SECONDS old): ``snapshots``, else the app's
+    (outside an app, the queue is read afresh)."""
+    found = estimate(
+        session,
+        [v.job for v in views],
+        max_batch_size=_max_batch_size(),
+        snapshot=snapshots or _snapshots(),
+    )
     return [replace(v, estimate=found[v.job.id]) for v in views]
+
+
+def init_app(app: Flask) -> None:
+    """A request of this process that may queue, claim or cancel a job (anything but a read)
+    renews the process's view of the queue, so that its answer, and the polls after it, see
+    the queue as the write left it: a client that submits and then polls finds its job in
+    place at once."""
+
+    @app.before_request
+    def renew_queue_view() -> None:
+        if request.method not in ("GET", "HEAD", "OPTIONS"):
+            services().queue_snapshots.clear()
+
+
+def _snapshots() -> SnapshotCache | None:
+    """The app's cache of the queue's view; None outside an app (a fresh read each time)."""
+    return services().queue_snapshots if has_app_context() else None
 
 
 # A poll's validator stays the same for at most this long, so that a client answered 304 never
@@ -134,14 +167,15 @@ def job_etag(session: Session, view: JobView) -> str:
     """A validator of what a poll would show: the job's state, its place in the queue, and the
     half hour (the signed URLs). Estimated times are left out: they move every second, and a
     client that already has them loses nothing by keeping them until the state changes. Costs
-    the job's row (already read) and, while it waits, a count bounded by the counted head and
-    the head's tag (no estimate)."""
+    the job's row (already read) and, while it waits, the process's view of the queue (no
+    query while it is fresh)."""
     job = view.job
     place = None
     if job.status is JobStatus.QUEUED and job.fair_key is not None:
-        # Jobs ahead, counted up to the bound; past it, the head's tag stands for the rest
-        # (it moves with every claim).
-        place = (count_ahead(session, job.fair_key, job.created_at, job.id), virtual_time(session))
+        cache = _snapshots()
+        snapshot = cache.get(session) if cache is not None else QueueSnapshot.load(session)
+        found = snapshot.place(job)
+        place = None if found is None else found[0]
     parts = (
         job.id,
         job.status.value,

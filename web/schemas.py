@@ -351,6 +351,26 @@ class ModelDefaults(Schema):
     guidance_interval = List(Float(), required=True, metadata={"description": "[lo, hi] in t/T."})
 
 
+class CallerLimits(Schema):
+    max_steps = Integer(
+        required=True, metadata={"description": "Most denoising steps a job may ask for."}
+    )
+    max_images_per_job = Integer(required=True)
+    max_prompt_chars = Integer(required=True)
+    max_active_jobs = Integer(
+        required=True, metadata={"description": "Queued and running jobs you may have at once."}
+    )
+    rate_limit = String(
+        required=True, metadata={"description": "Submissions allowed, e.g. 60/minute."}
+    )
+
+
+class MeOut(Schema):
+    owner = String(required=True, metadata={"description": "The owner string of your jobs."})
+    role = String(required=True, validate=OneOf(["user", "admin"]))
+    limits = Nested(CallerLimits, required=True)
+
+
 class ServingOut(Schema):
     id = UUID(required=True, allow_none=True, metadata={"description": "null: shipped default."})
     name = String(required=True)

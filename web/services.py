@@ -17,6 +17,7 @@ from core.storage import Storage
 if TYPE_CHECKING:
     from flask_limiter import Limiter
 
+    from core.queue.eta import SnapshotCache
     from web.token_cache import TokenCache
 
 
@@ -36,6 +37,8 @@ class Services:
     storage: Storage
     publisher: Publisher
     token_cache: TokenCache
+    # Positions and ETAs read the queue through this, at most queue_snapshot_seconds old.
+    queue_snapshots: SnapshotCache
     # GET requests read through this one: the same pool (see web.db).
     read_engine: Engine
     limiter: Limiter | None = None

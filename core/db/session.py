@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 from sqlalchemy import create_engine, event, text
 from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.exc import ArgumentError, OperationalError
+from sqlalchemy.exc import ArgumentError, DisconnectionError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.runtime.settings import Settings, SettingsError, sqlite_path
@@ -35,9 +36,6 @@ def make_engine(url: str, connect_timeout: int = 10, statement_timeout: int = 30
             path.parent.mkdir(parents=True, exist_ok=True)
         kwargs["connect_args"] = {"timeout": 30, "check_same_thread": False}
     else:
-        # Connections die when PostgreSQL restarts; test them on checkout rather than failing
-        # the first request after.
-        kwargs["pool_pre_ping"] = True
         kwargs["pool_timeout"] = max(connect_timeout, 5)
         # TCP keepalives notice a server that vanished without closing the connection.
         kwargs["connect_args"] = {
@@ -56,9 +54,44 @@ def make_engine(url: str, connect_timeout: int = 10, statement_timeout: int = 30
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas)
         event.listen(engine, "begin", _sqlite_begin_immediate)
-    elif statement_timeout:
-        event.listen(engine, "connect", _statement_timeout(statement_timeout))
+    else:
+        _ping_idle_connections(engine)
+        if statement_timeout:
+            event.listen(engine, "connect", _statement_timeout(statement_timeout))
     return engine
+
+
+# A connection back in the pool for less than this is handed out again without a ping, as
+# HikariCP's aliveBypassWindowMs does (500 ms there too).
+ALIVE_BYPASS_SECONDS = 0.5
+_CHECKED_IN = "dq_checked_in"
+
+
+def _ping_idle_connections(engine: Engine) -> None:
+    """Connections die when PostgreSQL restarts: test one on checkout, rather than failing the
+    request that gets it, when it has sat in the pool for ALIVE_BYPASS_SECONDS or more. A
+    connection used a moment ago is left alone, which saves a round trip on every request of a
+    busy process; should it have died in that moment, its statement fails, and SQLAlchemy then
+    replaces every connection of the pool (the request that met it answers 503). A failed ping
+    makes the pool connect afresh (pool_pre_ping pings on every checkout instead)."""
+    dialect = engine.dialect
+
+    def checked_in(_dbapi_connection: Any, record: Any) -> None:
+        record.info[_CHECKED_IN] = time.monotonic()
+
+    def checkout(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+        since = record.info.pop(_CHECKED_IN, None)
+        if since is None or time.monotonic() - since < ALIVE_BYPASS_SECONDS:
+            return  # just connected, or back a moment ago
+        try:
+            alive = dialect.do_ping(dbapi_connection)
+        except Exception:
+            alive = False
+        if not alive:
+            raise DisconnectionError("the connection did not answer a ping")
+
+    event.listen(engine, "checkin", checked_in)
+    event.listen(engine, "checkout", checkout)
 
 
 def _statement_timeout(seconds: int) -> Any:

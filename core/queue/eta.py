@@ -28,14 +28,17 @@ rank is lower), and a worker that joins or leaves changes every wait. Accuracy i
 
 from __future__ import annotations
 
+import threading
+import time
 import uuid
+from bisect import bisect_left
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import case, func, select, tuple_
+from sqlalchemy import case, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -49,9 +52,6 @@ from core.queue.fairness import (
     QUEUED,
     OwnerTags,
     Place,
-    ahead_of,
-    head_boundary,
-    same_kind,
 )
 
 # Used until a worker has measured anything: the shipped model on two CPU cores is about this
@@ -232,21 +232,22 @@ class _Running:
 
 
 def _running_finishes(
-    running: Sequence[_Running], rates: Rates, now: datetime
+    running: Sequence[_Running],
+    rates: Rates,
+    now: datetime,
+    batch_images: dict[str | None, int],
 ) -> dict[uuid.UUID, datetime]:
     """When each running job will finish. A worker runs its claimed jobs as one batch, so a
     job's batch is the running jobs of its worker. The time a step takes is the measured rate's,
     blended with the batch's own pace so far as it progresses: at the start the pace is mostly
     set-up (its first progress write comes after text encoding, and progress is written at
-    most four times a second), near the end it is the best guide."""
-    batch_images: dict[str | None, int] = defaultdict(int)
-    for job in running:
-        batch_images[job.host] += job.num_images
+    most four times a second), near the end it is the best guide. ``batch_images``: the images
+    of each worker's batch."""
     out = {}
     for job in running:
         steps = max(job.steps, 1)
         left = max(job.steps - job.progress_step, 0)
-        images = batch_images[job.host]
+        images = batch_images.get(job.host, job.num_images)
         step_time = rates.batch_seconds(job.model_version_id, job.sampler, steps, images) / steps
         elapsed = (now - job.started_at).total_seconds() if job.started_at else 0.0
         if job.progress_step > 0 and elapsed > 0:
@@ -256,154 +257,261 @@ def _running_finishes(
     return out
 
 
+@dataclass(frozen=True)
+class _Queued:
+    """One job of the counted head: its place in fair order, its kind of batch, its images."""
+
+    position: tuple[Any, ...]  # (fair_key, created_at, id)
+    kind: tuple[Any, ...]  # KIND_COLUMNS
+    num_images: int
+
+
+@dataclass(frozen=True)
+class QueueSnapshot:
+    """What every estimate shares, read in a few bounded statements whatever the queue's depth:
+    the measured rates, the running jobs, the live workers, and the counted head of the queue
+    (its first POSITION_EXACT_UP_TO jobs in fair order, with their kinds and images), plus the
+    owners' tags when the queue is deeper than that.
+
+    A web process keeps one for up to DQ_QUEUE_SNAPSHOT_SECONDS (:class:`SnapshotCache`), so
+    that a poll reads its job's row and nothing of the queue: positions and ETAs are then as
+    the queue stood at most that long ago (docs/QUEUE.md)."""
+
+    taken_at: datetime
+    rates: Rates
+    running: tuple[_Running, ...]
+    finishes: dict[uuid.UUID, datetime]  # of the running jobs, as of taken_at
+    left_by_host: dict[str | None, float]  # seconds each worker's batch had left at taken_at
+    batch_images: dict[str | None, int]  # images in each worker's batch
+    workers: int  # live generation workers
+    head: tuple[_Queued, ...]
+    complete: bool  # the head is the whole queue
+    tags: OwnerTags | None  # read only when the head is not the whole queue
+    # By kind of batch: images in head[:i] (index i), and the indexes in the head of its jobs.
+    prefix_images: dict[tuple[Any, ...], list[int]] = field(default_factory=dict)
+    members: dict[tuple[Any, ...], list[int]] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, session: Session, now: datetime | None = None) -> QueueSnapshot:
+        now = now or utcnow()
+        rates = Rates.load(session)
+        j = Job.__table__
+        running = tuple(
+            _Running(*row)
+            for row in session.execute(
+                select(
+                    j.c.id,
+                    j.c.worker_host,
+                    j.c.model_version_id,
+                    j.c.sampler,
+                    j.c.steps,
+                    j.c.num_images,
+                    j.c.progress_step,
+                    j.c.started_at,
+                )
+                .where(j.c.status == JobStatus.RUNNING)
+                .limit(MAX_RUNNING)
+            )
+        )
+        batch_images: dict[str | None, int] = defaultdict(int)
+        for job in running:
+            batch_images[job.host] += job.num_images
+        finishes = _running_finishes(running, rates, now, batch_images)
+        # Seconds each worker's batch has left; a worker whose jobs are all finishing counts 0.
+        left_by_host: dict[str | None, float] = defaultdict(float)
+        for job in running:
+            left = (finishes[job.id] - now).total_seconds()
+            left_by_host[job.host] = max(left_by_host[job.host], left)
+        bound = fairness.POSITION_EXACT_UP_TO
+        head = tuple(
+            _Queued(tuple(row[:3]), tuple(row[3:-1]), int(row[-1]))
+            for row in session.execute(
+                select(*ORDER, *(j.c[name] for name in KIND_COLUMNS), j.c.num_images)
+                .where(QUEUED, j.c.fair_key.is_not(None))
+                .order_by(*ORDER)
+                .limit(bound)
+            )
+        )
+        complete = len(head) < bound
+        prefix_images: dict[tuple[Any, ...], list[int]] = {}
+        members: dict[tuple[Any, ...], list[int]] = defaultdict(list)
+        for i, queued in enumerate(head):
+            members[queued.kind].append(i)
+        for kind in members:
+            sums = [0]
+            for queued in head:
+                sums.append(sums[-1] + (queued.num_images if queued.kind == kind else 0))
+            prefix_images[kind] = sums
+        return cls(
+            taken_at=now,
+            rates=rates,
+            running=running,
+            finishes=finishes,
+            left_by_host=dict(left_by_host),
+            batch_images=dict(batch_images),
+            workers=max(live_workers(session), len(left_by_host), 1),
+            head=head,
+            complete=complete,
+            tags=None if complete else OwnerTags.load(session),
+            prefix_images=prefix_images,
+            members=dict(members),
+        )
+
+    def running_left(self, now: datetime) -> float:
+        """Seconds of work left in the running batches at ``now``, all workers together."""
+        passed = max((now - self.taken_at).total_seconds(), 0.0)
+        return sum(max(left - passed, 0.0) for left in self.left_by_host.values())
+
+    def place(self, job: Any) -> tuple[Place, int] | None:
+        """The job's :class:`Place` (``job`` has ``id``, ``fair_key`` and ``created_at``), and
+        how many of the head run before it; None for a job without a tag. Counted in the head
+        while the job is in it or the head is the whole queue; estimated from the owners' tags
+        past it, as :func:`core.queue.fairness.places` does."""
+        if job.fair_key is None:
+            return None
+        mine = (job.fair_key, job.created_at, job.id)
+        before = bisect_left(self.head, mine, key=lambda q: q.position)
+        if self.complete or before < len(self.head):
+            return Place(before, True), before
+        tags = self.tags
+        ahead = tags.ahead(job.fair_key) if tags is not None else 0
+        return Place(max(ahead, before), False), before
+
+
+class SnapshotCache:
+    """A process's :class:`QueueSnapshot`, read again once older than ``seconds`` (0: for every
+    request) or after :meth:`clear` (this process queued or canceled a job). Thread-safe; one
+    thread reads a stale snapshot again while the others wait for it."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self._lock = threading.Lock()
+        self._snapshot: QueueSnapshot | None = None
+        self._read_at = 0.0
+        self._moved = 0
+
+    def get(self, session: Session) -> QueueSnapshot:
+        if self.seconds <= 0:
+            return QueueSnapshot.load(session)
+        with self._lock:
+            if self._snapshot is None or time.monotonic() - self._read_at >= self.seconds:
+                self._snapshot = QueueSnapshot.load(session)
+                self._read_at = time.monotonic()
+            return self._snapshot
+
+    def clear(self) -> None:
+        with self._lock:
+            self._snapshot = None
+
+    def moved(self, version: int) -> None:
+        """The queue has moved: a count of its moves (the event hub's ``queue_version``) has
+        reached ``version``. The next :meth:`get` reads it again, once per new count however
+        many callers report it."""
+        with self._lock:
+            if version > self._moved:
+                self._moved = version
+                self._snapshot = None
+
+
 def estimate(
     session: Session,
     jobs: Sequence[Any],
     *,
     max_batch_size: int,
     now: datetime | None = None,
+    snapshot: QueueSnapshot | SnapshotCache | None = None,
 ) -> dict[uuid.UUID, Estimate]:
     """Queue position, estimated start and finish of each of ``jobs`` (rows or ``Job``s with
-    ``id``, ``status`` and ``started_at``). Finished jobs get :data:`UNKNOWN`, with no query.
-    A few bounded queries whatever the number of jobs: one aggregate over the queue for all
-    the queued ones, the running jobs, the rates and the count of live workers."""
+    the job's columns). Finished jobs get :data:`UNKNOWN`, with no query. The queue is read
+    through ``snapshot`` (a cache of it, or one already read), else in a fresh
+    :class:`QueueSnapshot`: a few bounded statements whatever the number of jobs."""
     now = now or utcnow()
     out = {job.id: UNKNOWN for job in jobs}
-    waiting = [job.id for job in jobs if job.status is JobStatus.QUEUED]
     if not any(job.status in (JobStatus.QUEUED, JobStatus.RUNNING) for job in jobs):
         return out
-    rates = Rates.load(session)
-    r = Job.__table__
-    running = [
-        _Running(*row)
-        for row in session.execute(
-            select(
-                r.c.id,
-                r.c.worker_host,
-                r.c.model_version_id,
-                r.c.sampler,
-                r.c.steps,
-                r.c.num_images,
-                r.c.progress_step,
-                r.c.started_at,
-            )
-            .where(r.c.status == JobStatus.RUNNING)
-            .limit(MAX_RUNNING)
-        )
-    ]
-    finishes = _running_finishes(running, rates, now)
+    if isinstance(snapshot, SnapshotCache):
+        snapshot = snapshot.get(session)
+    elif snapshot is None:
+        snapshot = QueueSnapshot.load(session, now)
+    running_left = snapshot.running_left(now)
     for job in jobs:
         if job.status is JobStatus.RUNNING:
-            out[job.id] = Estimate(None, job.started_at or now, finishes.get(job.id, now))
-    if not waiting:
-        return out
-
-    # Seconds each worker's batch has left; a worker whose jobs are all finishing counts 0.
-    left_by_host: dict[str | None, float] = defaultdict(float)
-    for job in running:
-        left = (finishes[job.id] - now).total_seconds()
-        left_by_host[job.host] = max(left_by_host[job.host], left)
-    running_left = sum(left_by_host.values())
-    workers = max(live_workers(session), len(left_by_host), 1)
-
-    for job_id, (place, ahead_work, own_batch) in _queued_work(
-        session, waiting, rates, max_batch_size
-    ).items():
-        start = now + timedelta(seconds=(ahead_work + running_left) / workers)
-        out[job_id] = Estimate(
-            place.ahead, start, start + timedelta(seconds=own_batch), place.exact
-        )
+            out[job.id] = Estimate(None, job.started_at or now, _finish(snapshot, job, now))
+        elif job.status is JobStatus.QUEUED:
+            found = _queued(snapshot, job, max_batch_size)
+            if found is not None:
+                place, ahead_work, own_batch = found
+                start = now + timedelta(seconds=(ahead_work + running_left) / snapshot.workers)
+                out[job.id] = Estimate(
+                    place.ahead, start, start + timedelta(seconds=own_batch), place.exact
+                )
     return out
 
 
-def _queued_work(
-    session: Session, job_ids: list[uuid.UUID], rates: Rates, cap: int
-) -> dict[uuid.UUID, tuple[Place, float, float]]:
-    """For each queued job: (its place, seconds of work ahead for one worker, seconds of its
-    own batch). Bounded statements: for a job within the counted head, the jobs ahead of it by
-    kind, counted through the index up to POSITION_EXACT_UP_TO; for jobs past it, the head's
-    work (one statement for them all), scaled to the place estimated from the owners' tags;
-    and for each, its own kind behind it, up to one batch."""
-    j = Job.__table__
-    kind = tuple(j.c[name] for name in KIND_COLUMNS)
-    mine = session.execute(
-        select(j.c.id, j.c.fair_key, j.c.created_at, j.c.num_images, *kind).where(
-            j.c.id.in_(job_ids), QUEUED
+def _finish(snapshot: QueueSnapshot, job: Any, now: datetime) -> datetime:
+    """When a running job will finish: from its own row where it has the columns (its progress
+    is newer than the snapshot's), else from the snapshot."""
+    try:
+        mine = _Running(
+            job.id,
+            job.worker_host,
+            job.model_version_id,
+            job.sampler,
+            job.steps,
+            job.num_images,
+            job.progress_step,
+            job.started_at,
         )
-    ).all()
-    # The deepest first: the first past the bound counts the head, the rest reuse it.
-    mine = sorted(
-        (m for m in mine if m.fair_key is not None),
-        key=lambda m: (m.fair_key, m.created_at, str(m.id)),
-        reverse=True,
-    )
-    boundary = head_boundary(session) if len(mine) > 1 else None
-    head: list[Any] | None = None  # the counted head's groups, shared by every job past it
-    tags: OwnerTags | None = None
-    out: dict[uuid.UUID, tuple[Place, float, float]] = {}
-    for me in mine:
-        position = (me.fair_key, me.created_at, me.id)
-        if head is not None and boundary is not None and position > boundary:
-            groups = head
-        else:
-            groups = _kinds_ahead(session, position)
-        counted = sum(int(g.jobs) for g in groups)
-        if counted >= fairness.POSITION_EXACT_UP_TO:
-            head = groups
-        behind = session.scalars(
-            select(j.c.num_images)
-            .where(QUEUED, *same_kind(me), tuple_(*ORDER) > tuple_(*position))
-            .order_by(*ORDER)
-            .limit(cap)
-        ).all()
-        own_kind = tuple(getattr(me, name) for name in KIND_COLUMNS)
-        work = 0.0
-        same_ahead = 0
-        for g in groups:
-            images = int(g.images or 0)
-            batch_kind = (g.model_version_id, g.sampler, g.steps)
-            if tuple(getattr(g, name) for name in KIND_COLUMNS) == own_kind:
-                same_ahead = images
-                continue
-            # Other kinds ahead run in batches of up to `cap` images.
-            full, rest = divmod(images, cap)
-            work += full * rates.batch_seconds(*batch_kind, cap)
-            work += rates.batch_seconds(*batch_kind, rest)
-        # Full batches of its own kind ahead run first; the partial one joins its batch, with
-        # compatible jobs behind it, up to the cap.
-        full, rest = divmod(same_ahead, cap)
-        work += full * rates.batch_seconds(me.model_version_id, me.sampler, me.steps, cap)
-        batch = min(cap, rest + int(me.num_images) + sum(int(n) for n in behind))
-        own = rates.batch_seconds(
-            me.model_version_id, me.sampler, me.steps, max(batch, int(me.num_images))
-        )
-        if counted < fairness.POSITION_EXACT_UP_TO:
-            place = Place(counted, True)
-        else:
-            tags = tags or OwnerTags.load(session)
-            place = Place(max(tags.ahead(me.fair_key), counted), False)
-            work *= place.ahead / counted  # the counted head's work per job, for every job ahead
-        out[me.id] = (place, work, own)
-    return out
+    except AttributeError:
+        return snapshot.finishes.get(job.id, now)
+    batch = dict(snapshot.batch_images)
+    batch[mine.host] = max(batch.get(mine.host, 0), mine.num_images)
+    return _running_finishes([mine], snapshot.rates, now, batch)[job.id]
 
 
-def _kinds_ahead(session: Session, position: tuple[Any, ...]) -> list[Any]:
-    """The jobs ahead of a job at ``position`` (tag, age, id), up to POSITION_EXACT_UP_TO of
-    them, counted with their images by kind of batch."""
-    j = Job.__table__
-    ahead = (
-        select(j.c.num_images, *(j.c[name] for name in KIND_COLUMNS))
-        .where(ahead_of(*position))
-        .order_by(*ORDER)
-        .limit(fairness.POSITION_EXACT_UP_TO)
-        .subquery()
-    )
-    return list(
-        session.execute(
-            select(
-                *(ahead.c[name] for name in KIND_COLUMNS),
-                func.count().label("jobs"),
-                func.sum(ahead.c.num_images).label("images"),
-            ).group_by(*(ahead.c[name] for name in KIND_COLUMNS))
-        ).all()
+def _queued(snapshot: QueueSnapshot, job: Any, cap: int) -> tuple[Place, float, float] | None:
+    """For a queued job: (its place, seconds of work ahead for one worker, seconds of its own
+    batch). Within the counted head: the jobs ahead of it by kind, and its own kind behind it up
+    to one batch. Past it: the head's work, scaled to the place estimated from the owners' tags,
+    and its batch as its kind's partial batch ahead and its own images (what follows it is not
+    read)."""
+    found = snapshot.place(job)
+    if found is None:
+        return None
+    place, before = found
+    own_kind = tuple(getattr(job, name) for name in KIND_COLUMNS)
+    images_by_kind = {
+        kind: sums[before] for kind, sums in snapshot.prefix_images.items() if sums[before]
+    }
+    rates = snapshot.rates
+    work = 0.0
+    for kind, images in images_by_kind.items():
+        if kind == own_kind:
+            continue
+        # Other kinds ahead run in batches of up to `cap` images.
+        full, rest = divmod(images, cap)
+        work += full * rates.batch_seconds(kind[0], kind[1], kind[2], cap)
+        work += rates.batch_seconds(kind[0], kind[1], kind[2], rest)
+    # Full batches of its own kind ahead run first; the partial one joins its batch, with
+    # compatible jobs behind it, up to the cap.
+    full, rest = divmod(images_by_kind.get(own_kind, 0), cap)
+    work += full * rates.batch_seconds(job.model_version_id, job.sampler, job.steps, cap)
+    own = int(job.num_images)
+    behind = 0
+    if place.exact:
+        # Up to `cap` jobs of its kind behind it in the head.
+        mine = snapshot.members.get(own_kind, [])
+        followers = [
+            snapshot.head[i]
+            for i in mine[bisect_left(mine, before) :][: cap + 1]
+            if snapshot.head[i].position[2] != job.id
+        ]
+        behind = sum(queued.num_images for queued in followers[:cap])
+    else:
+        work *= place.ahead / max(before, 1)  # the head's work per job, for every job ahead
+    batch = min(cap, rest + own + behind)
+    return (
+        place,
+        work,
+        rates.batch_seconds(job.model_version_id, job.sampler, job.steps, max(batch, own)),
     )

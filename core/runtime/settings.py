@@ -49,6 +49,13 @@ def _positive_float(raw: str) -> float:
     return value
 
 
+def _non_negative_float(raw: str) -> float:
+    value = float(raw)
+    if not 0 <= value < float("inf"):
+        raise ValueError("must be 0 or more")
+    return value
+
+
 def _bool(raw: str) -> bool:
     lowered = raw.strip().lower()
     if lowered in ("1", "true", "yes", "on"):
@@ -221,6 +228,13 @@ class Settings:
     max_queued_jobs: int = _setting(
         1_000_000,
         "Queued jobs the whole service holds; past it submissions get 503 with Retry-After.",
+    )
+    queue_snapshot_seconds: float = _setting(
+        1.0,
+        "How old, at most, the view of the queue (its head, the running jobs, the rates, the "
+        "live workers) may be from which each web process answers queue positions and ETAs; "
+        "0 reads it again for every request.",
+        _non_negative_float,
     )
     trusted_proxy_hops: int = _setting(
         0,

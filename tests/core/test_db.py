@@ -8,7 +8,7 @@ import uuid
 from datetime import UTC, timedelta
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -31,6 +31,7 @@ from core.db import (
     utcnow,
 )
 from core.db.transitions import ALLOWED
+from tests.services import POSTGRES_URL, postgres_schema
 
 
 def new_job(**overrides: object) -> Job:
@@ -291,3 +292,55 @@ def test_racing_workers_claim_each_job_exactly_once(db_url: str) -> None:
     # With real concurrency the work spreads over several threads (not one winning all).
     assert sum(1 for got in claims.values() if got) > 1
     engine.dispose()
+
+
+# --- pooled connections after PostgreSQL drops them ----------------------------------------------
+
+
+def _drop_pooled_connection(engine: Engine) -> None:
+    """End, from the server's side, the one connection that sits in ``engine``'s pool (as a
+    PostgreSQL restart or an idle-session kill does)."""
+    from sqlalchemy import create_engine
+
+    with engine.connect() as conn:
+        pid = conn.execute(text("SELECT pg_backend_pid()")).scalar_one()
+    admin = create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        assert conn.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid}).scalar()
+    admin.dispose()
+
+
+def test_a_connection_idle_in_the_pool_is_pinged_and_replaced_when_dead() -> None:
+    """Back in the pool for ALIVE_BYPASS_SECONDS or more: pinged on checkout, and a dead one is
+    replaced before the statement runs. Used a moment ago: no ping (no round trip), so a dead
+    one fails its statement once, and the pool is renewed for the next."""
+    import time
+
+    from sqlalchemy.exc import DBAPIError
+
+    from core.db.session import ALIVE_BYPASS_SECONDS
+
+    with postgres_schema() as url:
+        engine = make_engine(url)
+        pings: list[int] = []
+        ping = engine.dialect.do_ping
+
+        def counted_ping(dbapi_connection: object) -> bool:
+            pings.append(1)
+            return ping(dbapi_connection)
+
+        engine.dialect.do_ping = counted_ping  # type: ignore[method-assign]
+        _drop_pooled_connection(engine)
+        time.sleep(ALIVE_BYPASS_SECONDS + 0.1)
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT 1")).scalar() == 1
+        assert len(pings) == 1
+
+        _drop_pooled_connection(engine)  # and at once
+        with pytest.raises(DBAPIError) as failed, engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+        assert failed.value.connection_invalidated
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT 1")).scalar() == 1
+        assert len(pings) == 1  # neither checkout came after an idle spell
+        engine.dispose()

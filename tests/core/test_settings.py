@@ -88,6 +88,8 @@ def test_a_replica_of_a_postgresql_primary_is_read_and_its_password_masked() -> 
         ({"DQ_DB_STATEMENT_TIMEOUT_SECONDS": "x"}, "DQ_DB_STATEMENT_TIMEOUT_SECONDS='x'"),
         ({"DQ_MAX_QUEUED_JOBS": "0"}, "DQ_MAX_QUEUED_JOBS='0' is not valid"),
         ({"DQ_WORKER_HANG_GRACE_SECONDS": "0"}, "DQ_WORKER_HANG_GRACE_SECONDS='0' is not valid"),
+        ({"DQ_QUEUE_SNAPSHOT_SECONDS": "-1"}, "DQ_QUEUE_SNAPSHOT_SECONDS='-1' is not valid: must"),
+        ({"DQ_QUEUE_SNAPSHOT_SECONDS": "nan"}, "DQ_QUEUE_SNAPSHOT_SECONDS='nan' is not valid"),
     ],
 )
 def test_a_bad_value_names_its_variable(env: dict[str, str], message: str) -> None:

@@ -560,7 +560,7 @@ def test_models_lists_versions_and_the_one_serving(
 
 
 def test_a_poll_answers_304_while_nothing_it_shows_has_changed(
-    client: FlaskClient, user_token: str, engine: Engine
+    client: FlaskClient, app: Any, user_token: str, engine: Engine
 ) -> None:
     """ETag and If-None-Match: the same tag while the job waits where it was; a new one once
     a job ahead of it leaves the queue, and again when it runs, with its progress, and ends.
@@ -591,6 +591,9 @@ def test_a_poll_answers_304_while_nothing_it_shows_has_changed(
             s.execute(update(Job).where(Job.id == jid).values(**values))
 
     set_job(uuid.UUID(ahead.get_json()["id"]), status=JobStatus.CANCELED)
+    # Another process's change shows once the process's view of the queue is
+    # DQ_QUEUE_SNAPSHOT_SECONDS old (tests/web/test_resources.py); here, at once.
+    app.extensions["dq"].queue_snapshots.clear()
     moved = poll(etag)
     assert moved.status_code == 200 and moved.get_json()["queue_position"] == 0
     set_job(job_id, status=JobStatus.RUNNING, progress_step=3)
@@ -614,3 +617,25 @@ def _other(engine: Engine) -> str:
 
     with session_scope(engine) as s:
         return create_token(s, "user", "mallory")[1]
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+def test_a_poll_that_meets_a_connection_postgresql_dropped_reads_again(
+    client: FlaskClient, app: Any, user_token: str
+) -> None:
+    """Pooled connections used a moment ago are not pinged (core.db.session); when PostgreSQL
+    has dropped one in that moment (a restart), the poll's read runs again on a fresh
+    connection and answers 200, not 503."""
+    from tests.core.test_db import _drop_pooled_connection
+
+    submitted = client.post(
+        "/api/v1/jobs", json={"prompt": "a red circle"}, headers=bearer(user_token)
+    )
+    job_id = submitted.json["id"]
+    assert client.get(f"/api/v1/jobs/{job_id}", headers=bearer(user_token)).status_code == 200
+    engine = app.extensions["dq"].engine
+    assert engine.pool.checkedin() == 1
+    _drop_pooled_connection(engine)
+    polled = client.get(f"/api/v1/jobs/{job_id}", headers=bearer(user_token))
+    assert polled.status_code == 200, polled.json
+    assert polled.json["id"] == job_id

@@ -128,3 +128,71 @@ def test_every_operation_is_tagged_so_the_docs_page_groups_them(client: FlaskCli
     assert tags[("get", "/api/v1/models")] == ["Jobs"]
     assert tags[("post", "/api/v1/admin/training-runs")] == ["Admin"]
     assert {t for ts in tags.values() for t in ts} == {t["name"] for t in document["tags"]}
+
+
+def test_polls_read_the_queue_through_a_view_at_most_its_age_old(
+    db_url: str, tmp_path: Path, engine: Engine, user_token: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A poll reads its job's row, and the queue through the process's QueueSnapshot, read
+    again once DQ_QUEUE_SNAPSHOT_SECONDS old: a job claimed elsewhere (a worker) moves the
+    others' positions once the view is that old. This process's own writes (a submit, a cancel)
+    renew it at once."""
+    import core.queue.eta as eta
+    from tests.web.conftest import bearer, make_settings
+    from web import create_app
+
+    loads: list[int] = []
+    load = eta.QueueSnapshot.load
+    monkeypatch.setattr(eta.QueueSnapshot, "load", lambda *a, **k: loads.append(1) or load(*a, **k))
+    clock = [1000.0]
+    monkeypatch.setattr(eta.time, "monotonic", lambda: clock[0])
+
+    app = create_app(make_settings(db_url, tmp_path, queue_snapshot_seconds=2.0))
+    client = app.test_client()
+    first = add_job(engine, "other", seconds_ago=10)
+
+    def post(prompt: str) -> str:
+        sent = client.post("/api/v1/jobs", json={"prompt": prompt}, headers=bearer(user_token))
+        assert sent.status_code == 202, sent.json
+        return str(sent.json["id"])
+
+    def position(job_id: str) -> int | None:
+        polled = client.get(f"/api/v1/jobs/{job_id}", headers=bearer(user_token))
+        assert polled.status_code == 200
+        return polled.json["queue_position"]  # type: ignore[no-any-return]
+
+    mine = post("a red circle")
+    assert position(mine) == 1 and len(loads) == 1
+    for _ in range(5):
+        assert position(mine) == 1
+    assert len(loads) == 1  # six polls, one read of the queue
+
+    with session_scope(engine) as session:  # a worker claims the first job
+        session.execute(update(Job).where(Job.id == first).values(status=JobStatus.RUNNING))
+    assert position(mine) == 1  # the view is not 2 s old yet
+    clock[0] += 2.0
+    assert position(mine) == 0 and len(loads) == 2
+
+    second = post("a blue square")  # this process's submit renews the view
+    assert position(second) == 1 and position(mine) == 0 and len(loads) == 3
+    assert client.post(f"/api/v1/jobs/{mine}/cancel", headers=bearer(user_token)).status_code == 200
+    assert position(second) == 0 and len(loads) == 4
+
+
+def test_a_queue_view_of_age_zero_is_read_for_every_poll(
+    db_url: str, tmp_path: Path, engine: Engine, user_token: str
+) -> None:
+    from tests.web.conftest import bearer, make_settings
+    from web import create_app
+
+    client = create_app(make_settings(db_url, tmp_path, queue_snapshot_seconds=0)).test_client()
+    first = add_job(engine, "other", seconds_ago=10)
+    mine = client.post("/api/v1/jobs", json={"prompt": "x"}, headers=bearer(user_token)).json["id"]
+    assert (
+        client.get(f"/api/v1/jobs/{mine}", headers=bearer(user_token)).json["queue_position"] == 1
+    )
+    with session_scope(engine) as session:
+        session.execute(update(Job).where(Job.id == first).values(status=JobStatus.CANCELED))
+    assert (
+        client.get(f"/api/v1/jobs/{mine}", headers=bearer(user_token)).json["queue_position"] == 0
+    )

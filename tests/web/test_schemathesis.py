@@ -85,6 +85,7 @@ def test_every_endpoint_of_the_api_is_in_the_document() -> None:
         ("GET", "/api/v1/jobs/{job_id}"),
         ("GET", "/api/v1/jobs/{job_id}/events"),
         ("GET", "/api/v1/jobs/{job_id}/webhooks"),
+        ("GET", "/api/v1/me"),
         ("GET", "/api/v1/models"),
         ("GET", "/api/v1/webhooks/secret"),
         ("POST", "/api/v1/admin/models/default/activate"),

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from flask.testing import FlaskClient
 from sqlalchemy import select
 from sqlalchemy.engine import Engine
 
@@ -20,6 +21,7 @@ from core.services.tokens import (
     list_tokens,
     revoke_token,
 )
+from tests.web.conftest import bearer
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -135,3 +137,32 @@ def test_dq_token_before_the_migrations_says_to_run_them(db_url: str) -> None:
     assert r.stderr.strip() == (
         "dq: error: the database has no api_tokens table; run `dq db upgrade` first"
     )
+
+
+def test_me_says_who_a_token_acts_for_and_its_limits(
+    client: FlaskClient, engine: Engine, user_token: str, admin_token: str
+) -> None:
+    """GET /api/v1/me: the owner string its jobs carry, the role, and the submission limits;
+    401 without a valid token."""
+    from core.services.tokens import hash_token
+
+    me = client.get("/api/v1/me", headers=bearer(user_token))
+    assert me.status_code == 200
+    with session_scope(engine) as session:
+        row = session.scalars(
+            select(ApiToken).where(ApiToken.token_hash == hash_token(user_token))
+        ).one()
+        assert me.json["owner"] == f"token:{row.id}"
+    assert me.json["role"] == "user"
+    settings = client.application.extensions["dq"].settings
+    assert me.json["limits"] == {
+        "max_steps": settings.max_steps,
+        "max_images_per_job": settings.max_images_per_job,
+        "max_prompt_chars": settings.max_prompt_chars,
+        "max_active_jobs": settings.max_active_jobs_per_owner,
+        "rate_limit": settings.rate_limit,
+    }
+    assert client.get("/api/v1/me", headers=bearer(admin_token)).json["role"] == "admin"
+    for headers in ({}, bearer("dq_not-a-token")):
+        refused = client.get("/api/v1/me", headers=headers)
+        assert refused.status_code == 401 and refused.json["status"] == 401
