@@ -61,6 +61,9 @@ DEFAULT_SECONDS_PER_IMAGE_STEP = 0.05
 # that the first measurement replaces the default at once.
 EMA_WEIGHT = 0.2
 LIVE_SECONDS = 60.0
+# Places past the head a snapshot remembers (each an int), so that polls of a job within a second
+# sum over the owners once.
+MAX_ESTIMATES_KEPT = 100_000
 # Running jobs read per estimate: workers × the jobs of one batch, far below this.
 MAX_RUNNING = 2000
 
@@ -290,6 +293,8 @@ class QueueSnapshot:
     # By kind of batch: images in head[:i] (index i), and the indexes in the head of its jobs.
     prefix_images: dict[tuple[Any, ...], list[int]] = field(default_factory=dict)
     members: dict[tuple[Any, ...], list[int]] = field(default_factory=dict)
+    # Places past the head already estimated from the owners' tags, by start tag.
+    estimated_ahead: dict[float, int] = field(default_factory=dict)
 
     @classmethod
     def load(cls, session: Session, now: datetime | None = None) -> QueueSnapshot:
@@ -373,8 +378,11 @@ class QueueSnapshot:
         before = bisect_left(self.head, mine, key=lambda q: q.position)
         if self.complete or before < len(self.head):
             return Place(before, True), before
-        tags = self.tags
-        ahead = tags.ahead(job.fair_key) if tags is not None else 0
+        ahead = self.estimated_ahead.get(job.fair_key)
+        if ahead is None:  # a sum over the owners with work queued: once per tag and snapshot
+            ahead = self.tags.ahead(job.fair_key) if self.tags is not None else 0
+            if len(self.estimated_ahead) < MAX_ESTIMATES_KEPT:
+                self.estimated_ahead[job.fair_key] = ahead
         return Place(max(ahead, before), False), before
 
 
