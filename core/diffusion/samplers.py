@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -198,6 +198,19 @@ def _steps(
     ]
 
 
+# A sampler's loop as a generator: it yields (x, t) when it needs the model at t, is sent back
+# (x0, ε), and returns the final x. Whoever drives it owns the model calls, so several loops (the
+# images of one batch that start at different steps, as image-to-image does) can share each
+# batched call; :func:`run_steps` drives one loop alone.
+Steps = Generator[tuple[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class StepLoop(Protocol):
+    def __call__(
+        self, x: torch.Tensor, schedule: NoiseSchedule, timesteps: list[int], noise: NoiseFn
+    ) -> Steps: ...
+
+
 def _report(
     callback: Callback | None,
     should_stop: StopFn | None,
@@ -213,72 +226,70 @@ def _report(
         raise SamplingCanceled(f"canceled after step {i + 1} of {total}")
 
 
-def sample_ddpm(
+def run_steps(
+    loop: Steps,
     denoise: Denoise,
-    x: torch.Tensor,
-    schedule: NoiseSchedule,
-    timesteps: list[int],
-    noise: NoiseFn,
+    total: int,
     callback: Callback | None = None,
     should_stop: StopFn | None = None,
 ) -> torch.Tensor:
+    """Drive one sampler loop: the model at every step it asks for, then the callback and the
+    stop check after each of its ``total`` steps."""
+    x, t = next(loop)
+    for i in range(total):
+        x0, eps = denoise(x, t)
+        try:
+            x_next, t_next = loop.send((x0, eps))
+        except StopIteration as done:
+            _report(callback, should_stop, done.value, i, t, x0, total)
+            return done.value
+        _report(callback, should_stop, x_next, i, t, x0, total)
+        x, t = x_next, t_next
+    raise RuntimeError("the sampler asked for more steps than its timesteps")
+
+
+def ddpm_steps(
+    x: torch.Tensor, schedule: NoiseSchedule, timesteps: list[int], noise: NoiseFn
+) -> Steps:
     """DDPM ancestral sampling (Ho et al. 2020, Algorithm 2)."""
-    for i, t, t_prev in _steps(timesteps):
-        x0, _ = denoise(x, t)
+    for _, t, t_prev in _steps(timesteps):
+        x0, _ = yield x, t
         z = noise(x) if t_prev >= 0 else torch.zeros_like(x)
         x = ddpm_step(schedule, x, x0, t, t_prev, z)
-        _report(callback, should_stop, x, i, t, x0, len(timesteps))
     return x
 
 
-def sample_ddim(
-    denoise: Denoise,
+def ddim_steps(
     x: torch.Tensor,
     schedule: NoiseSchedule,
     timesteps: list[int],
     noise: NoiseFn,
-    callback: Callback | None = None,
-    should_stop: StopFn | None = None,
     eta: float = 0.0,
-) -> torch.Tensor:
+) -> Steps:
     """DDIM (Song et al. 2021); deterministic at the default η = 0."""
-    for i, t, t_prev in _steps(timesteps):
-        x0, eps = denoise(x, t)
+    for _, t, t_prev in _steps(timesteps):
+        x0, eps = yield x, t
         z = noise(x) if eta > 0 and t_prev >= 0 else None
         x = ddim_step(schedule, x0, eps, t, t_prev, eta=eta if t_prev >= 0 else 0.0, noise=z)
-        _report(callback, should_stop, x, i, t, x0, len(timesteps))
     return x
 
 
-def sample_dpmpp_2m(
-    denoise: Denoise,
-    x: torch.Tensor,
-    schedule: NoiseSchedule,
-    timesteps: list[int],
-    noise: NoiseFn,
-    callback: Callback | None = None,
-    should_stop: StopFn | None = None,
-) -> torch.Tensor:
+def dpmpp_2m_steps(
+    x: torch.Tensor, schedule: NoiseSchedule, timesteps: list[int], noise: NoiseFn
+) -> Steps:
     """DPM-Solver++(2M), the multistep second-order solver in data prediction (Lu et al. 2022)."""
     x0_prev: torch.Tensor | None = None
     t_last: int | None = None
-    for i, t, t_prev in _steps(timesteps):
-        x0, _ = denoise(x, t)
+    for _, t, t_prev in _steps(timesteps):
+        x0, _ = yield x, t
         x = dpmpp_2m_step(schedule, x, x0, x0_prev, t, t_prev, t_last)
         x0_prev, t_last = x0, t
-        _report(callback, should_stop, x, i, t, x0, len(timesteps))
     return x
 
 
-def sample_dpmpp_3m(
-    denoise: Denoise,
-    x: torch.Tensor,
-    schedule: NoiseSchedule,
-    timesteps: list[int],
-    noise: NoiseFn,
-    callback: Callback | None = None,
-    should_stop: StopFn | None = None,
-) -> torch.Tensor:
+def dpmpp_3m_steps(
+    x: torch.Tensor, schedule: NoiseSchedule, timesteps: list[int], noise: NoiseFn
+) -> Steps:
     """DPM-Solver++(3M): the multistep third-order solver in data prediction (Lu et al. 2022).
 
     As diffusers with ``lower_order_final``: the first two steps warm up at orders one and two,
@@ -289,7 +300,7 @@ def sample_dpmpp_3m(
     ts: list[int] = []
     total = len(timesteps)
     for i, t, t_prev in _steps(timesteps):
-        x0, _ = denoise(x, t)
+        x0, _ = yield x, t
         x0s, ts = [*x0s[-2:], x0], [*ts[-2:], t]
         order = 3
         if i == total - 1:
@@ -297,26 +308,55 @@ def sample_dpmpp_3m(
         elif i == total - 2 and total < 15:
             order = 2
         x = dpmpp_3m_step(schedule, x, x0s[-order:], ts[-order:], t_prev)
-        _report(callback, should_stop, x, i, t, x0, total)
     return x
+
+
+def _sampler(loop: StepLoop) -> Sampler:
+    """The :class:`Sampler` that drives ``loop`` alone."""
+
+    def sample(
+        denoise: Denoise,
+        x: torch.Tensor,
+        schedule: NoiseSchedule,
+        timesteps: list[int],
+        noise: NoiseFn,
+        callback: Callback | None = None,
+        should_stop: StopFn | None = None,
+    ) -> torch.Tensor:
+        steps = loop(x, schedule, timesteps, noise)
+        return run_steps(steps, denoise, len(timesteps), callback, should_stop)
+
+    sample.__doc__ = loop.__doc__
+    return sample
+
+
+sample_ddpm = _sampler(ddpm_steps)
+sample_ddim = _sampler(ddim_steps)
+sample_dpmpp_2m = _sampler(dpmpp_2m_steps)
+sample_dpmpp_3m = _sampler(dpmpp_3m_steps)
 
 
 @dataclass(frozen=True)
 class SamplerSpec:
-    """A sampler as users name it: the function, its timestep spacing, a display name."""
+    """A sampler as users name it: its loop, its timestep spacing, a display name."""
 
-    sample: Sampler
+    steps: StepLoop
     spacing: Spacing
     label: str
+
+    @property
+    def sample(self) -> Sampler:
+        """The loop driven alone (the :class:`Sampler` signature)."""
+        return _sampler(self.steps)
 
 
 # The names users type (CLI, API, form). Options of a sampler are bound here, so that every
 # entry has the Sampler signature.
 SAMPLERS: dict[str, SamplerSpec] = {
-    "ddpm": SamplerSpec(sample_ddpm, "trailing", "DDPM"),
-    "ddim": SamplerSpec(functools.partial(sample_ddim, eta=0.0), "trailing", "DDIM"),
-    "dpmpp-2m": SamplerSpec(sample_dpmpp_2m, "trailing", "DPM-Solver++(2M)"),
-    "dpmpp-3m": SamplerSpec(sample_dpmpp_3m, "trailing", "DPM-Solver++(3M)"),
+    "ddpm": SamplerSpec(ddpm_steps, "trailing", "DDPM"),
+    "ddim": SamplerSpec(functools.partial(ddim_steps, eta=0.0), "trailing", "DDIM"),
+    "dpmpp-2m": SamplerSpec(dpmpp_2m_steps, "trailing", "DPM-Solver++(2M)"),
+    "dpmpp-3m": SamplerSpec(dpmpp_3m_steps, "trailing", "DPM-Solver++(3M)"),
 }
 
 
