@@ -28,7 +28,16 @@ from core.diffusion.checkpoint import (
     save_checkpoint,
     unprefixed,
 )
-from core.diffusion.data.captioned import tensor_to_images
+from core.diffusion.data.captioned import images_to_tensor, tensor_to_images
+from core.diffusion.editing import (
+    Edits,
+    composite,
+    image_array,
+    latent_mask,
+    mask_array,
+    run_staggered,
+    start_index,
+)
 from core.diffusion.preview import fit_latent_rgb_map, latents_to_preview
 from core.diffusion.samplers import NoiseFn, SamplerSpec, get_sampler
 from core.diffusion.schedule import NoiseSchedule, ScheduleConfig, inference_timesteps
@@ -37,6 +46,10 @@ from core.diffusion.unet import UNet, UNetConfig
 
 MAX_PROMPT_CHARS = 1000
 MAX_SEED = 2**63 - 1
+# Image-to-image's strength when none is given (with a mask: 1).
+DEFAULT_STRENGTH = 0.75
+# XORed into an image's seed for the generator of an inpainted image's known-region noise.
+KNOWN_REGION_SEED = 0x9E3779B97F4A7C15
 OnStep = Callable[[int, int, torch.Tensor], None]
 
 
@@ -66,6 +79,9 @@ class GenerationPlan:
     timesteps: list[int]
     x: torch.Tensor  # the starting noise, one row per image
     noise: NoiseFn
+    # Image editing (core.diffusion.editing): None for text-to-image.
+    edits: Edits | None = None
+    noise_for: Callable[[list[int]], NoiseFn] | None = None
 
 
 def _defaults(raw: dict[str, Any]) -> SamplingDefaults:
@@ -233,6 +249,9 @@ class LatentDiffusion(nn.Module):
         should_stop: Callable[[], bool] | None = None,
         size: int | None = None,
         guidance_interval: Interval | Sequence[Interval] | None = None,
+        init_images: Sequence[Image.Image | None] | None = None,
+        strength: float | Sequence[float | None] | None = None,
+        masks: Sequence[Image.Image | None] | None = None,
     ) -> list[Image.Image]:
         """Makes one RGB image per prompt: :meth:`prepare`, then :meth:`sample`.
 
@@ -243,6 +262,12 @@ class LatentDiffusion(nn.Module):
           only at noise levels t/(T−1) within it (Kynkäänniemi et al. 2024); elsewhere the
           image's step runs the conditional row alone. (0, 1) guides every step.
         - ``seeds``: one per image (random when omitted); each image's seed is in ``img.info``.
+        - ``init_images``: one per prompt (None where an image starts from noise): image-to-image
+          from it, resized to ``size`` when it is another size (:mod:`core.diffusion.editing`).
+        - ``strength``: in (0, 1], one for all or one per image: how much of the sampler's
+          schedule an init image goes through (0.75 by default; 1 with a mask).
+        - ``masks``: one per prompt (None for none), each for an image with an init image:
+          white repaints, black keeps the init image's pixels exactly (inpainting).
         - ``on_step(step, total, denoised)`` runs after every step with the current x0 estimate
           in latent space (decode it with :meth:`preview`); ``should_stop()`` is polled between
           steps and raises :class:`~core.diffusion.samplers.SamplingCanceled`.
@@ -259,6 +284,9 @@ class LatentDiffusion(nn.Module):
             seeds,
             size,
             guidance_interval,
+            init_images=init_images,
+            strength=strength,
+            masks=masks,
             _caller_depth=4,
         )
         return self.sample(plan, on_step, should_stop)
@@ -274,6 +302,10 @@ class LatentDiffusion(nn.Module):
         seeds: Sequence[int] | None = None,
         size: int | None = None,
         guidance_interval: Interval | Sequence[Interval] | None = None,
+        *,
+        init_images: Sequence[Image.Image | None] | None = None,
+        strength: float | Sequence[float | None] | None = None,
+        masks: Sequence[Image.Image | None] | None = None,
         _caller_depth: int = 3,  # for warnings: the frame of whoever called us
     ) -> GenerationPlan:
         """Everything before the first denoising step: defaults filled in and checked, seeds,
@@ -289,6 +321,7 @@ class LatentDiffusion(nn.Module):
         seeds = list(seeds) if seeds is not None else [random_seed() for _ in range(n)]
         size = self.image_size if size is None else size
         self._validate(prompts, negatives, steps, scales, seeds, size)
+        inits, strengths, mask_images = _edit_inputs(n, init_images, strength, masks)
 
         cond = self.text_encoder.encode(list(prompts))
         for prompt, cut in zip(prompts, cond.truncated, strict=True):
@@ -306,22 +339,84 @@ class LatentDiffusion(nn.Module):
         generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
         device = self.device
 
-        def noise(like: torch.Tensor) -> torch.Tensor:
-            # One generator per image, drawn on the CPU: the same seed gives the same noise on any
-            # device and whatever else is in the batch.
-            return torch.stack([torch.randn(like.shape[1:], generator=g) for g in generators]).to(
-                device
-            )
+        def noise_for(rows: list[int]) -> NoiseFn:
+            def noise(like: torch.Tensor) -> torch.Tensor:
+                # One generator per image, drawn on the CPU: the same seed gives the same noise
+                # on any device and whatever else is in the batch.
+                return torch.stack(
+                    [torch.randn(like.shape[1:], generator=generators[r]) for r in rows]
+                ).to(device)
+
+            return noise
 
         c = self.autoencoder.config.latent_channels
         h = size // self.autoencoder.config.downsample_factor
+        timesteps = inference_timesteps(self.schedule.num_train_timesteps, steps, spec.spacing)
+        everyone = list(range(n))
+        x = noise_for(everyone)(torch.empty(n, c, h, h))
+        edits = None
+        if any(image is not None for image in inits):
+            edits = self._edits(inits, strengths, mask_images, seeds, steps, size, (c, h))
         return GenerationPlan(
             seeds=seeds,
             sampler=spec,
             denoise=denoise,
-            timesteps=inference_timesteps(self.schedule.num_train_timesteps, steps, spec.spacing),
-            x=noise(torch.empty(n, c, h, h)),
-            noise=noise,
+            timesteps=timesteps,
+            x=x,
+            noise=noise_for(everyone),
+            edits=edits,
+            noise_for=noise_for,
+        )
+
+    def _edits(
+        self,
+        inits: list[Image.Image | None],
+        strengths: list[float],
+        mask_images: list[Image.Image | None],
+        seeds: list[int],
+        steps: int,
+        size: int,
+        latent_shape: tuple[int, int],
+    ) -> Edits:
+        """The init images encoded (the posterior's mean, scaled), the masks at latent
+        resolution, each image's start step, and the generators of the known region's noise."""
+        n = len(inits)
+        c, h = latent_shape
+        device = self.device
+        has_init = [image is not None for image in inits]
+        has_mask = [m is not None for m in mask_images]
+        init_pixels = [None if im is None else image_array(im, size) for im in inits]
+        mask_pixels = [None if m is None else mask_array(m, size) for m in mask_images]
+        rows = [i for i in range(n) if has_init[i]]
+        encoded = run_batch_invariant(
+            lambda x: self.autoencoder.encode(x).mean,
+            images_to_tensor([init_pixels[i] for i in rows]).to(device),  # type: ignore[misc]
+        )
+        init = torch.zeros(n, c, h, h, device=device)
+        init[rows] = encoded * self.latent_scale_factor
+        mask = None
+        if any(has_mask):
+            pixel = torch.ones(n, 1, size, size, device=device)
+            for i, m in enumerate(mask_pixels):
+                if m is not None:
+                    pixel[i, 0] = torch.from_numpy(m).to(device)
+            mask = latent_mask(pixel, self.autoencoder.config.downsample_factor)
+        known = [torch.Generator("cpu").manual_seed(s ^ KNOWN_REGION_SEED) for s in seeds]
+
+        def known_noise(picked: list[int], like: torch.Tensor) -> torch.Tensor:
+            return torch.stack(
+                [torch.randn(like.shape[1:], generator=known[r]) for r in picked]
+            ).to(device)
+
+        return Edits(
+            starts=[start_index(steps, strengths[i]) if has_init[i] else 0 for i in range(n)],
+            init=init,
+            has_init=has_init,
+            mask=mask,
+            has_mask=has_mask,
+            init_pixels=init_pixels,
+            mask_pixels=mask_pixels,
+            known_noise=known_noise,
         )
 
     @torch.no_grad()
@@ -337,18 +432,37 @@ class LatentDiffusion(nn.Module):
             if on_step is not None:
                 on_step(info["i"] + 1, info["total"], info["denoised"])
 
-        latents = plan.sampler.sample(
-            plan.denoise,
-            plan.x,
-            self.schedule,
-            plan.timesteps,
-            plan.noise,
-            callback=callback,
-            should_stop=should_stop,
-        )
+        if plan.edits is None or plan.noise_for is None:
+            latents = plan.sampler.sample(
+                plan.denoise,
+                plan.x,
+                self.schedule,
+                plan.timesteps,
+                plan.noise,
+                callback=callback,
+                should_stop=should_stop,
+            )
+        else:
+            latents = run_staggered(
+                plan.sampler.steps,
+                plan.denoise.rows,
+                plan.x,
+                self.schedule,
+                plan.timesteps,
+                plan.noise_for,
+                plan.edits,
+                on_step,
+                should_stop,
+            )
         images = tensor_to_images(self.decode(latents))
         for img, seed in zip(images, plan.seeds, strict=True):
             img.info["seed"] = seed
+        if plan.edits is not None:
+            for i, (init, mask) in enumerate(
+                zip(plan.edits.init_pixels, plan.edits.mask_pixels, strict=True)
+            ):
+                if init is not None and mask is not None:
+                    images[i] = composite(images[i], init, mask)
         return images
 
     def _validate(
@@ -391,6 +505,49 @@ class LatentDiffusion(nn.Module):
             or size > 1024
         ):
             raise ValueError(f"size must be a multiple of {m} from {m} to 1024")
+
+
+def _edit_inputs(
+    n: int,
+    init_images: Sequence[Image.Image | None] | None,
+    strength: float | Sequence[float | None] | None,
+    masks: Sequence[Image.Image | None] | None,
+) -> tuple[list[Image.Image | None], list[float], list[Image.Image | None]]:
+    """One init image, strength and mask per image, checked."""
+    inits: list[Image.Image | None] = list(init_images) if init_images is not None else [None] * n
+    mask_list: list[Image.Image | None] = list(masks) if masks is not None else [None] * n
+    if len(inits) != n:
+        raise ValueError("init_images must hold one entry (an image or None) per prompt")
+    if len(mask_list) != n:
+        raise ValueError("masks must hold one entry (an image or None) per prompt")
+    for image in (*inits, *mask_list):
+        if image is not None and not isinstance(image, Image.Image):
+            raise ValueError("init_images and masks must be PIL images or None")
+    for init, mask in zip(inits, mask_list, strict=True):
+        if mask is not None and init is None:
+            raise ValueError("a mask needs an init image")
+        if mask is not None and init is not None and mask.size != init.size:
+            raise ValueError(
+                f"a mask must be the size of its init image: {mask.size} != {init.size}"
+            )
+    if strength is None or isinstance(strength, (int, float)):
+        given: list[float | None] = [None if strength is None else float(strength)] * n
+    elif isinstance(strength, Sequence) and not isinstance(strength, str) and len(strength) == n:
+        given = list(strength)
+    else:
+        raise ValueError("strength must be a number or one number (or None) per prompt")
+    out = []
+    for value, init, mask in zip(given, inits, mask_list, strict=True):
+        if init is None and value is not None and not isinstance(strength, (int, float)):
+            raise ValueError("strength applies only to an image with an init image")
+        if value is None:
+            value = 1.0 if mask is not None else DEFAULT_STRENGTH
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError("strength must be a number")
+        if not 0.0 < value <= 1.0:
+            raise ValueError("strength must be greater than 0 and at most 1")
+        out.append(float(value))
+    return inits, out, mask_list
 
 
 def _check_prompt(p: object, name: str, allow_empty: bool) -> None:
@@ -482,6 +639,28 @@ class GuidedDenoiser:
         self.intervals = intervals or [(0.0, 1.0)] * len(scales)
         device = cond.states.device
         self.scales = torch.tensor(scales, device=device).view(-1, 1, 1, 1)
+        self._subsets: dict[tuple[int, ...], GuidedDenoiser] = {}
+
+    def rows(self, x: torch.Tensor, t: int, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``denoise`` for the images ``rows`` of the batch only (x holds those rows)."""
+        if rows == list(range(len(self.scale_list))):
+            return self(x, t)
+        key = tuple(rows)
+        sub = self._subsets.get(key)
+        if sub is None:
+            idx = torch.tensor(rows, device=self.cond.states.device)
+            sub = GuidedDenoiser(
+                self.unet,
+                self.schedule,
+                TextConditioning(self.cond.states[idx], self.cond.mask[idx], []),
+                None
+                if self.uncond is None
+                else TextConditioning(self.uncond.states[idx], self.uncond.mask[idx], []),
+                [self.scale_list[r] for r in rows],
+                [self.intervals[r] for r in rows],
+            )
+            self._subsets[key] = sub
+        return sub(x, t)
 
     def guided_rows(self, t: int) -> list[int]:
         """The images guided at timestep ``t``."""

@@ -15,6 +15,11 @@ Every sampler has the same signature::
 - ``should_stop()`` is polled between steps; when it returns True, :class:`SamplingCanceled`
   is raised.
 
+Each sampler is written once, as a loop that yields ``(x, t)`` when it needs the model and is
+sent ``(x0, eps)`` back (``ddpm_steps``, ``ddim_steps``, ``dpmpp_2m_steps``, ``dpmpp_3m_steps``);
+``sample_*`` drive one loop alone (:func:`run_steps`), and image editing drives one loop per
+start step in lockstep, sharing each model call (``core.diffusion.editing.run_staggered``).
+
 Each step is also exposed on its own (``ddpm_step``, ``ddim_step``, ``dpmpp_2m_step``,
 ``dpmpp_3m_step``) so the tests can hold it against diffusers' schedulers for identical model
 outputs.
