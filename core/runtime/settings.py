@@ -162,6 +162,9 @@ class Settings:
     max_steps: int = _setting(200, "Largest number of denoising steps a job may ask for.")
     max_images_per_job: int = _setting(8, "Largest number of images one job may ask for.")
     max_prompt_chars: int = _setting(1000, "Longest prompt accepted, in characters.")
+    max_upload_bytes: int = _setting(
+        10 * 1024 * 1024, "Largest image (an init image or a mask) accepted to edit, in bytes."
+    )
     max_batch_size: int = _setting(
         16, "Most images a worker denoises in one batch across compatible jobs."
     )
@@ -360,6 +363,7 @@ class Settings:
             "max_steps",
             "max_images_per_job",
             "max_prompt_chars",
+            "max_upload_bytes",
             "max_batch_size",
             "max_active_jobs_per_owner",
             "max_queued_jobs",

@@ -171,3 +171,58 @@ def test_help_lists_the_commands() -> None:
     r = dq("--help")
     assert r.returncode == 0
     assert "generate" in r.stdout and "train" in r.stdout
+
+
+def _edit_files(tmp_path: Path) -> None:
+    """init.png (a red square on dark noise), mask.png (its left half white), mask-big.png (the
+    same at twice the size) and junk.png (not an image), in ``tmp_path``."""
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 40, (32, 32, 3), dtype=np.uint8)
+    pixels[8:24, 8:24] = (200, 0, 0)
+    Image.fromarray(pixels).save(tmp_path / "init.png")
+    mask = np.zeros((32, 32), dtype=np.uint8)
+    mask[:, :16] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    Image.fromarray(mask).resize((64, 64)).save(tmp_path / "mask-big.png")
+    (tmp_path / "junk.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(200)))
+
+
+def test_generate_edits_an_init_image_and_inpaints_through_a_mask(
+    tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    _edit_files(tmp_path)
+    common = ["--checkpoint", str(tiny_checkpoint), "--steps", "4", "--seed", "3"]
+    r = dq("generate", "a blue square", *common, "--init-image", "init.png", "--strength", "0.5",
+           "-o", "edit.png", cwd=tmp_path)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert Image.open(tmp_path / "edit.png").size == (32, 32)
+    r = dq("generate", "a blue square", *common, "--init-image", "init.png", "--mask", "mask.png",
+           "-o", "inpainted.png", cwd=tmp_path)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    got = np.asarray(Image.open(tmp_path / "inpainted.png"))
+    want = np.asarray(Image.open(tmp_path / "init.png"))
+    assert np.array_equal(got[:, 16:], want[:, 16:])  # black in the mask: kept exactly
+    assert not np.array_equal(got[:, :14], want[:, :14])
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--mask", "mask.png"], "--mask and --strength need --init-image"),
+        (["--strength", "0.5"], "--mask and --strength need --init-image"),
+        (["--init-image", "init.png", "--strength", "0"], "strength must be greater than 0"),
+        (["--init-image", "init.png", "--strength", "1.5"], "strength must be greater than 0"),
+        (["--init-image", "junk.png"], "--init-image is not an image Pillow can read"),
+        (["--init-image", "absent.png"], "--init-image: cannot read absent.png"),
+        (["--init-image", "init.png", "--mask", "mask-big.png"], "--mask is 64×64 pixels"),
+    ],
+)
+def test_bad_edit_input_is_one_line_without_traceback(
+    tiny_checkpoint: Path, tmp_path: Path, extra: list[str], message: str
+) -> None:
+    _edit_files(tmp_path)
+    r = dq("generate", "a red circle", "--checkpoint", str(tiny_checkpoint), "--steps", "2",
+           *extra, cwd=tmp_path)  # fmt: skip
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.startswith("dq: error: ") and message in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
