@@ -10,11 +10,12 @@ import uuid
 from typing import Any
 
 from apiflask import APIBlueprint
-from flask import Response, jsonify, request, url_for
+from flask import Response, current_app, jsonify, request, url_for
 from marshmallow import RAISE
 from sqlalchemy.orm import Session
 
 from core.db.models import JobStatus
+from core.services.images import BadImage
 from core.services.jobs import (
     IdempotencyConflict,
     JobNotFound,
@@ -27,6 +28,7 @@ from core.services.jobs import (
     list_jobs,
 )
 from core.services.model_versions import serving_model
+from core.services.uploads import create_upload
 from core.services.webhooks import validate_target
 from web.auth import bearer_caller
 from web.db import end_reads, get_session, replica_read
@@ -40,6 +42,7 @@ from web.resources import (
     model_version_resource,
     poll_after_seconds,
     serving_resource,
+    upload_resource,
     with_estimates,
 )
 from web.schemas import (
@@ -53,6 +56,8 @@ from web.schemas import (
     PageQuery,
     PollHeaders,
     PollResponseHeaders,
+    UploadIn,
+    UploadOut,
 )
 from web.services import services
 from web.submission import submit_and_publish
@@ -80,9 +85,22 @@ def refuse_non_json_body() -> None:
         raise Problem(415, "Send the body as JSON, with Content-Type: application/json.")
 
 
+# Endpoints whose body may carry images (an upload; a job's inline init image and mask).
+IMAGE_BODY_ENDPOINTS = {"api.submit_job_view", "api.submit_batch_view", "api.create_upload_view"}
+
+
+def image_body_limit(max_upload_bytes: int) -> int:
+    """The body limit of an endpoint that takes images: two of DQ_MAX_UPLOAD_BYTES as base64
+    (an init image and a mask inline), and the app's limit for the rest of the request."""
+    rest = int(current_app.config.get("MAX_CONTENT_LENGTH") or 0)
+    return 2 * (4 * (max_upload_bytes + 2) // 3) + rest
+
+
 @api.before_request
 def authenticate_caller() -> None:
     bearer_caller()
+    if request.endpoint in IMAGE_BODY_ENDPOINTS:
+        request.max_content_length = image_body_limit(services().settings.max_upload_bytes)
     refuse_non_json_body()
 
 
@@ -151,6 +169,39 @@ def submit_job_view(body: dict[str, Any], headers: dict[str, Any]) -> Any:
         raise cap_problem(e) from None
     location = url_for("api.get_job_view", job_id=job.id)
     return json_response(job_resource(view, services().storage), 202, {"Location": location})
+
+
+@api.post("/uploads")
+@api.input(UploadIn, location="files", arg_name="files")
+@api.output(UploadOut, status_code=201, headers=LocationHeader, description="Stored.")
+@api.doc(
+    summary="Upload an image to edit",
+    description="Stores an image (multipart/form-data, field `file`: PNG, JPEG or WebP, one "
+    "frame, at most DQ_MAX_UPLOAD_BYTES and 4096 pixels a side) for you, re-encoded as a PNG "
+    "without metadata, and returns its id: name it as `init_image` or `mask` of your jobs. It "
+    "expires with the jobs' retention once no job names it.",
+    security="BearerAuth",
+    responses={
+        **COMMON_ERRORS,
+        413: "The body is over the size limit.",
+        422: "Not an image, truncated, animated, too many pixels or bytes; names the field.",
+    },
+)
+def create_upload_view(files: dict[str, Any]) -> Any:
+    svc = services()
+    session = get_session()
+    data = files["file"].read(svc.settings.max_upload_bytes + 1)
+    try:
+        upload = create_upload(session, svc.storage, bearer_caller().owner, data, svc.settings)
+        session.commit()
+    except BadImage as e:
+        session.rollback()
+        raise invalid(e.field, str(e).removeprefix(f"{e.field} ")) from None
+    except Exception:
+        session.rollback()
+        raise
+    body = upload_resource(upload, svc.storage)
+    return json_response(body, 201, {"Location": body["url"]})
 
 
 @api.get("/jobs")

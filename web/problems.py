@@ -190,7 +190,7 @@ def http_problem(e: HTTPException) -> Problem:
         allowed = headers.get("Allow", "")
         detail = f"{request.method} is not allowed on {request.path}; use {allowed}."
     elif status == 413:
-        limit = current_app.config.get("MAX_CONTENT_LENGTH") or 0
+        limit = request.max_content_length or current_app.config.get("MAX_CONTENT_LENGTH") or 0
         detail = f"The request body is larger than the limit of {limit // 1024} KiB."
     return Problem(status, detail, headers=headers)
 

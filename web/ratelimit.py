@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 SUBMISSION_ENDPOINTS = (
     "api.submit_job_view",
     "api.submit_batch_view",
+    "api.create_upload_view",
     "admin_api.submit_run_view",
     "pages.index",
     "admin.runs",

@@ -24,11 +24,12 @@ from flask import Flask, has_app_context, request
 from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session
 
-from core.db.models import Image, Job, JobStatus, ModelKind, ModelVersion, TrainingRun
+from core.db.models import Image, Job, JobStatus, ModelKind, ModelVersion, TrainingRun, Upload
 from core.queue.eta import UNKNOWN, Estimate, QueueSnapshot, SnapshotCache, estimate
 from core.runtime.settings import Settings
 from core.services.jobs import JobNotFound
 from core.services.model_versions import DEFAULT_MODEL_NAME, ServingModel
+from core.services.uploads import upload_key
 from core.storage import Storage
 from web.services import services
 
@@ -67,6 +68,9 @@ _JOBS = (
                 "webhook_events",
                 "model_version_id",
                 "worker_host",
+                "init_upload_id",
+                "mask_upload_id",
+                "strength",
             )
         ),
         _versions.c.name.label("model_name"),
@@ -255,6 +259,9 @@ def job_resource(view: JobView, storage: Storage) -> dict[str, Any]:
             "num_images": job.num_images,
             "size": job.width,
             "model": view.model_name,
+            "init_image": _upload_ref(job.init_upload_id, storage),
+            "mask": _upload_ref(job.mask_upload_id, storage),
+            "strength": job.strength,
         },
         "images": [
             {
@@ -268,6 +275,23 @@ def job_resource(view: JobView, storage: Storage) -> dict[str, Any]:
         "error": job.error,
         "webhook": job.webhook_url,
         "webhook_events_filter": job.webhook_events,
+    }
+
+
+def _upload_ref(upload_id: uuid.UUID | None, storage: Storage) -> dict[str, str] | None:
+    if upload_id is None:
+        return None
+    return {"id": str(upload_id), "url": storage.url(upload_key(upload_id))}
+
+
+def upload_resource(upload: Upload, storage: Storage) -> dict[str, Any]:
+    return {
+        "id": str(upload.id),
+        "url": storage.url(upload.storage_key),
+        "width": upload.width,
+        "height": upload.height,
+        "bytes": upload.bytes,
+        "created_at": iso(upload.created_at),
     }
 
 

@@ -13,7 +13,18 @@ import math
 from typing import Any
 
 from apiflask import Schema
-from apiflask.fields import UUID, Boolean, DateTime, Dict, Float, Integer, List, Nested, String
+from apiflask.fields import (
+    UUID,
+    Boolean,
+    DateTime,
+    Dict,
+    File,
+    Float,
+    Integer,
+    List,
+    Nested,
+    String,
+)
 from apiflask.validators import Length, OneOf, Range, Regexp
 from marshmallow import ValidationError
 
@@ -24,6 +35,8 @@ from core.services.webhooks import EVENTS as WEBHOOK_EVENTS
 from core.services.webhooks import MAX_URL_LENGTH, WEBHOOK_URL_PATTERN
 
 STATUSES = [s.value for s in JobStatus]
+# The longest init_image or mask a job's JSON may carry (a data: URL of up to 12 MB).
+EDIT_INPUT_CHARS = 16 * 1024 * 1024
 
 
 class JsonNumber(Float):
@@ -186,6 +199,33 @@ class JobIn(Schema):
             "example": [0.0, 0.6],
         },
     )
+    init_image = JsonText(
+        allow_none=True,
+        validate=Length(max=EDIT_INPUT_CHARS, error="must be at most {max} characters"),
+        metadata={
+            "description": "Start from this image instead of noise (image-to-image): the id of "
+            "an upload of yours (POST /api/v1/uploads), or an inline "
+            "data:image/png;base64,… URL (png, jpeg or webp). It is resized to the job's size.",
+        },
+    )
+    mask = JsonText(
+        allow_none=True,
+        validate=Length(max=EDIT_INPUT_CHARS, error="must be at most {max} characters"),
+        metadata={
+            "description": "With init_image, the same size as it: white is repainted, black keeps "
+            "the init image's pixels exactly (inpainting). An upload id or a data: URL.",
+        },
+    )
+    strength = JsonNumber(
+        allow_none=True,
+        validate=Range(
+            min=0, max=1, min_inclusive=False, error="must be greater than 0 and at most 1"
+        ),
+        metadata={
+            "description": "With init_image: how much of the schedule the image goes through, "
+            "in (0, 1]; null: 0.75, or 1 with a mask.",
+        },
+    )
     size = JsonInteger(
         allow_none=True,
         validate=_range(1),
@@ -249,6 +289,33 @@ class ImageOut(Schema):
     seed = Integer(required=True)
 
 
+class UploadRef(Schema):
+    id = UUID(required=True)
+    url = String(required=True, metadata={"description": "Presigned on S3; expires in an hour."})
+
+
+class UploadOut(Schema):
+    id = UUID(
+        required=True,
+        metadata={"description": "Name it as init_image or mask of a job of yours."},
+    )
+    url = String(required=True, metadata={"description": "Presigned on S3; expires in an hour."})
+    width = Integer(required=True)
+    height = Integer(required=True)
+    bytes = Integer(required=True, metadata={"description": "Of the PNG kept."})
+    created_at = DateTime(required=True)
+
+
+class UploadIn(Schema):
+    file = File(
+        required=True,
+        metadata={
+            "description": "A PNG, JPEG or WebP image (one frame, at most 4096 pixels a side); "
+            "kept as a PNG without metadata."
+        },
+    )
+
+
 class JobParams(Schema):
     prompt = String(required=True)
     negative_prompt = String(required=True)
@@ -260,6 +327,19 @@ class JobParams(Schema):
     num_images = Integer(required=True)
     size = Integer(required=True)
     model = String(required=True, metadata={"description": "Model version name, or default."})
+    init_image = Nested(
+        UploadRef,
+        required=True,
+        allow_none=True,
+        metadata={"description": "The upload it started from; null for text-to-image."},
+    )
+    mask = Nested(
+        UploadRef,
+        required=True,
+        allow_none=True,
+        metadata={"description": "The mask of what was repainted; null for none."},
+    )
+    strength = Float(required=True, allow_none=True)
 
 
 class JobOut(Schema):

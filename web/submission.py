@@ -50,7 +50,13 @@ def submit_and_publish(
     svc = services()
     try:
         job, _created = submit_job(
-            session, request, owner, svc.settings, idempotency_key, webhook=webhook
+            session,
+            request,
+            owner,
+            svc.settings,
+            idempotency_key,
+            webhook=webhook,
+            storage=svc.storage,
         )
         (view,) = job_views(session, [job.id])
         session.commit()

@@ -56,7 +56,8 @@ from core.queue.dispatch import publish_job
 from core.queue.fairness import next_in_line
 from core.queue.notify import notify
 from core.services.jobs import image_key, preview_key
-from core.storage import StorageError
+from core.services.uploads import upload_key
+from core.storage import ObjectNotFound, StorageError
 from worker import faults
 from worker.context import WorkerContext
 from worker.models import ModelUnavailable
@@ -89,6 +90,10 @@ class BatchJob:
     guidance: float
     seeds: list[int]
     guidance_interval: tuple[float, float] = (0.0, 1.0)
+    # Image editing: the storage keys of its init image and mask, and its strength.
+    init_key: str | None = None
+    mask_key: str | None = None
+    strength: float | None = None
 
     @property
     def id(self) -> uuid.UUID:
@@ -111,6 +116,8 @@ class Batch:
     steps: int
     size: int
     rows: dict[uuid.UUID, list[int]] = field(default_factory=dict)  # set per generate call
+    # The batch's init images and masks by storage key, fetched once (fetch_inputs).
+    inputs: dict[str, Any] = field(default_factory=dict)
 
     @property
     def ids(self) -> list[uuid.UUID]:
@@ -190,6 +197,9 @@ def claim_batch(ctx: WorkerContext, job_id: uuid.UUID) -> Batch | None:
                     guidance=j.guidance,
                     seeds=[j.seed + i for i in range(j.num_images)],
                     guidance_interval=_interval(j.guidance_interval),
+                    init_key=None if j.init_upload_id is None else upload_key(j.init_upload_id),
+                    mask_key=None if j.mask_upload_id is None else upload_key(j.mask_upload_id),
+                    strength=j.strength,
                 )
                 for lease, j in ((lease, by_id[lease.id]) for lease in claimed)
             ],
@@ -401,6 +411,26 @@ def _halves(jobs: list[BatchJob]) -> list[list[BatchJob]]:
     return [jobs[:mid], jobs[mid:]]
 
 
+def fetch_inputs(ctx: WorkerContext, batch: Batch) -> list[BatchJob]:
+    """Every init image and mask the batch names, read from storage once (jobs may share one);
+    returns the jobs whose inputs are gone (deleted from storage behind the database's back)."""
+    from PIL import Image as PILImage
+
+    missing = []
+    for job in batch.jobs:
+        for key, mode in ((job.init_key, "RGB"), (job.mask_key, "L")):
+            if key is None or key in batch.inputs:
+                continue
+            try:
+                data = ctx.storage.get(key)
+            except ObjectNotFound:
+                missing.append(job)
+                break
+            with PILImage.open(io.BytesIO(data)) as image:
+                batch.inputs[key] = image.convert(mode)
+    return missing
+
+
 def run_batch(ctx: WorkerContext, batch: Batch) -> None:
     """Denoise the batch and record each job's outcome. A part that runs out of memory, or that
     an error breaks, is split in halves that run one after the other, down to one job: only a
@@ -415,6 +445,16 @@ def run_batch(ctx: WorkerContext, batch: Batch) -> None:
         return
 
     started = time.monotonic()
+    try:
+        missing = fetch_inputs(ctx, batch)
+    except TRANSIENT as e:
+        retry_or_fail(ctx, batch.jobs, e)
+        return
+    if missing:
+        fail_jobs(ctx, missing, "its init image or mask is no longer in storage")
+        batch.jobs = [j for j in batch.jobs if j not in missing]
+        if not batch.jobs:
+            return
     watcher = BatchWatcher(ctx, batch, model.fast_preview)
     parts = [list(batch.jobs)]
     while parts:
@@ -507,7 +547,13 @@ def _generate(
     guidance: list[float] = []
     intervals: list[tuple[float, float]] = []
     seeds: list[int] = []
+    inits: list[Any] = []
+    masks: list[Any] = []
+    strengths: list[float | None] = []
     for job in part:
+        inits += [batch.inputs[job.init_key] if job.init_key else None] * job.num_images
+        masks += [batch.inputs[job.mask_key] if job.mask_key else None] * job.num_images
+        strengths += [job.strength] * job.num_images
         batch.rows[job.id] = list(range(len(prompts), len(prompts) + job.num_images))
         prompts += [job.prompt] * job.num_images
         negatives += [job.negative_prompt] * job.num_images
@@ -536,6 +582,11 @@ def _generate(
             size=batch.size,
             on_step=watcher.on_step,
             should_stop=watcher.should_stop,
+            **(
+                {"init_images": inits, "masks": masks, "strength": strengths}
+                if any(image is not None for image in inits)
+                else {}
+            ),
         )
     except SamplingCanceled:
         return None

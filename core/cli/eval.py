@@ -1,5 +1,5 @@
-"""``dq eval``: FID and prompt adherence of a model, with sampler, guidance and speed sweeps,
-written to eval.md and eval.json."""
+"""``dq eval``: FID and prompt adherence of a model, with sampler, guidance and speed sweeps and
+image editing, written to eval.md and eval.json."""
 
 from __future__ import annotations
 
@@ -70,6 +70,15 @@ def _speed_setting(raw: str) -> tuple[str, int, float, float]:
     help="A speed-sweep row, e.g. dpmpp-3m:10:0.3:1 (guided at t/T in [0.3, 1]); repeat for "
     "more rows. Default: the built-in list. The first row is what the others compare with.",
 )
+@click.option(
+    "--edits/--no-edits",
+    default=True,
+    show_default=True,
+    help="Image editing: image-to-image at strengths 0.6 and 0.8, and inpainting.",
+)
+@click.option(
+    "--edit-n", type=int, default=None, help="Real images per image-editing row (default 128)."
+)
 @click.option("--batch-size", type=int, default=32, show_default=True, help="Images per batch.")
 @click.option("--device", default=None, help="cpu or cuda (default: cuda when present).")
 @click.option("--threads", type=int, default=None, help="torch CPU threads (default: torch's).")
@@ -87,12 +96,15 @@ def eval_cmd(
     speed_sweep: bool,
     speed_n: int | None,
     speed_settings: tuple[str, ...],
+    edits: bool,
+    edit_n: int | None,
     batch_size: int,
     device: str | None,
     threads: int | None,
     quiet: bool,
 ) -> None:
-    """Measure FID and prompt adherence of a model, with sampler and guidance sweeps."""
+    """Measure FID and prompt adherence of a model, with sampler and guidance sweeps and image
+    editing."""
     import dataclasses
     import json
     import shlex
@@ -113,6 +125,8 @@ def eval_cmd(
         sweeps=sweeps,
         speed=speed_sweep or bool(speed_settings),
         speed_n=speed_n,
+        edits=edits,
+        edit_n=base.edit_n if edit_n is None else edit_n,
         batch_size=batch_size,
     )
     if speed_settings:

@@ -15,6 +15,7 @@ from core.db.models import (
     Role,
     TrainingMetric,
     TrainingRun,
+    Upload,
     utcnow,
 )
 from core.db.session import (
@@ -40,6 +41,7 @@ __all__ = [
     "Role",
     "TrainingMetric",
     "TrainingRun",
+    "Upload",
     "check_database",
     "dispose_engines",
     "get_engine",

@@ -187,6 +187,12 @@ class Job(LeasedWork, Base):
     batch_id: Mapped[uuid.UUID | None] = mapped_column(
         ForeignKey("batches.id", ondelete="SET NULL"), index=True
     )
+    # Image editing: the upload it starts from (image-to-image), the mask of what to repaint
+    # (inpainting) and how much of the schedule it runs; None for text-to-image. No foreign
+    # keys: an upload is deleted only when no job names it (core.upkeep.retention).
+    init_upload_id: Mapped[uuid.UUID | None] = mapped_column(Uuid, index=True)
+    mask_upload_id: Mapped[uuid.UUID | None] = mapped_column(Uuid, index=True)
+    strength: Mapped[float | None] = mapped_column(Float)
 
     images: Mapped[list[Image]] = relationship(
         back_populates="job", order_by="Image.index", cascade="all, delete-orphan"
@@ -233,6 +239,23 @@ class Job(LeasedWork, Base):
     @property
     def seeds(self) -> list[int]:
         return [self.seed + i for i in range(self.num_images)]
+
+
+class Upload(Base):
+    """An image a caller sent to edit (an init image or a mask), re-encoded as a bare PNG and
+    stored under ``uploads/<id>.png``. It belongs to its owner; retention and ``dq prune``
+    delete it once it is past DQ_RETENTION and no job names it."""
+
+    __tablename__ = "uploads"
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    owner: Mapped[str] = mapped_column(String(80), index=True)
+    storage_key: Mapped[str] = mapped_column(String(512))
+    width: Mapped[int] = mapped_column(Integer)
+    height: Mapped[int] = mapped_column(Integer)
+    bytes: Mapped[int] = mapped_column(Integer)
+    sha256: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
 
 
 class Image(Base):

@@ -24,6 +24,7 @@ from PIL import Image, UnidentifiedImageError
 FORMATS = ("PNG", "JPEG", "WEBP")
 MAX_SIDE = 4096
 MAX_PIXELS = 4096 * 4096
+GREY_MODES = ("1", "L", "LA", "I", "I;16", "F")
 
 
 class BadImage(ValueError):
@@ -34,8 +35,9 @@ class BadImage(ValueError):
         self.field = field
 
 
-def read_image(data: bytes, field: str, *, max_bytes: int, mode: str = "RGB") -> Image.Image:
-    """The image in ``data``, checked and decoded, converted to ``mode`` (RGB, or L for a mask)."""
+def read_image(data: bytes, field: str, *, max_bytes: int, mode: str | None = "RGB") -> Image.Image:
+    """The image in ``data``, checked and decoded, converted to ``mode`` (RGB, or L for a mask;
+    None: L for a greyscale image, RGB for any other)."""
     if len(data) > max_bytes:
         raise BadImage(field, f"is {len(data):,} bytes; the limit is {max_bytes:,}")
     try:
@@ -66,6 +68,8 @@ def read_image(data: bytes, field: str, *, max_bytes: int, mode: str = "RGB") ->
         image.load()
     except (OSError, SyntaxError, ValueError):
         raise BadImage(field, "is truncated or corrupt: its pixels do not decode") from None
+    if mode is None:
+        mode = "L" if image.mode in GREY_MODES else "RGB"
     return image.convert(mode)
 
 

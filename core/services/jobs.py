@@ -29,6 +29,8 @@ from core.db.transitions import transition_job
 from core.queue.fairness import queue_positions
 from core.runtime.settings import Settings
 from core.services.model_versions import ServingModel, serving_model
+from core.services.uploads import EditInputs, EditRequestError, resolve_edits, store_edits
+from core.storage import Storage
 
 # The samplers of core.diffusion.samplers.SAMPLERS (a test keeps the two in step).
 SAMPLER_NAMES = ("ddpm", "ddim", "dpmpp-2m", "dpmpp-3m")
@@ -110,12 +112,17 @@ class JobRequest:
     num_images: int = 1
     size: int | None = None
     guidance_interval: list[float] | None = None
+    # Image editing (core.services.uploads): an upload id or a data: URL each, and the strength.
+    init_image: str | None = None
+    mask: str | None = None
+    strength: float | None = None
 
     def fingerprint(self) -> str:
         """SHA-256 of the request as given, to recognise a replay under one idempotency key."""
         given = asdict(self)
-        if given["guidance_interval"] is None:
-            del given["guidance_interval"]  # as requests were hashed before it existed
+        for later in ("guidance_interval", "init_image", "mask", "strength"):
+            if given[later] is None:
+                del given[later]  # as requests were hashed before these existed
         return hashlib.sha256(json.dumps(given, sort_keys=True).encode()).hexdigest()
 
 
@@ -193,7 +200,23 @@ def validate_request(request: JobRequest, settings: Settings, model: ServingMode
         num_images=num_images,
         size=size,
         guidance_interval=interval,
+        init_image=request.init_image,
+        mask=request.mask,
+        strength=request.strength,
     )
+
+
+def resolve_edit_inputs(
+    session: Session, request: JobRequest, owner: str, settings: Settings
+) -> EditInputs | None:
+    """The request's init image, mask and strength checked (JobRequestError names the field);
+    None for text-to-image. Writes nothing."""
+    try:
+        return resolve_edits(
+            session, owner, request.init_image, request.mask, request.strength, settings
+        )
+    except EditRequestError as e:
+        raise JobRequestError(e.field, e.message) from None
 
 
 @dataclass(frozen=True)
@@ -214,13 +237,16 @@ def submit_job(
     *,
     webhook: WebhookTarget | None = None,
     batch_id: uuid.UUID | None = None,
+    storage: Storage | None = None,
+    edits: EditInputs | None = None,
 ) -> tuple[Job, bool]:
     """Add a queued job for ``request``; returns (job, created).
 
     With an idempotency key already used by this owner, the same request returns the existing
     job (created=False) and a different one raises :class:`IdempotencyConflict`. ``webhook``
     and ``batch_id`` are stored with the job (database triggers turn its status changes into
-    webhook deliveries).
+    webhook deliveries). An edit's inline images are stored in ``storage`` once every check has
+    passed; ``edits``, when the caller resolved them already (a batch shares one set).
     """
     fingerprint = request.fingerprint()
     if idempotency_key is not None:
@@ -237,8 +263,12 @@ def submit_job(
             return existing, False
     model = serving_model(session)
     full = validate_request(request, settings, model)
+    if edits is None:
+        edits = resolve_edit_inputs(session, full, owner, settings)
     check_caps(session, owner, settings)
     assert full.steps is not None and full.seed is not None and full.size is not None
+    if edits is not None:
+        store_edits(session, storage, edits)
     job = Job(
         id=uuid.uuid4(),
         status=JobStatus.QUEUED,
@@ -261,6 +291,9 @@ def submit_job(
         webhook_events=list(webhook.events) if webhook and webhook.events is not None else None,
         batch_id=batch_id,
         guidance_interval=full.guidance_interval,
+        init_upload_id=edits.init.id if edits else None,
+        mask_upload_id=edits.mask.id if edits and edits.mask else None,
+        strength=edits.strength if edits else None,
     )
     if idempotency_key is None:
         session.add(job)

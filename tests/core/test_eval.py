@@ -15,7 +15,14 @@ from PIL import Image
 from core.cli import DEFAULT_CHECKPOINT, main
 from core.diffusion.checkpoint import read_config
 from core.diffusion.data.captioned import images_to_tensor
-from core.diffusion.data.shapes import DEFAULT_HELD_OUT, POSITIONS, ShapesDataset
+from core.diffusion.data.shapes import (
+    BACKGROUNDS,
+    DEFAULT_HELD_OUT,
+    POSITIONS,
+    ShapeObject,
+    ShapesDataset,
+    render,
+)
 from core.diffusion.eval import DEFAULT_CLASSIFIER
 from core.diffusion.eval.classifier import (
     AttributeClassifier,
@@ -27,15 +34,27 @@ from core.diffusion.eval.classifier import (
 from core.diffusion.eval.evaluate import (
     GROUPS,
     Adherence,
+    EditResults,
     EvalResult,
     EvalSettings,
+    ImageToImageRow,
+    InpaintingRow,
     Row,
     Sampling,
     evaluate,
+    image_to_image_counts,
+    inpainting_counts,
 )
 from core.diffusion.eval.fid import fid, frechet_distance, gaussian_stats
-from core.diffusion.eval.report import targets
-from core.diffusion.eval.scenes import HELD_OUT, SEEN, scene_stream
+from core.diffusion.eval.report import markdown, targets
+from core.diffusion.eval.scenes import (
+    HELD_OUT,
+    SEEN,
+    edit_sources,
+    inpaint_tasks,
+    recolor_tasks,
+    scene_stream,
+)
 from core.diffusion.pipeline import LatentDiffusion
 
 # --- FID ---------------------------------------------------------------------------------------
@@ -171,12 +190,123 @@ def test_default_checkpoint_loads_and_generates_a_batch_read_as_prompted(
 
 
 def test_evaluation_with_fixed_seeds_gives_identical_numbers() -> None:
-    settings = EvalSettings(n=8, sweeps=False, grid_columns=1, psnr_images=4, batch_size=4)
+    settings = EvalSettings(
+        n=8, sweeps=False, edit_n=3, grid_columns=1, psnr_images=4, batch_size=4
+    )
     first = evaluate(DEFAULT_CHECKPOINT, DEFAULT_CLASSIFIER, settings, progress=False)
     second = evaluate(DEFAULT_CHECKPOINT, DEFAULT_CLASSIFIER, settings, progress=False)
     assert first.numbers() == second.numbers()
     assert first.main.n == 8 and first.main.floor >= 0 and first.main.fid > 0
     assert sum(a.total for a in first.main.adherence.values()) == 8
+    assert first.edits is not None
+    assert [r.strength for r in first.edits.image_to_image] == [0.6, 0.8]
+    assert first.edits.inpainting.n == 3
+
+
+# --- image editing -----------------------------------------------------------------------------
+
+
+def _pixels_of(
+    obj: ShapeObject, background: str, size: int, offset: tuple[float, float]
+) -> np.ndarray:
+    """(H, W) bool: the pixels an object alone changes from the background."""
+    alone = render([obj], background, size, [offset])
+    return (alone != np.asarray(BACKGROUNDS[background], dtype=np.uint8)).any(-1)
+
+
+@pytest.mark.parametrize("size", [64, 32])
+def test_inpainting_masks_cover_the_removed_object_and_not_one_pixel_of_the_kept_one(
+    size: int,
+) -> None:
+    _, twos = edit_sources(5, 300, size)
+    tasks = inpaint_tasks(twos, 5)
+    assert all(t.source.objects == 2 for t in tasks) and len(tasks) == 300
+    removed_positions = set()
+    for t in tasks:
+        scene = t.source.scene
+        assert t.mask is not None and t.mask.shape == (size, size)
+        # the sources are re-rendered exactly from their scene and jitter
+        assert (
+            render(scene.objects, scene.background, size, t.source.offsets) == t.source.image
+        ).all()
+        for obj, offset in zip(scene.objects, t.source.offsets, strict=True):
+            pixels = _pixels_of(obj, scene.background, size, offset)
+            if obj.position == t.position:
+                assert t.mask[pixels].all()
+            else:
+                assert not t.mask[pixels].any()
+        removed_positions.add(t.position)
+    assert removed_positions == set(POSITIONS)
+
+
+def test_edit_tasks_change_what_they_say_into_pairs_seen_in_training() -> None:
+    ones, twos = edit_sources(0, 64)
+    assert [s.objects for s in ones] == [1] * 64 and [s.objects for s in twos] == [2] * 64
+    prompts = {p.image.tobytes() for p in scene_stream(0, 0, 4000)}
+    assert not prompts & {s.image.tobytes() for s in ones + twos}
+    held = set(DEFAULT_HELD_OUT)
+    for t in recolor_tasks(ones, 0):
+        (old,), (new,) = t.source.scene.objects, t.target.objects
+        assert new.color != old.color and new.pair not in held
+        assert (new.shape, new.size, new.position) == (old.shape, old.size, old.position)
+        assert t.target.background == t.source.scene.background and t.mask is None
+        assert t.prompt == t.target.caption
+    for t in inpaint_tasks(twos, 0):
+        old = next(o for o in t.source.scene.objects if o.position == t.position)
+        new = next(o for o in t.target.objects if o.position == t.position)
+        assert new.shape != old.shape and new.color != old.color and new.size == old.size
+        assert new.pair not in held
+        kept = [o for o in t.source.scene.objects if o.position != t.position]
+        assert [o for o in t.target.objects if o.position != t.position] == kept
+        # the prompt names both objects, in position order, as the dataset's captions do
+        assert t.prompt.startswith("a ") and t.prompt.count(" and a ") == 1
+    # the same seed gives the same tasks, another seed others
+    again = [t.prompt for t in recolor_tasks(ones, 0)]
+    assert again == [t.prompt for t in recolor_tasks(ones, 0)]
+    assert again != [t.prompt for t in recolor_tasks(ones, 1)]
+
+
+def test_edit_counts_read_each_measure_from_the_classifiers_scenes() -> None:
+    (task,) = recolor_tasks(edit_sources(0, 1)[0], 0)
+    (old,), (new,) = task.source.scene.objects, task.target.objects
+    bg = task.target.background
+    other = next(p for p in POSITIONS if p != old.position)
+    other_shape = next(s for s in ("circle", "square") if s != old.shape)
+    readings = {
+        "the edit": Scene.of([new], bg),
+        "unchanged": task.source.scene,
+        "moved": Scene.of([ShapeObject(new.shape, new.color, new.size, other)], bg),
+        "reshaped": Scene.of([ShapeObject(other_shape, new.color, new.size, new.position)], bg),
+        "an extra object": Scene.of([new, ShapeObject(old.shape, old.color, "small", other)], bg),
+    }
+    counts = {k: image_to_image_counts([r], [task]) for k, r in readings.items()}
+    hits = {k: {m for m, a in c.items() if a.matched} for k, c in counts.items()}
+    every = {"new_color", "position_kept", "shape_kept", "size_kept", "read_as_prompt"}
+    assert hits["the edit"] == every
+    assert hits["unchanged"] == every - {"new_color", "read_as_prompt"}
+    assert hits["moved"] == set()
+    assert hits["reshaped"] == {"new_color", "position_kept", "size_kept"}
+    assert hits["an extra object"] == every - {"position_kept", "read_as_prompt"}
+
+    (task,) = inpaint_tasks(edit_sources(0, 1)[1], 0)
+    new = next(o for o in task.target.objects if o.position == task.position)
+    (kept,) = [o for o in task.target.objects if o.position != task.position]
+    bg = task.target.background
+    bigger = "large" if new.size == "small" else "small"
+    readings = {
+        "the edit": task.target,
+        "unchanged": task.source.scene,
+        "resized": Scene.of([kept, ShapeObject(new.shape, new.color, bigger, new.position)], bg),
+        "emptied": Scene.of([kept], bg),
+        "kept one lost": Scene.of([new], bg),
+    }
+    counts = {k: inpainting_counts([r], [task]) for k, r in readings.items()}
+    hits = {k: {m for m, a in c.items() if a.matched} for k, c in counts.items()}
+    assert hits["the edit"] == {"new_object", "new_size", "kept_object", "read_as_prompt"}
+    assert hits["unchanged"] == {"new_size", "kept_object"}
+    assert hits["resized"] == {"new_object", "kept_object"}
+    assert hits["emptied"] == {"kept_object"}
+    assert hits["kept one lost"] == {"new_object", "new_size"}
 
 
 # The tiny model reads 16 tokens; two-object prompts are longer, and are cut with a warning.

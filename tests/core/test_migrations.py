@@ -33,6 +33,7 @@ TABLES = {
     "model_versions",
     "training_metrics",
     "training_runs",
+    "uploads",
 }
 
 

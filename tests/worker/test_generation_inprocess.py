@@ -62,7 +62,7 @@ def context(engine: Engine, tmp_path: Path, failures: int = 0, **settings: Any) 
 def submit(ctx: WorkerContext, **kw: Any) -> uuid.UUID:
     with session_scope(ctx.engine) as s:
         job, _ = submit_job(s, JobRequest(prompt="a red circle", steps=3, **kw), "token:1",
-                            ctx.settings)  # fmt: skip
+                            ctx.settings, storage=ctx.storage)  # fmt: skip
         return job.id
 
 
@@ -288,3 +288,57 @@ def test_a_jobs_guidance_interval_reaches_the_model_and_its_images(
     every = pipeline.generate(["a red circle"], **kw)[0]
     assert np.array_equal(got, np.asarray(interval))
     assert not np.array_equal(np.asarray(interval), np.asarray(every))
+
+
+def _png_data_url(pixels: Any) -> str:
+    import base64
+    import io
+
+    from PIL import Image as PILImage
+
+    out = io.BytesIO()
+    PILImage.fromarray(pixels).save(out, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(out.getvalue()).decode()
+
+
+def test_edit_jobs_batch_with_text_to_image_and_keep_the_unmasked_pixels(
+    engine: Engine, tmp_path: Path
+) -> None:
+    """An inpainting job, an image-to-image job at another strength and a text-to-image job run
+    as one batch; the inpainted image keeps every pixel outside its mask, and each image is the
+    one its seed gives alone (core.diffusion.editing)."""
+    import io
+
+    import numpy as np
+    from PIL import Image as PILImage
+
+    from core.diffusion.pipeline import LatentDiffusion
+
+    ctx = context(engine, tmp_path)
+    rng = np.random.default_rng(0)
+    init = rng.integers(0, 60, (32, 32, 3), dtype=np.uint8)
+    init[8:24, 8:24] = (200, 0, 0)
+    mask = np.zeros((32, 32), dtype=np.uint8)
+    mask[:, :16] = 255
+    inpaint = submit(ctx, seed=1, init_image=_png_data_url(init), mask=_png_data_url(mask))
+    edit = submit(ctx, seed=2, init_image=_png_data_url(init), strength=0.5)
+    plain = submit(ctx, seed=3)
+    assert run_generation(ctx, inpaint)  # claims all three as one batch
+    done = {j: job(engine, j) for j in (inpaint, edit, plain)}
+    assert all(d.status is JobStatus.SUCCEEDED for d in done.values()), [
+        d.error for d in done.values()
+    ]
+    # All three succeeded in the one run_generation call: one claim, one batch.
+
+    def pixels(j: uuid.UUID) -> Any:
+        data = ctx.storage.get(done[j].images[0].storage_key)
+        return np.asarray(PILImage.open(io.BytesIO(data)).convert("RGB"))
+
+    assert np.array_equal(pixels(inpaint)[:, 16:], init[:, 16:])
+    model = ctx.models.get(done[edit].model_version_id)
+    assert isinstance(model, LatentDiffusion)
+    (alone,) = model.generate(
+        ["a red circle"], steps=3, seeds=[2], size=32, guidance=done[edit].guidance,
+        sampler=done[edit].sampler, init_images=[PILImage.fromarray(init)], strength=0.5,
+    )  # fmt: skip
+    assert np.array_equal(pixels(edit), np.asarray(alone))

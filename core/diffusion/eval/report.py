@@ -8,7 +8,16 @@ from typing import Any
 
 import torch
 
-from core.diffusion.eval.evaluate import GROUPS, SAMPLER_NAMES, Adherence, EvalResult, Row
+from core.diffusion.eval.evaluate import (
+    GROUPS,
+    SAMPLER_NAMES,
+    Adherence,
+    EditResults,
+    EvalResult,
+    InpaintingRow,
+    Row,
+)
+from core.diffusion.eval.scenes import EDIT_MASK_MARGIN
 from core.runtime.machine import cpu_name
 
 # The bar of issue 16 (two-object binding); the figures are docs/MODEL.md's "Targets".
@@ -19,6 +28,12 @@ TARGET_ATTRIBUTE = 0.90
 TARGET_FID_OVER_FLOOR = 1.25
 TARGET_FID_RATIO = 1.05
 TARGET_PSNR_DB = 35.0
+# Image editing (issue 26): image-to-image at strength 0.8 changes the color and keeps the
+# place; inpainting draws the new object and leaves every pixel outside the mask as it was.
+TARGET_EDIT_STRENGTH = 0.8
+TARGET_EDIT_NEW_COLOR = 0.90
+TARGET_EDIT_POSITION_KEPT = 0.90
+TARGET_INPAINT_NEW_OBJECT = 0.90
 ONE_SEEN, ONE_HELD_OUT, TWO_SEEN, TWO_HELD_OUT = GROUPS
 
 
@@ -111,6 +126,97 @@ def _speed_section(result: EvalResult) -> list[str]:
     return out
 
 
+def _unmasked(row: InpaintingRow) -> str:
+    """ "identical" when every pixel outside every mask is the init image's, else the PSNR and
+    how many images are identical there."""
+    same = row.unmasked_identical
+    if same.matched == same.total:
+        return "identical"
+    return f"{row.unmasked_psnr_db:.2f} dB ({same.matched}/{same.total} images identical)"
+
+
+def _edit_section(result: EvalResult, edits: EditResults) -> list[str]:
+    """Image-to-image at each strength and inpainting, as the classifier reads them."""
+    paint = edits.inpainting
+    out = [
+        f"## Image editing: {result.defaults.label}; N = {paint.n} per row",
+        "",
+        "Every edit starts from a real image (scenes of the evaluation stream apart from the "
+        "prompts). *Perfect* is the classifier on the intended edit rendered (the new scene "
+        "with the init image's jitter), read as the new prompt: what a perfect editor would "
+        "score.",
+        "",
+        "**Image-to-image** (SDEdit): a one-object image, prompted for the same object in "
+        "another color (a pair seen in training). New color: the object at its place has the "
+        "prompt's color; position kept: that place and no other is occupied; shape and size "
+        "kept: the object there has the init image's.",
+        "",
+        "| strength | N | new color | position kept | shape kept | size kept "
+        "| read as the new prompt | wall-clock |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in edits.image_to_image:
+        c = r.counts
+        cells = " | ".join(
+            _pct(c[k])
+            for k in ("new_color", "position_kept", "shape_kept", "size_kept", "read_as_prompt")
+        )
+        out.append(f"| {r.strength:g} | {r.n} | {cells} | {_minutes(r.seconds)} |")
+    c = paint.counts
+    out += [
+        f"| perfect | {edits.perfect_image_to_image.total} | | | | "
+        f"| {_pct(edits.perfect_image_to_image)} | |",
+        "",
+        "**Inpainting** (RePaint, strength 1): in a two-object image, one object's square "
+        f"(where it can be at any jitter, {EDIT_MASK_MARGIN:g} px wider, less the other "
+        "object's pixels) is masked and prompted as another shape in another color, the same "
+        "size, beside the kept object. New object: the classifier reads the prompt's shape and "
+        "color at the mask's place; outside the mask every pixel is compared with the init "
+        "image.",
+        "",
+        "| N | new object | its size | kept object | read as the new prompt | perfect "
+        "| pixels outside the mask | wall-clock |",
+        "|---:|---:|---:|---:|---:|---:|---|---:|",
+        f"| {paint.n} | {_pct(c['new_object'])} | {_pct(c['new_size'])} "
+        f"| {_pct(c['kept_object'])} | {_pct(c['read_as_prompt'])} "
+        f"| {_pct(edits.perfect_inpainting)} | {_unmasked(paint)} | {_minutes(paint.seconds)} |",
+        "",
+    ]
+    return out
+
+
+def _edit_targets(result: EvalResult) -> list[tuple[str, str, bool | None]]:
+    """Issue 26's editing targets; met is None where the run did not measure it."""
+    edits, n = result.edits, result.settings.edit_n
+    recolor: dict[str, Adherence] = {}
+    paint: InpaintingRow | None = None
+    if edits is not None:
+        paint = edits.inpainting
+        for r in edits.image_to_image:
+            if r.strength == TARGET_EDIT_STRENGTH:
+                recolor = r.counts
+
+    def share(a: Adherence | None, bar: float, what: str) -> tuple[str, str, bool | None]:
+        rate = None if a is None else a.rate
+        return (f"{what} ≥ {bar:.0%} (N = {n})", _pct(a), None if rate is None else rate >= bar)
+
+    at = f"image-to-image at strength {TARGET_EDIT_STRENGTH:g}"
+    return [
+        share(recolor.get("new_color"), TARGET_EDIT_NEW_COLOR, f"{at}, new color"),
+        share(recolor.get("position_kept"), TARGET_EDIT_POSITION_KEPT, f"{at}, position kept"),
+        share(
+            None if paint is None else paint.counts["new_object"],
+            TARGET_INPAINT_NEW_OBJECT,
+            "inpainting, new object's shape and color",
+        ),
+        (
+            f"inpainting, pixels outside the mask identical to the init image (N = {n})",
+            "–" if paint is None else _unmasked(paint),
+            None if paint is None else paint.unmasked_identical.matched == paint.n,
+        ),
+    ]
+
+
 def targets(result: EvalResult) -> list[tuple[str, str, bool | None]]:
     """(target, result, met) rows; met is None where the run did not measure it."""
     main = result.main
@@ -169,7 +275,7 @@ def targets(result: EvalResult) -> list[tuple[str, str, bool | None]]:
             psnr >= TARGET_PSNR_DB,
         )
     )
-    return out
+    return out + _edit_targets(result)
 
 
 def _fid_of(result: EvalResult, sampler: str, steps: int) -> float | None:
@@ -290,6 +396,8 @@ def markdown(result: EvalResult, command: str = "") -> str:
 
     if result.speed_rows:
         lines += _speed_section(result)
+    if result.edits is not None:
+        lines += _edit_section(result, result.edits)
 
     lines += ["## Targets", "", "| target | result | met |", "|---|---:|---|"]
     for name, value, met in targets(result):
