@@ -46,7 +46,7 @@ from core.diffusion.eval.evaluate import (
     inpainting_counts,
 )
 from core.diffusion.eval.fid import fid, frechet_distance, gaussian_stats
-from core.diffusion.eval.report import markdown, targets
+from core.diffusion.eval.report import targets
 from core.diffusion.eval.scenes import (
     HELD_OUT,
     SEEN,
@@ -319,12 +319,26 @@ def test_dq_eval_quick_writes_the_report_and_the_sample_grid(
     main([*args, "--n", "8", "--sweep-n", "2", "--quiet"])
     report = (out / "eval.md").read_text()
     assert report in capsys.readouterr().out
-    for heading in ("## Default settings", "## Sampler sweep", "## Guidance sweep", "## Targets"):
+    for heading in (
+        "## Default settings",
+        "## Sampler sweep",
+        "## Guidance sweep",
+        "## Image editing",
+        "## Targets",
+    ):
         assert heading in report
     assert "N = 8" in report and "N = 2 per row" in report and "torch" in report
     data = json.loads((out / "eval.json").read_text())
     assert [r["sampling"]["steps"] for r in data["sampler_sweep"]] == [1000, 50, 20, 10]
     assert [r["sampling"]["guidance"] for r in data["guidance_sweep"]] == [1, 2, 4, 7]
+    # The editing rows, at --quick's N of 4: whatever an untrained model paints inside the
+    # masks, every pixel outside them is the init image's.
+    edits = data["edits"]
+    assert [(r["strength"], r["n"]) for r in edits["image_to_image"]] == [(0.6, 4), (0.8, 4)]
+    assert edits["inpainting"]["unmasked_identical"] == {"matched": 4, "total": 4}
+    assert edits["inpainting"]["unmasked_mse"] == 0
+    section = report.split("## Image editing", 1)[1].split("\n## ", 1)[0]
+    assert "| 0.6 | 4 |" in section and "| 0.8 | 4 |" in section and "identical" in section
     grid = Image.open(out / "samples.png")
     assert grid.mode == "RGB" and grid.height > 32
 
@@ -346,6 +360,7 @@ def test_dq_eval_speed_sweep_puts_images_per_second_beside_fid_and_adherence(
             "--n",
             "4",
             "--no-sweeps",
+            "--no-edits",
             "--speed-sweep",
             "--speed-n",
             "4",
@@ -355,7 +370,9 @@ def test_dq_eval_speed_sweep_puts_images_per_second_beside_fid_and_adherence(
     )
     report = (out / "eval.md").read_text()
     assert "## Speed sweep" in report and "## Sampler sweep" not in report
+    assert "## Image editing" not in report
     data = json.loads((out / "eval.json").read_text())
+    assert data["edits"] is None
     rows = data["speed_sweep"]
     assert [(r["sampling"]["sampler"], r["sampling"]["steps"]) for r in rows][:2] == [
         ("dpmpp-2m", 20),
@@ -434,8 +451,44 @@ def test_dq_train_classifier_refuses_an_image_folder_in_one_line(
 # --- targets ------------------------------------------------------------------------------------
 
 
-def _result(two_seen: int, per_object_color: float, fid: float) -> EvalResult:
-    """A hand-built result: 100 prompts a group, ``two_seen`` of the seen two-object ones right."""
+def _edits(
+    new_color: int = 95, position_kept: int = 97, new_object: int = 92, identical: int = 100
+) -> EditResults:
+    """Hand-built editing rows of 100 images each; at strength 0.6 only half change color, which
+    no target reads. Outside the masks, every image not identical differs by one grey level in
+    10% of its pixels."""
+
+    def counts(**matched: int) -> dict[str, Adherence]:
+        return {k: Adherence(v, 100) for k, v in matched.items()}
+
+    def recolor(strength: float, color: int, kept: int) -> ImageToImageRow:
+        c = counts(
+            new_color=color,
+            position_kept=kept,
+            shape_kept=kept,
+            size_kept=kept,
+            read_as_prompt=min(color, kept),
+        )
+        return ImageToImageRow(strength, 100, c, seconds=1.0)
+
+    paint = InpaintingRow(
+        100,
+        counts(new_object=new_object, new_size=new_object, kept_object=100, read_as_prompt=90),
+        Adherence(identical, 100),
+        unmasked_mse=(100 - identical) / 100 * 0.1,
+        seconds=1.0,
+    )
+    perfect = Adherence(100, 100)
+    return EditResults(
+        [recolor(0.6, 50, 100), recolor(0.8, new_color, position_kept)], paint, perfect, perfect
+    )
+
+
+def _result(
+    two_seen: int, per_object_color: float, fid: float, edits: EditResults | None = None
+) -> EvalResult:
+    """A hand-built result: 100 prompts a group, ``two_seen`` of the seen two-object ones right;
+    the editing rows of :func:`_edits` unless given."""
     right = dict(zip(GROUPS, (100, 100, two_seen, 90), strict=True))
     adherence = {g: Adherence(right[g], 100) for g in GROUPS}
     dpm = Sampling("dpmpp-3m", 10, 4.0, (0.3, 1.0))
@@ -451,13 +504,14 @@ def _result(two_seen: int, per_object_color: float, fid: float) -> EvalResult:
         main=main_row, attribute_accuracy=accuracy, real_adherence=adherence,
         sampler_rows=sweep, guidance_rows=[], autoencoder_psnr_db=36.0,
         autoencoder_psnr_images=256, classifier_info={}, grid_rows=[],
+        edits=edits or _edits(),
     )  # fmt: skip
 
 
 def test_targets_are_the_two_object_bar_and_each_one_fails_on_its_own_figure() -> None:
     good = {name: (value, met) for name, value, met in targets(_result(85, 0.95, 9.0))}
     assert all(met for _, met in good.values()), good
-    assert len(good) == 10
+    assert len(good) == 14
     assert good["FID / real-vs-real floor ≤ 1.25 (N = 400)"] == ("1.125", True)
     assert good["FID DPM-Solver++ 20 ≤ 1.05 × FID DDPM 1000 (N = 256)"] == ("1.012 ×", True)
 
@@ -468,3 +522,43 @@ def test_targets_are_the_two_object_bar_and_each_one_fails_on_its_own_figure() -
         "per-object color ≥ 90%, two objects (the lower group)",
         "prompt adherence ≥ 80%, two objects, seen pairs (N = 400)",
     ]
+
+
+EDIT_TARGETS = (
+    "image-to-image at strength 0.8, new color ≥ 90% (N = 100)",
+    "image-to-image at strength 0.8, position kept ≥ 90% (N = 100)",
+    "inpainting, new object's shape and color ≥ 90% (N = 100)",
+    "inpainting, pixels outside the mask identical to the init image (N = 100)",
+)
+
+
+def test_edit_targets_read_strength_0_8_and_each_one_fails_on_its_own_figure() -> None:
+    good = {name: (value, met) for name, value, met in targets(_result(85, 0.95, 9.0, _edits()))}
+    assert [good[name] for name in EDIT_TARGETS] == [
+        ("95.0%", True),
+        ("97.0%", True),
+        ("92.0%", True),
+        ("identical", True),
+    ]
+    for k, edits in enumerate(
+        (
+            _edits(new_color=89),
+            _edits(position_kept=89),
+            _edits(new_object=89),
+            _edits(identical=99),
+        )
+    ):
+        failed = [name for name, _, met in targets(_result(85, 0.95, 9.0, edits)) if not met]
+        assert failed == [EDIT_TARGETS[k]]
+    # one image in 100 not identical outside its mask: MSE 0.001, PSNR 10·log10(255²/0.001)
+    values = {
+        name: value for name, value, _ in targets(_result(85, 0.95, 9.0, _edits(identical=99)))
+    }
+    assert values[EDIT_TARGETS[3]] == "78.13 dB (99/100 images identical)"
+
+
+def test_edit_targets_are_unmeasured_when_the_run_had_no_edits() -> None:
+    result = _result(85, 0.95, 9.0)
+    result.edits = None
+    rows = [(value, met) for _, value, met in targets(result)]
+    assert rows[-4:] == [("–", None)] * 4

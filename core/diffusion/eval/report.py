@@ -191,7 +191,7 @@ def _edit_targets(result: EvalResult) -> list[tuple[str, str, bool | None]]:
     recolor: dict[str, Adherence] = {}
     paint: InpaintingRow | None = None
     if edits is not None:
-        paint = edits.inpainting
+        paint, n = edits.inpainting, edits.inpainting.n
         for r in edits.image_to_image:
             if r.strength == TARGET_EDIT_STRENGTH:
                 recolor = r.counts
