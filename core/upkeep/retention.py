@@ -4,6 +4,8 @@ Work that ended before the cutoff (the database's clock, less ``older_than_secon
 
 - finished jobs (succeeded, failed, canceled): every object under ``images/<job>/`` and
   ``previews/<job>`` (earlier attempts' too), then the job's rows (its image rows with it);
+- uploads (images sent to edit) made before the cutoff that no job names any more: the object
+  ``uploads/<id>.png``, then the row;
 - the ``training_metrics`` rows of finished runs; the run rows stay;
 - the objects under ``runs/<run>/`` of finished runs (training state, sample grid), except any
   that a model version's ``checkpoint_key`` points into;
@@ -52,6 +54,7 @@ from core.db.models import (
     ModelVersion,
     TrainingMetric,
     TrainingRun,
+    Upload,
 )
 from core.db.session import session_scope
 from core.db.transitions import db_now
@@ -76,6 +79,7 @@ class PruneReport:
     older_than_seconds: int
     dry_run: bool = False
     jobs: int = 0
+    uploads: int = 0  # uploads/<id>.png with its row
     images: int = 0  # objects under images/<job>/
     previews: int = 0  # objects under previews/<job>
     metric_rows: int = 0
@@ -89,6 +93,7 @@ class PruneReport:
 
     COUNTED = (
         "jobs",
+        "uploads",
         "images",
         "previews",
         "metric_rows",
@@ -234,6 +239,7 @@ class Pruner:
         # Local files are judged by this machine's clock, as their mtimes are.
         self.wall_cutoff = time.time() - self.report.older_than_seconds
         yield from self._prune_jobs()
+        yield from self._prune_uploads()
         yield from self._prune_runs()
         yield from self._prune_dataset_caches()
         yield from self._prune_model_cache()
@@ -318,6 +324,58 @@ class Pruner:
                         delete(Job).where(Job.id.in_(cleared), Job.status.in_(ENDED))
                     )
                     self.report.jobs += result.rowcount  # type: ignore[attr-defined]
+            yield
+
+    def _prune_uploads(self) -> Iterator[None]:
+        """Uploads made before the cutoff that no job still to be kept names (their jobs were
+        pruned above, or never came), by keyset on (created_at, id): the object, then the row,
+        which is deleted only while still unnamed."""
+        assert self.cutoff is not None
+        dry = self.report.dry_run
+        # A job that this prune keeps: unfinished, or ended since the cutoff (a dry run has not
+        # deleted the expired ones, and must count as the real run does).
+        kept = or_(
+            Job.status.not_in(ENDED),
+            func.coalesce(Job.finished_at, Job.created_at) >= self.cutoff,
+        )
+        named = or_(
+            select(Job.id).where(Job.init_upload_id == Upload.id, kept).exists(),
+            select(Job.id).where(Job.mask_upload_id == Upload.id, kept).exists(),
+        )
+        after: tuple[datetime, uuid.UUID] | None = None
+        while True:
+            query = select(Upload.id, Upload.created_at, Upload.storage_key, Upload.bytes).where(
+                Upload.created_at < self.cutoff, not_(named)
+            )
+            if after is not None:
+                query = query.where(
+                    or_(
+                        Upload.created_at > after[0],
+                        and_(Upload.created_at == after[0], Upload.id > after[1]),
+                    )
+                )
+            with self._transaction() as s:
+                rows = list(
+                    s.execute(query.order_by(Upload.created_at, Upload.id).limit(self.batch_size))
+                )
+            if not rows:
+                return
+            after = (rows[-1].created_at, rows[-1].id)
+            if not dry:
+                try:
+                    self.storage.delete_many(row.storage_key for row in rows)
+                except StorageError as e:
+                    self._error(f"uploads: objects not deleted: {e}")
+                    yield
+                    continue
+                with self._transaction() as s:
+                    result = s.execute(
+                        delete(Upload).where(Upload.id.in_([r.id for r in rows]), not_(named))
+                    )
+                    self.report.uploads += result.rowcount  # type: ignore[attr-defined]
+            else:
+                self.report.uploads += len(rows)
+            self.report.bytes_freed += sum(int(r.bytes) for r in rows)
             yield
 
     def _checkpoint_prefixes(self) -> list[str]:

@@ -29,6 +29,7 @@ from core.db import (
     ModelVersion,
     TrainingMetric,
     TrainingRun,
+    Upload,
     make_engine,
     session_scope,
     utcnow,
@@ -64,6 +65,7 @@ class World:
     jobs_kept: list[uuid.UUID] = field(default_factory=list)
     runs_stripped: list[uuid.UUID] = field(default_factory=list)  # metrics go, the row stays
     runs_kept: list[uuid.UUID] = field(default_factory=list)  # metrics stay
+    uploads_kept: list[uuid.UUID] = field(default_factory=list)
     paths_gone: list[Path] = field(default_factory=list)
     paths_kept: list[Path] = field(default_factory=list)
     bytes_gone: int = 0
@@ -142,6 +144,26 @@ def build_world(engine: Engine, storage: Storage, settings: Settings) -> World:
                 put(f"images/{job.id}/1/0.png", gone)  # a half-stored earlier attempt
             put(f"previews/{job.id}/1.png", gone)
             put(f"previews/{job.id}/2.png", gone)
+        s.flush()
+
+        # Uploads: old ones named by a job that goes, by a queued job, and by none; a new one
+        # named by none.
+        def upload(created: datetime, gone: bool) -> uuid.UUID:
+            upload_id = uuid.uuid4()
+            key = f"uploads/{upload_id}.png"
+            put(key, gone)
+            s.add(Upload(id=upload_id, owner="token:1", storage_key=key, width=8, height=8,
+                         bytes=10, sha256="0" * 64, created_at=created))  # fmt: skip
+            if not gone:
+                w.uploads_kept.append(upload_id)
+            return upload_id
+
+        s.get_one(Job, w.jobs_gone[0]).init_upload_id = upload(old, True)
+        queued = s.get_one(Job, w.jobs_kept[2])
+        assert queued.status is JobStatus.QUEUED
+        queued.mask_upload_id = upload(old, False)
+        upload(old, True)
+        upload(recent, False)
         s.flush()
 
         # Model versions: the active denoiser, an inactive one, and the autoencoder the active
@@ -252,6 +274,7 @@ def assert_pruned(engine: Engine, storage: Storage, w: World) -> None:
         with_metrics = set(s.scalars(select(TrainingMetric.run_id).distinct()))
         assert with_metrics == set(w.runs_kept)
         assert s.scalar(select(func.count()).select_from(ModelVersion)) == 3
+        assert set(s.scalars(select(Upload.id))) == set(w.uploads_kept)
     assert [p for p in w.paths_gone if p.exists()] == []
     assert [p for p in w.paths_kept if not p.exists()] == []
 
@@ -259,6 +282,7 @@ def assert_pruned(engine: Engine, storage: Storage, w: World) -> None:
 def expected_counts(w: World) -> dict[str, int]:
     return {
         "jobs": 3,
+        "uploads": 2,
         "images": 3,  # two of this attempt, one of the first
         "previews": 6,
         "metric_rows": 10,
