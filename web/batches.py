@@ -304,6 +304,7 @@ def submit_batch_and_publish(
             seed=seed,
             webhook=webhook,
             idempotency_key=idempotency_key,
+            storage=services().storage,
         )
         session.flush()
         detail = batch_detail(session, batch)
@@ -371,6 +372,9 @@ def submit_batch_view(body: dict[str, Any], headers: dict[str, Any]) -> Any:
                 sampler=body.get("sampler"),
                 num_images=body["num_images"],
                 size=body.get("size"),
+                init_image=body.get("init_image"),
+                mask=body.get("mask"),
+                strength=body.get("strength"),
             ),
             seed=body.get("seed"),
             webhook=webhook,

@@ -28,6 +28,7 @@ No torch, no Flask, no Celery here.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import re
 import secrets
@@ -53,10 +54,13 @@ from core.services.jobs import (
     WebhookTarget,
     cancel_job,
     check_caps,
+    resolve_edit_inputs,
     submit_job,
     validate_request,
 )
 from core.services.model_versions import serving_model
+from core.services.uploads import store_edits
+from core.storage import Storage
 
 PLACEHOLDER_NAME = "[A-Za-z_][A-Za-z0-9_]*"
 PLACEHOLDER = re.compile(rf"\{{({PLACEHOLDER_NAME})\}}")
@@ -101,6 +105,10 @@ class SharedSettings:
     sampler: str | None = None
     num_images: int = 1
     size: int | None = None
+    # Image editing, the same for every job (core.services.uploads): one set of uploads.
+    init_image: str | None = None
+    mask: str | None = None
+    strength: float | None = None
 
 
 def cap_error(field: str, count: int, cap: int, what: str = "makes {} jobs") -> JobRequestError:
@@ -190,6 +198,11 @@ def _request_record(
             "values": {name: list(options) for name, options in matrix.values.items()},
         }
     record.update(asdict(shared))
+    for name in ("init_image", "mask"):
+        value = record[name]
+        if isinstance(value, str) and value.startswith("data:"):
+            # An inline image is kept as an upload; the record keeps its digest, not its bytes.
+            record[name] = f"data:sha256,{hashlib.sha256(value.encode()).hexdigest()}"
     record["seed"] = seed
     record["webhook"] = webhook.url if webhook else None
     record["webhook_events_filter"] = list(per_job_events) if per_job_events is not None else None
@@ -222,6 +235,7 @@ def submit_batch(
     seed: int | None = None,
     webhook: WebhookTarget | None = None,
     idempotency_key: str | None = None,
+    storage: Storage | None = None,
 ) -> tuple[Batch, list[Job], bool]:
     """Add a batch and its queued jobs; returns (batch, jobs in item order, created).
 
@@ -272,6 +286,9 @@ def submit_batch(
             seed=item_seed(base, i, num_images) if isinstance(num_images, int) else base,
             num_images=num_images,
             size=shared.size,
+            init_image=shared.init_image,
+            mask=shared.mask,
+            strength=shared.strength,
         )
         try:
             validate_request(request, settings, model)
@@ -281,6 +298,7 @@ def submit_batch(
             where = "" if field.startswith("prompts.") else f" (the prompt {text[:60]!r})"
             raise JobRequestError(field, f"{e.message}{where}") from None
         requests.append(request)
+    edits = resolve_edit_inputs(session, requests[0], owner, settings)
     try:
         check_caps(session, owner, settings, count=len(requests))
     except TooManyActiveJobs as e:
@@ -312,8 +330,18 @@ def submit_batch(
     job_webhook = (
         WebhookTarget(webhook.url, tuple(per_job_events)) if webhook and per_job_events else None
     )
+    if edits is not None:
+        store_edits(session, storage, edits)
     jobs = [
-        submit_job(session, request, owner, settings, webhook=job_webhook, batch_id=batch.id)[0]
+        submit_job(
+            session,
+            request,
+            owner,
+            settings,
+            webhook=job_webhook,
+            batch_id=batch.id,
+            edits=edits,
+        )[0]
         for request in requests
     ]
     return batch, jobs, True

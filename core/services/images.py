@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import io
 import warnings
+from typing import TYPE_CHECKING
 
-from PIL import Image, UnidentifiedImageError
+if TYPE_CHECKING:
+    from PIL import Image
 
 FORMATS = ("PNG", "JPEG", "WEBP")
 MAX_SIDE = 4096
@@ -38,6 +40,8 @@ class BadImage(ValueError):
 def read_image(data: bytes, field: str, *, max_bytes: int, mode: str | None = "RGB") -> Image.Image:
     """The image in ``data``, checked and decoded, converted to ``mode`` (RGB, or L for a mask;
     None: L for a greyscale image, RGB for any other)."""
+    from PIL import Image, UnidentifiedImageError  # here: a web process loads Pillow when sent one
+
     if len(data) > max_bytes:
         raise BadImage(field, f"is {len(data):,} bytes; the limit is {max_bytes:,}")
     try:
@@ -75,6 +79,8 @@ def read_image(data: bytes, field: str, *, max_bytes: int, mode: str | None = "R
 
 def png_bytes(image: Image.Image) -> bytes:
     """The pixels as a PNG with nothing else in it (no EXIF, profile or text)."""
+    from PIL import Image
+
     out = io.BytesIO()
     clean = Image.frombytes(image.mode, image.size, image.tobytes())
     clean.save(out, format="PNG", optimize=False)

@@ -263,11 +263,12 @@ def submit_job(
             return existing, False
     model = serving_model(session)
     full = validate_request(request, settings, model)
+    resolved = edits is None
     if edits is None:
         edits = resolve_edit_inputs(session, full, owner, settings)
     check_caps(session, owner, settings)
     assert full.steps is not None and full.seed is not None and full.size is not None
-    if edits is not None:
+    if edits is not None and resolved:  # else the caller stored them (a batch shares one set)
         store_edits(session, storage, edits)
     job = Job(
         id=uuid.uuid4(),

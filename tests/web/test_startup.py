@@ -63,7 +63,8 @@ def test_importing_web_and_serving_requests_leaves_torch_and_the_model_code_unim
     assert r.returncode == 0, r.stderr
     imported, torch_loaded = r.stdout.splitlines()
     assert torch_loaded == "False"
-    # Nor numpy, Pillow, safetensors, the model code or the worker: the web image has none.
+    # Nor numpy, safetensors, the model code or the worker (the web image has none), nor Pillow,
+    # which checks images sent to edit and loads with the first.
     assert imported == ""
 
 

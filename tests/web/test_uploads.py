@@ -215,3 +215,35 @@ def test_bad_edit_inputs_are_422_naming_the_field_and_write_nothing(
     assert sent.json["errors"][0]["field"] == field
     assert message in sent.json["detail"], sent.json["detail"]
     assert written(engine, storage) == before
+
+
+def test_a_batch_shares_one_set_of_edit_inputs(
+    client: FlaskClient, user_token: str, storage: LocalStorage, engine: Engine
+) -> None:
+    """Every job of a batch starts from the same uploads (an inline image is stored once); the
+    batch's params keep a digest of an inline image, not its bytes; a bad input is 422 with
+    nothing written."""
+    inline = data_url(png())
+    sent = client.post(
+        "/api/v1/batches",
+        json={"prompts": ["a red circle", "a blue square"], "init_image": inline, "strength": 0.4},
+        headers=bearer(user_token),
+    )
+    assert sent.status_code == 202, sent.json
+    assert sent.json["params"]["init_image"].startswith("data:sha256,")
+    assert sent.json["params"]["strength"] == 0.4
+    jobs = [
+        client.get(f"/api/v1/jobs/{j['id']}", headers=bearer(user_token)).json["params"]
+        for j in sent.json["jobs"]
+    ]
+    assert len({p["init_image"]["id"] for p in jobs}) == 1
+    assert {p["strength"] for p in jobs} == {0.4}
+    before = written(engine, storage)
+    assert before[:2] == (1, 2)
+    bad = client.post(
+        "/api/v1/batches",
+        json={"prompts": ["a red circle"], "init_image": inline, "mask": data_url(png(32, True))},
+        headers=bearer(user_token),
+    )
+    assert bad.status_code == 422 and bad.json["errors"][0]["field"] == "mask", bad.json
+    assert written(engine, storage) == before
