@@ -55,6 +55,7 @@ def create_app(
         ratelimit,
         resources,
         security,
+        submission,
         webhooks_api,
     )
     from web.converters import CONVERTERS
@@ -153,6 +154,7 @@ def create_app(
     db.init_app(app)
     resources.init_app(app)
     problems.init_app(app)
+    submission.init_app(app)  # before the CSRF check, which reads the body
     csrf = CSRFProtect(app)
     app.register_blueprint(pages.pages)
     app.register_blueprint(admin.admin)

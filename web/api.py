@@ -10,7 +10,7 @@ import uuid
 from typing import Any
 
 from apiflask import APIBlueprint
-from flask import Response, current_app, jsonify, request, url_for
+from flask import Response, jsonify, request, url_for
 from marshmallow import RAISE
 from sqlalchemy.orm import Session
 
@@ -85,22 +85,9 @@ def refuse_non_json_body() -> None:
         raise Problem(415, "Send the body as JSON, with Content-Type: application/json.")
 
 
-# Endpoints whose body may carry images (an upload; a job's inline init image and mask).
-IMAGE_BODY_ENDPOINTS = {"api.submit_job_view", "api.submit_batch_view", "api.create_upload_view"}
-
-
-def image_body_limit(max_upload_bytes: int) -> int:
-    """The body limit of an endpoint that takes images: two of DQ_MAX_UPLOAD_BYTES as base64
-    (an init image and a mask inline), and the app's limit for the rest of the request."""
-    rest = int(current_app.config.get("MAX_CONTENT_LENGTH") or 0)
-    return 2 * (4 * (max_upload_bytes + 2) // 3) + rest
-
-
 @api.before_request
 def authenticate_caller() -> None:
     bearer_caller()
-    if request.endpoint in IMAGE_BODY_ENDPOINTS:
-        request.max_content_length = image_body_limit(services().settings.max_upload_bytes)
     refuse_non_json_body()
 
 

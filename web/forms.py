@@ -8,6 +8,7 @@ field it names (:func:`attach_error`).
 from __future__ import annotations
 
 from flask_wtf import FlaskForm
+from flask_wtf.file import FileField
 from wtforms import (
     BooleanField,
     FloatField,
@@ -30,6 +31,19 @@ class GenerateForm(FlaskForm):
     sampler = SelectField("Sampler", choices={name: name for name in SAMPLER_NAMES})
     seed = IntegerField("Seed", validators=[Optional()], description="Empty: a random seed.")
     num_images = IntegerField("Images", default=1, validators=[InputRequired("How many images?")])
+    init_image = FileField(
+        "Start from an image",
+        description="Optional: PNG, JPEG or WebP; the prompt then edits it (image-to-image).",
+    )
+    mask = FileField(
+        "Mask",
+        description="Optional, with an image of the same size: white is repainted, black kept.",
+    )
+    strength = FloatField(
+        "Strength",
+        validators=[Optional()],
+        description="How much of the image is redrawn: low keeps it, 1 redraws it all.",
+    )
     one_per_line = BooleanField(
         "One prompt per line",
         description="Each line becomes its own job, all in one batch (seeds follow on from the "

@@ -11,6 +11,7 @@ The job page polls ``/jobs/<id>.json`` (the API's job object) and updates itself
 
 from __future__ import annotations
 
+import base64
 import mimetypes
 import uuid
 from typing import Any
@@ -152,6 +153,7 @@ def index() -> Any:
         if batch is not None:
             return redirect(url_for("pages.batch_page", batch_id=batch.id), code=303)
     elif valid:
+        init_image, mask = _sent_image(form.init_image.data), _sent_image(form.mask.data)
         request_ = JobRequest(
             prompt=form.prompt.data or "",
             negative_prompt=form.negative_prompt.data or "",
@@ -160,6 +162,10 @@ def index() -> Any:
             sampler=form.sampler.data,
             seed=form.seed.data,
             num_images=form.num_images.data if form.num_images.data is not None else 1,
+            init_image=init_image,
+            mask=mask,
+            # The slider always sends a value: it matters only with an image.
+            strength=form.strength.data if init_image is not None else None,
         )
         try:
             job, _ = submit_and_publish(get_session(), request_, page_caller().owner)
@@ -171,6 +177,15 @@ def index() -> Any:
             return redirect(url_for("pages.job_page", job_id=job.id), code=303)
     status = 422 if request.method == "POST" else 200
     return render_template("index.html", form=form, settings=settings), status
+
+
+def _sent_image(file: Any) -> str | None:
+    """A file chosen on the form as the data: URL a job takes (None when none was chosen); its
+    content is checked with the job (core.services.uploads)."""
+    if file is None or not getattr(file, "filename", ""):
+        return None
+    data = file.read(services().settings.max_upload_bytes + 1)
+    return "data:image/png;base64," + base64.b64encode(data).decode()
 
 
 def _submit_lines(form: GenerateForm) -> Batch | None:
@@ -189,6 +204,9 @@ def _submit_lines(form: GenerateForm) -> Batch | None:
                 guidance=form.guidance.data,
                 sampler=form.sampler.data,
                 num_images=form.num_images.data if form.num_images.data is not None else 1,
+                init_image=(init := _sent_image(form.init_image.data)),
+                mask=_sent_image(form.mask.data),
+                strength=form.strength.data if init is not None else None,
             ),
             seed=form.seed.data,
         )

@@ -16,6 +16,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+from flask import Flask, current_app, request
 from sqlalchemy.orm import Session
 
 from core.db.models import Job, TrainingRun
@@ -26,6 +27,30 @@ from web.resources import JobView, job_views
 from web.services import services
 
 log = logging.getLogger(__name__)
+
+
+def image_body_limit(max_upload_bytes: int) -> int:
+    """The body limit of a request that may carry images (a job's or batch's inline init image
+    and mask, an upload, the generate form): two of DQ_MAX_UPLOAD_BYTES as base64, and the
+    app's limit for the rest of the request."""
+    rest = int(current_app.config.get("MAX_CONTENT_LENGTH") or 0)
+    return 2 * (4 * (max_upload_bytes + 2) // 3) + rest
+
+
+# Endpoints whose body may carry images: the generate form, a job, a batch, an upload.
+IMAGE_BODY_ENDPOINTS = frozenset(
+    ("pages.index", "api.submit_job_view", "api.submit_batch_view", "api.create_upload_view")
+)
+
+
+def init_app(app: Flask) -> None:
+    """Lift the body limit of the endpoints that take images, before anything reads a body
+    (the CSRF check reads the form's)."""
+
+    @app.before_request
+    def allow_image_bodies() -> None:
+        if request.endpoint in IMAGE_BODY_ENDPOINTS and request.method == "POST":
+            request.max_content_length = image_body_limit(services().settings.max_upload_bytes)
 
 
 def _publish(what: str, send: Callable[[], bool]) -> None:

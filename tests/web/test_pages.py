@@ -7,7 +7,7 @@ import uuid
 from typing import Any
 
 from flask.testing import FlaskClient
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
 
 from core.db import Job, JobStatus, session_scope
@@ -271,3 +271,58 @@ def test_unknown_page_is_an_html_404(client: FlaskClient) -> None:
     r = client.get(f"/jobs/{uuid.uuid4()}-nope")
     assert r.status_code == 404 and r.mimetype == "text/html"
     assert "There is nothing at" in r.get_data(as_text=True)
+
+
+def _image_file(size: int, grey: bool = False) -> tuple[Any, str]:
+    import io
+
+    import numpy as np
+    from PIL import Image as PILImage
+
+    rng = np.random.default_rng(size)
+    pixels = rng.integers(0, 255, (size, size) if grey else (size, size, 3), dtype=np.uint8)
+    out = io.BytesIO()
+    PILImage.fromarray(pixels).save(out, format="PNG")
+    out.seek(0)
+    return out, "picture.png"
+
+
+def test_the_form_edits_an_image_through_a_mask_and_the_job_page_shows_both(
+    client: FlaskClient, engine: Engine
+) -> None:
+    page = client.get("/").get_data(as_text=True)
+    assert 'enctype="multipart/form-data"' in page and 'type="range"' in page
+    form = {
+        **FORM,
+        "csrf_token": csrf_token(client),
+        "init_image": _image_file(64),
+        "mask": _image_file(64, grey=True),
+        "strength": "0.6",
+    }
+    posted = client.post("/", data=form, content_type="multipart/form-data")
+    assert posted.status_code == 303, posted.get_data(as_text=True)[:800]
+    job_page = client.get(posted.headers["Location"]).get_data(as_text=True)
+    assert "the image this job edits" in job_page and "strength 0.6" in job_page
+    assert "the mask: white is repainted" in job_page
+    job = client.get(f"{posted.headers['Location']}.json").get_json()
+    assert job["params"]["init_image"] is not None and job["params"]["mask"] is not None
+    # Without an image the slider's value is not sent on as a strength.
+    plain = client.post("/", data={**FORM, "csrf_token": csrf_token(client), "strength": "0.6"})
+    assert plain.status_code == 303
+    assert client.get(f"{plain.headers['Location']}.json").get_json()["params"]["strength"] is None
+
+
+def test_a_bad_image_on_the_form_shows_next_to_its_field_and_queues_nothing(
+    client: FlaskClient, engine: Engine
+) -> None:
+    form = {
+        **FORM,
+        "csrf_token": csrf_token(client),
+        "init_image": _image_file(64),
+        "mask": _image_file(32, grey=True),
+    }
+    posted = client.post("/", data=form, content_type="multipart/form-data")
+    assert posted.status_code == 422
+    assert "is 32×32 pixels; its init_image is 64×64" in posted.get_data(as_text=True)
+    with session_scope(engine) as session:
+        assert session.scalar(select(func.count()).select_from(Job)) == 0
