@@ -227,4 +227,26 @@ def browser_submits_and_sees_the_image(served: Served) -> None:
         assert src and "/files/images/" in src
         assert fetch(served.url + src if src.startswith("/") else src).startswith(b"\x89PNG")
         page.screenshot(path=str(ARTIFACTS / "job-page.png"), full_page=True)
+
+        # Edit that image: the form previews the file chosen, and the slider sets the strength.
+        made = ARTIFACTS / "made.png"
+        made.write_bytes(fetch(served.url + src if src.startswith("/") else src))
+        page.goto(served.url + "/")
+        page.fill("textarea[name=prompt]", "a large blue square in the center")
+        page.fill("input[name=steps]", "10")
+        assert not page.is_visible("#init-preview")
+        page.set_input_files("input[name=init_image]", str(made))
+        page.wait_for_selector("#init-preview", state="visible")
+        page.fill("#strength", "0.6")
+        assert page.inner_text("#strength-value").strip() == "0.6"
+        page.click("button[type=submit]")
+        page.wait_for_url("**/jobs/*")
+        assert page.is_visible("img[alt='the image this job edits']")
+        page.wait_for_selector("#images img", timeout=120_000)
+        assert page.inner_text("#status").strip().lower() == "succeeded"
+        assert "strength 0.6" in page.inner_text(".edit-inputs")
+        # A random seed past 2**53 is shown to the digit under the image (not rounded by JS).
+        seed = page.inner_text("#seed").strip()
+        assert page.inner_text("#images figcaption").startswith(f"seed {seed} ")
+        page.screenshot(path=str(ARTIFACTS / "edit-page.png"), full_page=True)
         browser.close()

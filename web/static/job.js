@@ -20,15 +20,19 @@
     shownImages = job.images.length;
     var box = $("images");
     box.textContent = "";
+    // Seeds reach 2**63: past 2**53 a JSON number loses digits in JavaScript, so each image's
+    // seed (the job's seed + its index) is worked out from the page's own text, exactly.
+    var first = BigInt($("seed").textContent.trim());
     job.images.forEach(function (image, i) {
+      var seed = (first + BigInt(i)).toString();
       var fig = document.createElement("figure");
       var img = document.createElement("img");
       img.src = image.url; img.width = image.width; img.height = image.height;
-      img.alt = "seed " + image.seed;
+      img.alt = "seed " + seed;
       var cap = document.createElement("figcaption");
       var link = document.createElement("a");
       link.href = image.url; link.download = job.id + "-" + i + ".png"; link.textContent = "download";
-      cap.appendChild(document.createTextNode("seed " + image.seed + " · "));
+      cap.appendChild(document.createTextNode("seed " + seed + " · "));
       cap.appendChild(link);
       fig.appendChild(img); fig.appendChild(cap); box.appendChild(fig);
     });
