@@ -195,16 +195,17 @@ def test_bad_edit_inputs_are_422_naming_the_field_and_write_nothing(
     field: str,
     message: str,
 ) -> None:
-    refs = {
-        "INIT": upload(client, user_token, png()).json["id"],
-        "MASK": upload(client, user_token, png(grey=True)).json["id"],
-        "SMALL_MASK": upload(client, user_token, png(32, grey=True)).json["id"],
-        "OTHERS": upload(client, other_token, png()).json["id"],
-        "INLINE_BOMB": data_url(bomb()),
-        "INLINE_TRUNCATED": data_url(png()[:300]),
-        "INLINE_ANIMATED": data_url(animated()),
-        "INLINE_SMALL": data_url(png(32, grey=True)),
+    makers = {
+        "INIT": lambda: upload(client, user_token, png()).json["id"],
+        "MASK": lambda: upload(client, user_token, png(grey=True)).json["id"],
+        "SMALL_MASK": lambda: upload(client, user_token, png(32, grey=True)).json["id"],
+        "OTHERS": lambda: upload(client, other_token, png()).json["id"],
+        "INLINE_BOMB": lambda: data_url(bomb()),
+        "INLINE_TRUNCATED": lambda: data_url(png()[:300]),
+        "INLINE_ANIMATED": lambda: data_url(animated()),
+        "INLINE_SMALL": lambda: data_url(png(32, grey=True)),
     }
+    refs = {v: makers[v]() for v in body.values() if isinstance(v, str) and v in makers}
     before = written(engine, storage)
     sent = client.post(
         "/api/v1/jobs",
