@@ -1,7 +1,7 @@
 """Editing benchmark: images/s of image-to-image and inpainting jobs against text-to-image at the
 same steps, with the shipped model, its default sampler, steps and guidance, in one run.
 
-    .venv/bin/python bench/bench_edit.py            # full run, about 2 minutes on 2 CPU cores
+    .venv/bin/python bench/bench_edit.py            # full run: 3 min on 2 idle CPU cores, 6 at most
     .venv/bin/python bench/bench_edit.py --quick    # smoke run, batch 4, 2 rounds
 
 Image-to-image at strength s runs round(s·steps) of the sampler's steps (SDEdit), so it should
@@ -137,6 +137,12 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="batch 4, 2 rounds; a smoke run")
     ap.add_argument("--batch", type=int, default=None, help="images per batch (default 8)")
     ap.add_argument("--rounds", type=int, default=None, help="timed rounds (default 25)")
+    ap.add_argument(
+        "--max-minutes",
+        type=float,
+        default=5.0,
+        help="stop adding rounds after this long, once 3 are done (default 5)",
+    )
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
     args = ap.parse_args()
     batch = args.batch or (4 if args.quick else 8)
@@ -166,7 +172,10 @@ def main() -> None:
     for case in table:  # warm-up, and the UNet counts (the same every run)
         generate(case)
         case.calls, case.rows = counter.calls, counter.rows
+    started = time.perf_counter()
     for r in range(rounds):
+        if r >= 3 and time.perf_counter() - started > 60 * args.max_minutes:
+            break  # a loaded machine: fewer rounds rather than an unbounded run
         # Interleaved, so the machine's load hits every row alike; the order turns each round so
         # that no row always follows the same one.
         order = table[r % len(table) :] + table[: r % len(table)]
@@ -183,7 +192,7 @@ def main() -> None:
         f"Shipped model, {d.sampler}, {d.steps} steps, guidance {d.guidance} "
         f"at noise levels {d.guidance_interval[0]}-{d.guidance_interval[1]}, "
         f"batch {batch}, {model.image_size}×{model.image_size}; "
-        f"median of {rounds} interleaved rounds"
+        f"median of {len(base.seconds)} interleaved rounds"
     )
     print()
     print(
