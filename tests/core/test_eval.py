@@ -31,20 +31,15 @@ from core.diffusion.eval.classifier import (
     classifier_loss,
     scene_targets,
 )
-from core.diffusion.eval.evaluate import (
-    GROUPS,
-    Adherence,
+from core.diffusion.eval.common import Adherence
+from core.diffusion.eval.editing import (
     EditResults,
-    EvalResult,
-    EvalSettings,
     ImageToImageRow,
     InpaintingRow,
-    Row,
-    Sampling,
-    evaluate,
     image_to_image_counts,
     inpainting_counts,
 )
+from core.diffusion.eval.evaluate import GROUPS, EvalResult, EvalSettings, Row, Sampling, evaluate
 from core.diffusion.eval.fid import fid, frechet_distance, gaussian_stats
 from core.diffusion.eval.report import targets
 from core.diffusion.eval.scenes import (

@@ -7,6 +7,8 @@
 - :mod:`.fid`: Gaussian statistics of features and the Fréchet distance (numpy only).
 - :mod:`.scenes`: the evaluation prompts and the real images they are measured against.
 - :mod:`.evaluate`: the evaluation itself (default settings, sampler and guidance sweeps).
+- :mod:`.editing`: its image-editing rows (image-to-image at each strength, inpainting).
+- :mod:`.common`: adherence counts, image seeds and images as tensors, which those share.
 - :mod:`.report`: the markdown report.
 """
 

@@ -8,15 +8,9 @@ from typing import Any
 
 import torch
 
-from core.diffusion.eval.evaluate import (
-    GROUPS,
-    SAMPLER_NAMES,
-    Adherence,
-    EditResults,
-    EvalResult,
-    InpaintingRow,
-    Row,
-)
+from core.diffusion.eval.common import Adherence
+from core.diffusion.eval.editing import EditResults, InpaintingRow
+from core.diffusion.eval.evaluate import GROUPS, SAMPLER_NAMES, EvalResult, Row
 from core.diffusion.eval.scenes import EDIT_MASK_MARGIN
 from core.runtime.machine import cpu_name
 
