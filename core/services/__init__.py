@@ -5,6 +5,8 @@ its records in one transaction, and queues what follows.
 - ``training_runs``: admin training runs;
 - ``model_versions``: the model versions a worker may serve, and which one is active;
 - ``tokens``: API tokens, their roles and fair-share weights;
+- ``uploads`` and ``images``: the images sent to edit (init images, masks), checked, kept as bare
+  PNGs, and named by jobs;
 - ``webhooks``: job webhooks, from the target's SSRF guard to signed delivery and its log;
 - ``audit``: the audit log every admin action writes.
 
