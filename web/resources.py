@@ -25,7 +25,7 @@ from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session
 
 from core.db.models import Image, Job, JobStatus, ModelKind, ModelVersion, TrainingRun, Upload
-from core.queue.eta import UNKNOWN, Estimate, QueueSnapshot, SnapshotCache, estimate
+from core.queue.eta import UNKNOWN, Estimate, SnapshotCache, estimate, view_of
 from core.runtime.settings import Settings
 from core.services.jobs import JobNotFound
 from core.services.model_versions import DEFAULT_MODEL_NAME, ServingModel
@@ -176,9 +176,7 @@ def job_etag(session: Session, view: JobView) -> str:
     job = view.job
     place = None
     if job.status is JobStatus.QUEUED and job.fair_key is not None:
-        cache = _snapshots()
-        snapshot = cache.get(session) if cache is not None else QueueSnapshot.load(session)
-        found = snapshot.place(job)
+        found = view_of(session, _snapshots()).place(job)
         place = None if found is None else found[0]
     parts = (
         job.id,

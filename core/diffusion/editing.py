@@ -29,7 +29,7 @@ seed gives one image whatever shares its batch.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -101,16 +101,16 @@ class Edits:
 
     starts: list[int]
     init: torch.Tensor | None  # (B, C, h, w) scaled latents; zeros for images without one
-    has_init: list[bool]
     mask: torch.Tensor | None  # (B, 1, h, w) latent mask; ones for images without one
-    has_mask: list[bool]
     init_pixels: list[np.ndarray | None]
     mask_pixels: list[np.ndarray | None]
     known_noise: Callable[[list[int], torch.Tensor], torch.Tensor]  # (rows, like) -> ε′
+    has_init: list[bool] = field(init=False)
+    has_mask: list[bool] = field(init=False)
 
-    @property
-    def any(self) -> bool:
-        return any(self.has_init)
+    def __post_init__(self) -> None:
+        self.has_init = [p is not None for p in self.init_pixels]
+        self.has_mask = [p is not None for p in self.mask_pixels]
 
 
 Denoise = Callable[[torch.Tensor, int, list[int]], tuple[torch.Tensor, torch.Tensor]]

@@ -340,14 +340,7 @@ class LatentDiffusion(nn.Module):
         device = self.device
 
         def noise_for(rows: list[int]) -> NoiseFn:
-            def noise(like: torch.Tensor) -> torch.Tensor:
-                # One generator per image, drawn on the CPU: the same seed gives the same noise
-                # on any device and whatever else is in the batch.
-                return torch.stack(
-                    [torch.randn(like.shape[1:], generator=generators[r]) for r in rows]
-                ).to(device)
-
-            return noise
+            return lambda like: _draw(generators, rows, like, device)
 
         c = self.autoencoder.config.latent_channels
         h = size // self.autoencoder.config.downsample_factor
@@ -402,21 +395,13 @@ class LatentDiffusion(nn.Module):
                     pixel[i, 0] = torch.from_numpy(m).to(device)
             mask = latent_mask(pixel, self.autoencoder.config.downsample_factor)
         known = [torch.Generator("cpu").manual_seed(s ^ KNOWN_REGION_SEED) for s in seeds]
-
-        def known_noise(picked: list[int], like: torch.Tensor) -> torch.Tensor:
-            return torch.stack(
-                [torch.randn(like.shape[1:], generator=known[r]) for r in picked]
-            ).to(device)
-
         return Edits(
             starts=[start_index(steps, strengths[i]) if has_init[i] else 0 for i in range(n)],
             init=init,
-            has_init=has_init,
             mask=mask,
-            has_mask=has_mask,
             init_pixels=init_pixels,
             mask_pixels=mask_pixels,
-            known_noise=known_noise,
+            known_noise=lambda picked, like: _draw(known, picked, like, device),
         )
 
     @torch.no_grad()
@@ -505,6 +490,17 @@ class LatentDiffusion(nn.Module):
             or size > 1024
         ):
             raise ValueError(f"size must be a multiple of {m} from {m} to 1024")
+
+
+def _draw(
+    generators: Sequence[torch.Generator], rows: Sequence[int], like: torch.Tensor, device: Any
+) -> torch.Tensor:
+    """N(0, I) noise shaped like ``like``, one row from each of these images' generators, drawn
+    on the CPU: the same seed gives the same noise on any device and whatever else is in the
+    batch."""
+    return torch.stack([torch.randn(like.shape[1:], generator=generators[r]) for r in rows]).to(
+        device
+    )
 
 
 def _edit_inputs(

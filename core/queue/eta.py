@@ -421,6 +421,15 @@ class SnapshotCache:
                 self._snapshot = None
 
 
+def view_of(
+    session: Session, snapshot: QueueSnapshot | SnapshotCache | None, now: datetime | None = None
+) -> QueueSnapshot:
+    """The snapshot given, the cache's, or a fresh one when neither is."""
+    if isinstance(snapshot, SnapshotCache):
+        return snapshot.get(session)
+    return snapshot if snapshot is not None else QueueSnapshot.load(session, now)
+
+
 def estimate(
     session: Session,
     jobs: Sequence[Any],
@@ -437,10 +446,7 @@ def estimate(
     out = {job.id: UNKNOWN for job in jobs}
     if not any(job.status in (JobStatus.QUEUED, JobStatus.RUNNING) for job in jobs):
         return out
-    if isinstance(snapshot, SnapshotCache):
-        snapshot = snapshot.get(session)
-    elif snapshot is None:
-        snapshot = QueueSnapshot.load(session, now)
+    snapshot = view_of(session, snapshot, now)
     running_left = snapshot.running_left(now)
     for job in jobs:
         if job.status is JobStatus.RUNNING:

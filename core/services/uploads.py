@@ -176,7 +176,9 @@ def resolve_edits(
 
 def store_edits(session: Session, storage: Storage | None, edits: EditInputs) -> None:
     """Store the uploads that inline data URLs made (after every check has passed)."""
-    if edits.new and storage is None:
+    if not edits.new:
+        return
+    if storage is None:
         raise RuntimeError("inline images need object storage to be kept in")
     for new in edits.new:
-        store(session, storage, new)  # type: ignore[arg-type]
+        store(session, storage, new)

@@ -36,6 +36,15 @@ def arrays(images: list[Image.Image]) -> list[np.ndarray]:
     return [np.asarray(image) for image in images]
 
 
+def test_the_service_and_the_pipeline_default_to_one_strength() -> None:
+    """core.services.uploads stores the default for API jobs; the pipeline applies it to direct
+    callers and the CLI (each defines it: services may not import the torch side)."""
+    from core.diffusion.pipeline import DEFAULT_STRENGTH
+    from core.services.uploads import DEFAULT_STRENGTH as SERVICE_DEFAULT
+
+    assert DEFAULT_STRENGTH == SERVICE_DEFAULT == 0.75
+
+
 def test_a_strength_runs_that_share_of_the_steps() -> None:
     assert [start_index(20, s) for s in (1.0, 0.8, 0.5, 0.6, 0.01)] == [0, 4, 10, 8, 19]
     for bad in (0.0, -0.1, 1.5, float("nan")):

@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import base64
 import io
-import struct
 import uuid
-import zlib
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +19,8 @@ from sqlalchemy.engine import Engine
 
 from core.db import Job, Upload, session_scope
 from core.storage import LocalStorage
+from tests.core.test_images import animated_gif_as_png as animated
+from tests.core.test_images import bomb_png
 from tests.web.conftest import bearer
 
 SIZE = 64
@@ -31,30 +31,6 @@ def png(size: int = SIZE, grey: bool = False, **save: Any) -> bytes:
     shape = (size, size) if grey else (size, size, 3)
     out = io.BytesIO()
     Image.fromarray(rng.integers(0, 255, shape, dtype=np.uint8)).save(out, format="PNG", **save)
-    return out.getvalue()
-
-
-def bomb() -> bytes:
-    """A tiny PNG whose header claims 30000×30000 pixels."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return (
-            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-        )
-
-    header = struct.pack(">IIBBBBB", 30000, 30000, 8, 2, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", header)
-        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
-        + chunk(b"IEND", b"")
-    )
-
-
-def animated() -> bytes:
-    frames = [Image.new("RGB", (8, 8), c) for c in ((255, 0, 0), (0, 255, 0))]
-    out = io.BytesIO()
-    frames[0].save(out, format="PNG", save_all=True, append_images=frames[1:])
     return out.getvalue()
 
 
@@ -129,7 +105,7 @@ def test_inline_images_become_uploads_of_the_job(
         (lambda: b"just text", "file: is not an image Pillow can read"),
         (lambda: png()[:300], "file: is truncated or corrupt"),
         (animated, "file: is animated"),
-        (bomb, "file: claims more pixels than the limit of 4096 a side"),
+        (lambda: bomb_png(30000, 30000), "file: claims more pixels than the limit of 4096 a side"),
         (lambda: png(300), "file: is"),  # over the test's DQ_MAX_UPLOAD_BYTES
     ],
 )
@@ -200,7 +176,7 @@ def test_bad_edit_inputs_are_422_naming_the_field_and_write_nothing(
         "MASK": lambda: upload(client, user_token, png(grey=True)).json["id"],
         "SMALL_MASK": lambda: upload(client, user_token, png(32, grey=True)).json["id"],
         "OTHERS": lambda: upload(client, other_token, png()).json["id"],
-        "INLINE_BOMB": lambda: data_url(bomb()),
+        "INLINE_BOMB": lambda: data_url(bomb_png(30000, 30000)),
         "INLINE_TRUNCATED": lambda: data_url(png()[:300]),
         "INLINE_ANIMATED": lambda: data_url(animated()),
         "INLINE_SMALL": lambda: data_url(png(32, grey=True)),
