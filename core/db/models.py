@@ -598,3 +598,7 @@ class WorkerPresence(Base):
     host: Mapped[str] = mapped_column(String(255), primary_key=True)
     queues: Mapped[str] = mapped_column(String(100), default="")
     last_seen: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    # What it serves: "fp32", "bf16" or "fp16", and the model versions it holds in memory
+    # (a list of version ids, null for the shipped default), most recently used last.
+    precision: Mapped[str | None] = mapped_column(String(8))
+    models: Mapped[list[str | None] | None] = mapped_column(JSON)
