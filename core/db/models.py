@@ -168,6 +168,9 @@ class Job(LeasedWork, Base):
     model_version_id: Mapped[uuid.UUID | None] = mapped_column(
         ForeignKey("model_versions.id", ondelete="RESTRICT"), index=True
     )
+    # How the version was picked: "named" (the request named it), "default" (the active one,
+    # or the shipped model), "canary" (a default request sent to the canary); None before 0009.
+    model_pick: Mapped[str | None] = mapped_column(String(16))
     progress_step: Mapped[int] = mapped_column(Integer, default=0)
     progress_total: Mapped[int] = mapped_column(Integer, default=0)
     preview_key: Mapped[str | None] = mapped_column(String(512))
@@ -293,6 +296,11 @@ class ModelVersion(Base):
     is_active: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     activated_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # A retired version serves no new job and cannot be activated; its files and jobs stay.
+    retired_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # The canary: this share (1-100) of the jobs that ask for "default" run on this version
+    # instead of the active one (core.services.model_versions); 0 for every other version.
+    canary_percent: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
 
     __table_args__ = (
         # A partial unique index: any number of inactive versions, one active one per kind.
@@ -302,6 +310,14 @@ class ModelVersion(Base):
             unique=True,
             sqlite_where=text("is_active"),
             postgresql_where=text("is_active"),
+        ),
+        # And at most one canary per kind.
+        Index(
+            "uq_model_versions_canary_kind",
+            "kind",
+            unique=True,
+            sqlite_where=text("canary_percent > 0"),
+            postgresql_where=text("canary_percent > 0"),
         ),
     )
 
