@@ -215,6 +215,19 @@ class Settings:
     model_cache_dir: str = _setting(
         "var/models", "Where workers keep model versions fetched from object storage."
     )
+    worker_model_memory_mb: int = _setting(
+        2048,
+        "Memory (MB) for the model versions one worker process keeps loaded, least recently used "
+        "out first, measured from each model's weights; it always keeps at least one.",
+        _positive_int,
+    )
+    model_affinity_wait_seconds: float = _setting(
+        10.0,
+        "A worker may claim queued jobs for a model version it holds ahead of jobs for one it "
+        "would have to load, but passes such a job over for at most this long (0: strict fair "
+        "order).",
+        _non_negative_float,
+    )
     device: str | None = _setting(
         None, "cpu or cuda for the workers; empty picks CUDA when present.", _optional
     )
