@@ -298,6 +298,18 @@ class Settings:
     max_batch_items: int = _setting(
         100, "Most jobs one batch submission (a prompt list or matrix) may make; more get 422."
     )
+    model_gate_max_fid_increase: float = _setting(
+        0.10,
+        "Activating a model version is refused (409, unless forced) when its eval's FID is more "
+        "than this fraction above the active version's (0.10: +10%).",
+        _non_negative_float,
+    )
+    model_gate_max_adherence_drop: float = _setting(
+        5.0,
+        "Activating a model version is refused (409, unless forced) when its eval's prompt "
+        "adherence is more than this many points below the active version's.",
+        _non_negative_float,
+    )
     sse_max_streams: int = _setting(
         48,
         "Event streams (SSE) one web process holds at once; each holds a gunicorn thread, so "
