@@ -38,6 +38,7 @@ from core.diffusion.editing import (
     run_staggered,
     start_index,
 )
+from core.diffusion.precision import DTYPES, dtype_of, resolve_precision
 from core.diffusion.preview import fit_latent_rgb_map, latents_to_preview
 from core.diffusion.samplers import NoiseFn, SamplerSpec, get_sampler
 from core.diffusion.schedule import NoiseSchedule, ScheduleConfig, inference_timesteps
@@ -200,16 +201,39 @@ class LatentDiffusion(nn.Module):
 
     @classmethod
     def load(
-        cls, directory: str | Path, device: str | torch.device | None = None
+        cls,
+        directory: str | Path,
+        device: str | torch.device | None = None,
+        precision: str = "fp32",
     ) -> LatentDiffusion:
+        """The checkpoint in ``directory`` on ``device`` (CUDA when present), its UNet and text
+        encoder at ``precision`` (:mod:`core.diffusion.precision`; ``auto`` picks for the
+        device). Raises :class:`~core.diffusion.precision.PrecisionError` for a precision the
+        device cannot run, before reading any weights."""
         dev = torch.device(device) if device is not None else pick_device()
+        resolved = resolve_precision(precision, dev)
         tensors, config = load_checkpoint(directory, "cpu")
         model = cls.from_config(config)
         try:
             model.load_state_dict(tensors)
         except RuntimeError as e:
             raise CheckpointError(f"{directory}: weights do not match the config: {e}") from None
-        return model.to(dev).eval()
+        return model.to(dev).set_precision(resolved).eval()
+
+    @property
+    def precision(self) -> str:
+        """fp32, bf16 or fp16: the precision of the UNet and the text encoder."""
+        dtype = self.unet.conv_in.weight.dtype
+        return next(name for name, d in DTYPES.items() if d == dtype)
+
+    def set_precision(self, precision: str) -> LatentDiffusion:
+        """Casts the UNet's and the text encoder's weights to a resolved precision, once; the
+        autoencoder stays fp32. Sampling casts only activations, at the UNet's boundary
+        (:class:`GuidedDenoiser`)."""
+        dtype = dtype_of(precision)
+        self.unet.to(dtype)
+        self.text_encoder.to(dtype)
+        return self
 
     # --- latents -----------------------------------------------------------------------------
 
@@ -616,6 +640,10 @@ class GuidedDenoiser:
     is guided: g ≠ 1 and the noise level t/(T−1) inside its guidance interval. Elsewhere its
     conditional output is used as is, so the UNet's batch holds B rows plus one per guided
     image, and an image is identical whatever else its batch needed.
+
+    The UNet may run in half precision (:mod:`core.diffusion.precision`): the latents are cast
+    to its dtype on the way in and its output back to fp32 on the way out, so the guidance
+    combination, the parameterisation and the sampler's state stay fp32.
     """
 
     def __init__(
@@ -635,6 +663,7 @@ class GuidedDenoiser:
         self.intervals = intervals or [(0.0, 1.0)] * len(scales)
         device = cond.states.device
         self.scales = torch.tensor(scales, device=device).view(-1, 1, 1, 1)
+        self.dtype = unet.conv_in.weight.dtype  # the UNet's: its input is cast to it
         self._subsets: dict[tuple[int, ...], GuidedDenoiser] = {}
 
     def rows(self, x: torch.Tensor, t: int, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -672,19 +701,21 @@ class GuidedDenoiser:
     def __call__(self, x: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor]:
         b = x.shape[0]
         rows = self.guided_rows(t)
+        x_in = x.to(self.dtype)  # a no-op at fp32; so is each .float() below
         if not rows:
             t_b = torch.full((b,), t, device=x.device)
-            out = run_batch_invariant(self.unet, x, t_b, self.cond.states, self.cond.mask)
+            out = run_batch_invariant(self.unet, x_in, t_b, self.cond.states, self.cond.mask)
+            out = out.float()
         else:
             assert self.uncond is not None
             idx = torch.tensor(rows, device=x.device)
             k = len(rows)
             both = self.unet(
-                torch.cat([x[idx], x]),
+                torch.cat([x_in[idx], x_in]),
                 torch.full((k + b,), t, device=x.device),
                 torch.cat([self.uncond.states[idx], self.cond.states]),
                 torch.cat([self.uncond.mask[idx], self.cond.mask]),
-            )
+            ).float()  # the guidance combination in fp32, whatever the UNet ran in
             u, c = both[:k], both[k:]
             g = self.scales[idx]
             out = c.clone()

@@ -104,6 +104,17 @@ def _cidr_list(raw: str) -> str:
     return ",".join(p.strip() for p in raw.split(",") if p.strip())
 
 
+# The values of DQ_PRECISION and --precision; core.diffusion.precision resolves them for a device.
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def _precision(raw: str) -> str:
+    value = raw.lower()
+    if value not in PRECISIONS:
+        raise ValueError(f"must be one of {', '.join(PRECISIONS)}")
+    return value
+
+
 def _log_format(raw: str) -> str:
     if raw not in ("text", "json"):
         raise ValueError("must be text or json")
@@ -230,6 +241,13 @@ class Settings:
     )
     device: str | None = _setting(
         None, "cpu or cuda for the workers; empty picks CUDA when present.", _optional
+    )
+    precision: str = _setting(
+        "auto",
+        "Numeric precision of the workers' UNet and text encoder: fp32, bf16, fp16 (CUDA only) "
+        "or auto (bf16 on a GPU that has it, else fp16; on a CPU bf16 where it has native bf16, "
+        "AVX-512 BF16 or AMX, else fp32).",
+        _precision,
     )
     rate_limit: str = _setting(
         "60/minute", "Job submissions allowed per caller, in Flask-Limiter's notation."
