@@ -12,15 +12,26 @@ import uuid
 from typing import Any
 
 from apiflask import APIBlueprint, Schema
-from apiflask.fields import Float
-from apiflask.validators import Range
+from apiflask.fields import Boolean, Float
+from apiflask.validators import Length, Range
 from flask import url_for
 from marshmallow import RAISE
 from sqlalchemy.exc import IntegrityError
 
 from core.db.models import JobStatus
 from core.services.audit import recent, record
-from core.services.model_versions import activate_version, deactivate_all
+from core.services.model_rollout import (
+    GateBounds,
+    activate_checked,
+    end_canary,
+    set_canary,
+)
+from core.services.model_versions import (
+    ModelStateError,
+    deactivate_all,
+    find_version,
+    retire_version,
+)
 from core.services.tokens import MAX_WEIGHT, MIN_WEIGHT, TokenNotFound, revoke_token, set_weight
 from core.services.training_runs import (
     RunFinished,
@@ -53,7 +64,10 @@ from web.db import end_reads, get_session
 from web.problems import Problem, invalid
 from web.resources import run_resource, samples_key
 from web.schemas import (
+    MAX_MODEL_NAME,
+    JsonInteger,
     JsonNumber,
+    JsonText,
     LocationHeader,
     ModelsOut,
     PageQuery,
@@ -189,33 +203,180 @@ def cancel_run_view(run_id: uuid.UUID) -> Any:
     return json_response(_run_detail(run))
 
 
+class ActivateQuery(Schema):
+    # A query string is text: force=true (or 1, yes); absent: false.
+    force = Boolean(
+        load_default=False,
+        metadata={
+            "description": "Activate even when its eval regresses against the active "
+            "version's (the audit trail records that it was forced, with the figures)."
+        },
+    )
+
+
 @admin_api.post("/models/<uuid:version_id>/activate")
+@admin_api.input(ActivateQuery, location="query", arg_name="query", unknown=RAISE)
 @admin_api.output(ModelsOut)
 @admin_api.doc(
     summary="Serve a model version",
-    description="Makes the version the active one of its kind; new jobs use it (workers load "
-    "it on their next job).",
+    description="Makes the version the active one of its kind; new jobs that ask for default "
+    "use it (workers load it on their next job). A denoiser passes the eval gate first: its "
+    "eval's FID may be at most DQ_MODEL_GATE_MAX_FID_INCREASE above the active version's, "
+    "its adherence at most DQ_MODEL_GATE_MAX_ADHERENCE_DROP points below, and it needs an "
+    "eval when the active one has one; else 409 naming the figures, unless force=true. "
+    "Activating the canary's version ends the canary.",
     security="BearerAuth",
-    responses={**ADMIN_ERRORS, 409: "Another admin activated a version at the same moment."},
+    responses={
+        **ADMIN_ERRORS,
+        404: "There is no such version.",
+        409: "Its eval regresses against the active version's (the problem names the figures), "
+        "it is retired, or another admin activated a version at the same moment.",
+    },
 )
-def activate_version_view(version_id: uuid.UUID) -> Any:
+def activate_version_view(version_id: uuid.UUID, query: dict[str, Any]) -> Any:
     session = audited_session()
+    force = query["force"]
     try:
-        version = activate_version(session, version_id)
+        version, result = activate_checked(
+            session, version_id, GateBounds.of(services().settings), force=force
+        )
         record(
             session,
             bearer_caller().owner,
             "model.activate",
             f"model:{version.id}",
-            detail={"name": version.name, "kind": version.kind.value},
+            detail={
+                "name": version.name,
+                "kind": version.kind.value,
+                "forced": force and not result.passed,
+                "gate": result.as_dict(),
+            },
         )
         session.commit()
     except LookupError:
         session.rollback()
         raise Problem(404, f"There is no model version {version_id}.") from None
+    except ModelStateError as e:
+        session.rollback()
+        raise Problem(409, f"{str(e)[0].upper()}{str(e)[1:]}.") from None
     except IntegrityError:
         session.rollback()
         raise Problem(409, "Another version was activated at the same moment; retry.") from None
+    return json_response(models_listing())
+
+
+@admin_api.post("/models/<uuid:version_id>/retire")
+@admin_api.output(ModelsOut)
+@admin_api.doc(
+    summary="Retire a model version",
+    description="No new job may name it (422), and it can no longer be activated; jobs "
+    "already queued on it still run, and its files stay. Retiring a retired version changes "
+    "nothing.",
+    security="BearerAuth",
+    responses={
+        **ADMIN_ERRORS,
+        404: "There is no such version.",
+        409: "It is the active version or the canary.",
+    },
+)
+def retire_version_view(version_id: uuid.UUID) -> Any:
+    session = audited_session()
+    try:
+        version = find_version(session, version_id)
+        if retire_version(session, version):
+            record(
+                session,
+                bearer_caller().owner,
+                "model.retire",
+                f"model:{version.id}",
+                detail={"name": version.name},
+            )
+        session.commit()
+    except LookupError:
+        session.rollback()
+        raise Problem(404, f"There is no model version {version_id}.") from None
+    except ModelStateError as e:
+        session.rollback()
+        raise Problem(409, f"{str(e)[0].upper()}{str(e)[1:]}.") from None
+    return json_response(models_listing())
+
+
+class CanaryIn(Schema):
+    version = JsonText(
+        required=True,
+        validate=Length(min=1, max=MAX_MODEL_NAME, error="must be {min} to {max} characters"),
+        metadata={
+            "description": "The candidate: a denoiser version's name or id.",
+            "example": "v3",
+        },
+    )
+    percent = JsonInteger(
+        required=True,
+        validate=Range(min=0, max=100, error="must be from {min} to {max}"),
+        metadata={
+            "description": "Its share of the jobs that ask for default, 1-100; 0 ends the canary.",
+            "example": 10,
+        },
+    )
+
+
+def _canary_change(version: Any, percent: int) -> None:
+    detail = {"percent": percent, "name": version.name if version is not None else None}
+    target = f"model:{version.id}" if version is not None else "model:default"
+    record(get_session(), bearer_caller().owner, "model.canary", target, detail=detail)
+
+
+@admin_api.put("/models/default/canary")
+@admin_api.input(CanaryIn, location="json", arg_name="body")
+@admin_api.output(ModelsOut)
+@admin_api.doc(
+    summary="Start or change the canary",
+    description="Sends percent of the jobs that ask for default to the candidate version, the "
+    "rest to the active one. Each job's share is fixed by its id (a batch's by the batch's: "
+    "a batch never mixes versions), and the job records that the canary picked it "
+    "(params.model_pick). One canary at a time: this replaces any other. /metrics gives "
+    "latency and failures per version. percent 0 ends it.",
+    security="BearerAuth",
+    responses={
+        **ADMIN_ERRORS,
+        **BODY_ERRORS,
+        404: "There is no such version.",
+        409: "The version is retired, active already, or not a denoiser.",
+    },
+)
+def set_canary_view(body: dict[str, Any]) -> Any:
+    session = audited_session()
+    try:
+        version = set_canary(session, body["version"], body["percent"])
+        _canary_change(version, body["percent"])
+        session.commit()
+    except LookupError:
+        session.rollback()
+        raise Problem(404, f"There is no model version {body['version']!r}.") from None
+    except ModelStateError as e:
+        session.rollback()
+        raise Problem(409, f"{str(e)[0].upper()}{str(e)[1:]}.") from None
+    except IntegrityError:
+        session.rollback()
+        raise Problem(409, "Another canary was set at the same moment; retry.") from None
+    return json_response(models_listing())
+
+
+@admin_api.delete("/models/default/canary")
+@admin_api.output(ModelsOut)
+@admin_api.doc(
+    summary="End the canary",
+    description="All default traffic goes back to the active version. Ending when there is no "
+    "canary changes nothing.",
+    security="BearerAuth",
+    responses=ADMIN_ERRORS,
+)
+def end_canary_view() -> Any:
+    session = audited_session()
+    was = end_canary(session)
+    if was is not None:
+        _canary_change(was, 0)
+    session.commit()
     return json_response(models_listing())
 
 

@@ -14,7 +14,7 @@ from flask import Response, jsonify, request, url_for
 from marshmallow import RAISE
 from sqlalchemy.orm import Session
 
-from core.db.models import JobStatus
+from core.db.models import JobStatus, ModelKind
 from core.services.images import BadImage
 from core.services.jobs import (
     IdempotencyConflict,
@@ -27,7 +27,7 @@ from core.services.jobs import (
     get_job,
     list_jobs,
 )
-from core.services.model_versions import serving_model
+from core.services.model_versions import SHIPPED_MODEL_NAME, serving_model
 from core.services.uploads import create_upload
 from core.services.webhooks import validate_target
 from web.auth import bearer_caller
@@ -41,6 +41,7 @@ from web.resources import (
     load_job,
     model_version_resource,
     poll_after_seconds,
+    servable_model_resource,
     serving_resource,
     upload_resource,
     with_estimates,
@@ -291,10 +292,25 @@ def cancel_job_view(job_id: uuid.UUID) -> Any:
 
 
 def models_listing() -> dict[str, Any]:
+    """The serving default, the canary, every model a request may name and every version: two
+    queries (the versions, the servable ones among them found in Python)."""
     session = get_session()
+    versions = list_versions(session)
+    servable = [v for v in versions if v.kind is ModelKind.DENOISER and v.retired_at is None]
+    active = next((v for v in servable if v.is_active), None)
+    canary = next((v for v in servable if v.canary_percent > 0), None)
+    servable.sort(key=lambda v: not v.is_active)  # the active one first, then newest
     return {
         "serving": serving_resource(serving_model(session)),
-        "versions": [model_version_resource(v) for v in list_versions(session)],
+        "default": active.name if active is not None else SHIPPED_MODEL_NAME,
+        "canary": None
+        if canary is None
+        else {"version": canary.name, "id": str(canary.id), "percent": canary.canary_percent},
+        "models": [
+            *(servable_model_resource(v, active=v.is_active) for v in servable),
+            servable_model_resource(None, active=active is None),
+        ],
+        "versions": [model_version_resource(v) for v in versions],
     }
 
 
@@ -328,8 +344,10 @@ def me_view() -> Any:
 @api.get("/models")
 @api.output(ModelsOut)
 @api.doc(
-    summary="List model versions",
-    description="The model that new jobs use, and every trained version with its metrics.",
+    summary="List models",
+    description="What a job's model may name (models: every servable version and the shipped "
+    "model, with their defaults, sizes and evals), what default runs on now and its canary, "
+    "and every version of every kind with its metrics (retired ones too).",
     security="BearerAuth",
     responses=COMMON_ERRORS,
 )

@@ -375,6 +375,7 @@ def submit_batch_view(body: dict[str, Any], headers: dict[str, Any]) -> Any:
                 init_image=body.get("init_image"),
                 mask=body.get("mask"),
                 strength=body.get("strength"),
+                model=body.get("model"),
             ),
             seed=body.get("seed"),
             webhook=webhook,

@@ -27,8 +27,15 @@ from sqlalchemy.orm import Session
 from core.db.models import Image, Job, JobStatus, ModelKind, ModelVersion, TrainingRun, Upload
 from core.queue.eta import UNKNOWN, Estimate, SnapshotCache, estimate, view_of
 from core.runtime.settings import Settings
-from core.services.jobs import JobNotFound
-from core.services.model_versions import DEFAULT_MODEL_NAME, ServingModel
+from core.services.jobs import JobNotFound, size_bounds
+from core.services.model_versions import (
+    DEFAULT_MODEL_NAME,
+    SHIPPED_MODEL_NAME,
+    ServingModel,
+    serving_of,
+    shipped_checkpoint,
+    shipped_model,
+)
 from core.services.uploads import upload_key
 from core.storage import Storage
 from web.services import services
@@ -67,6 +74,7 @@ _JOBS = (
                 "webhook_url",
                 "webhook_events",
                 "model_version_id",
+                "model_pick",
                 "worker_host",
                 "init_upload_id",
                 "mask_upload_id",
@@ -257,6 +265,7 @@ def job_resource(view: JobView, storage: Storage) -> dict[str, Any]:
             "num_images": job.num_images,
             "size": job.width,
             "model": view.model_name,
+            "model_pick": job.model_pick,
             "init_image": _upload_ref(job.init_upload_id, storage),
             "mask": _upload_ref(job.mask_upload_id, storage),
             "strength": job.strength,
@@ -314,7 +323,35 @@ def model_version_resource(version: ModelVersion) -> dict[str, Any]:
         "metrics": version.metrics or {},
         "created_at": iso(version.created_at),
         "activated_at": iso(version.activated_at),
+        "retired_at": iso(version.retired_at),
+        "canary_percent": version.canary_percent or 0,
     }
+
+
+def servable_model_resource(version: ModelVersion | None, *, active: bool) -> dict[str, Any]:
+    """A model a request may name, with its defaults and sizes (None: the shipped model)."""
+    model = shipped_model() if version is None else serving_of(version)
+    lo, hi = size_bounds(model)
+    metrics = (version.metrics or {}) if version is not None else {}
+    checkpoint = metrics.get("checkpoint") if version is not None else shipped_checkpoint()
+    checkpoint = checkpoint if isinstance(checkpoint, dict) else {}
+    found = metrics.get("eval")
+    return {
+        "name": SHIPPED_MODEL_NAME if version is None else version.name,
+        "id": None if version is None else str(version.id),
+        "is_active": active,
+        "canary_percent": 0 if version is None else version.canary_percent or 0,
+        "defaults": model.as_dict()["defaults"],
+        "sizes": {"default": model.image_size, "min": lo, "max": hi, "multiple": lo},
+        "parameters": _count(checkpoint.get("parameters")),
+        "checkpoint_bytes": _count(checkpoint.get("bytes")),
+        "eval": found if isinstance(found, dict) else None,
+        "created_at": None if version is None else iso(version.created_at),
+    }
+
+
+def _count(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def samples_key(run_id: Any) -> str:

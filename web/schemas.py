@@ -37,6 +37,7 @@ from core.services.webhooks import MAX_URL_LENGTH, WEBHOOK_URL_PATTERN
 STATUSES = [s.value for s in JobStatus]
 # The longest init_image or mask a job's JSON may carry (a data: URL of up to 12 MB).
 EDIT_INPUT_CHARS = 16 * 1024 * 1024
+MAX_MODEL_NAME = 128  # ModelVersion.name
 
 
 class JsonNumber(Float):
@@ -231,6 +232,17 @@ class JobIn(Schema):
         validate=_range(1),
         metadata={"description": "Side in pixels, a multiple of the model's; null: the model's."},
     )
+    model = JsonText(
+        allow_none=True,
+        validate=Length(min=1, max=MAX_MODEL_NAME, error="must be {min} to {max} characters"),
+        metadata={
+            "description": "The model to run on: a version's name (GET /api/v1/models lists "
+            "them), default (the active version, or its canary for the canary's share of jobs) "
+            "or shipped (the model shipped with the code). null or absent: default. Parameters "
+            "left out take this model's defaults. An unknown or retired name is a 422.",
+            "example": "default",
+        },
+    )
     webhook = JsonText(
         allow_none=True,
         validate=Length(max=MAX_URL_LENGTH, error="must be at most {max} characters"),
@@ -326,7 +338,19 @@ class JobParams(Schema):
     seed = Integer(required=True, metadata={"description": "The seed actually used."})
     num_images = Integer(required=True)
     size = Integer(required=True)
-    model = String(required=True, metadata={"description": "Model version name, or default."})
+    model = String(
+        required=True,
+        metadata={"description": "The version it runs on; default: the shipped model."},
+    )
+    model_pick = String(
+        required=True,
+        allow_none=True,
+        validate=OneOf(["named", "default", "canary"]),
+        metadata={
+            "description": "How the version was picked: named by the request, the default, or "
+            "the canary's share of default traffic; null for jobs from before picks were kept."
+        },
+    )
     init_image = Nested(
         UploadRef,
         required=True,
@@ -458,6 +482,56 @@ class ServingOut(Schema):
     image_size = Integer(required=True)
 
 
+class ModelSizes(Schema):
+    default = Integer(required=True, metadata={"description": "Side in pixels when none is given."})
+    min = Integer(required=True)
+    max = Integer(required=True)
+    multiple = Integer(required=True, metadata={"description": "Every size is a multiple of it."})
+
+
+class ServableModelOut(Schema):
+    name = String(
+        required=True,
+        metadata={
+            "description": "What a request's model names (shipped: the "
+            "model shipped with the code)."
+        },
+    )
+    id = UUID(required=True, allow_none=True, metadata={"description": "null: the shipped model."})
+    is_active = Boolean(
+        required=True,
+        metadata={
+            "description": "Whether default runs on it (the shipped model "
+            "is active when no version is)."
+        },
+    )
+    canary_percent = Integer(
+        required=True, metadata={"description": "Its share of default traffic as the canary."}
+    )
+    defaults = Nested(ModelDefaults, required=True)
+    sizes = Nested(ModelSizes, required=True)
+    parameters = Integer(
+        required=True, allow_none=True, metadata={"description": "Weights, where known."}
+    )
+    checkpoint_bytes = Integer(
+        required=True,
+        allow_none=True,
+        metadata={"description": "Of model.safetensors, where known."},
+    )
+    eval = Dict(
+        required=True,
+        allow_none=True,
+        metadata={"description": "Its quick eval (fid, n, adherence …), where it has one."},
+    )
+    created_at = DateTime(required=True, allow_none=True)
+
+
+class CanaryOut(Schema):
+    version = String(required=True, metadata={"description": "The canary version's name."})
+    id = UUID(required=True)
+    percent = Integer(required=True, metadata={"description": "Its share of default traffic."})
+
+
 class ModelVersionOut(Schema):
     id = UUID(required=True)
     name = String(required=True)
@@ -466,11 +540,31 @@ class ModelVersionOut(Schema):
     metrics = Dict(required=True, metadata={"description": "Evaluation metrics of the version."})
     created_at = DateTime(required=True)
     activated_at = DateTime(required=True, allow_none=True)
+    retired_at = DateTime(required=True, allow_none=True)
+    canary_percent = Integer(required=True)
 
 
 class ModelsOut(Schema):
     serving = Nested(ServingOut, required=True)
-    versions = List(Nested(ModelVersionOut), required=True)
+    default = String(
+        required=True, metadata={"description": "The model that default names (the canary aside)."}
+    )
+    canary = Nested(
+        CanaryOut,
+        required=True,
+        allow_none=True,
+        metadata={"description": "The version taking a share of default traffic; null: none."},
+    )
+    models = List(
+        Nested(ServableModelOut),
+        required=True,
+        metadata={"description": "Every model a request may name, with its defaults and sizes."},
+    )
+    versions = List(
+        Nested(ModelVersionOut),
+        required=True,
+        metadata={"description": "Every version of every kind, retired ones included."},
+    )
 
 
 # --- training runs --------------------------------------------------------------------------

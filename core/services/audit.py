@@ -1,8 +1,10 @@
 """The audit trail: one row per admin action (who, what, to which thing, when).
 
 Callers record inside the transaction of the action itself, so an action and its audit row
-commit together or not at all. Actions: ``sign_in``, ``sign_out``, ``model.activate``,
-``run.create``, ``run.cancel``, ``token.create``, ``token.revoke``, ``token.weight``, ``prune``.
+commit together or not at all. Actions: ``sign_in``, ``sign_out``, ``model.activate`` (its
+detail says whether it was forced past the eval gate, with the figures), ``model.import``,
+``model.retire``, ``model.canary``, ``run.create``, ``run.cancel``, ``token.create``,
+``token.revoke``, ``token.weight``, ``prune``.
 """
 
 from __future__ import annotations
@@ -22,6 +24,9 @@ ACTIONS = (
     "sign_in",
     "sign_out",
     "model.activate",
+    "model.import",
+    "model.retire",
+    "model.canary",
     "run.create",
     "run.cancel",
     "token.create",

@@ -54,11 +54,11 @@ from core.services.jobs import (
     WebhookTarget,
     cancel_job,
     check_caps,
+    pick_model,
     resolve_edit_inputs,
     submit_job,
     validate_request,
 )
-from core.services.model_versions import serving_model
 from core.services.uploads import store_edits
 from core.storage import Storage
 
@@ -109,6 +109,8 @@ class SharedSettings:
     init_image: str | None = None
     mask: str | None = None
     strength: float | None = None
+    # One model for every job (a batch never mixes versions); None: default.
+    model: str | None = None
 
 
 def cap_error(field: str, count: int, cap: int, what: str = "makes {} jobs") -> JobRequestError:
@@ -198,6 +200,8 @@ def _request_record(
             "values": {name: list(options) for name, options in matrix.values.items()},
         }
     record.update(asdict(shared))
+    if record["model"] is None:
+        del record["model"]  # as batches were recorded before a request could name its model
     for name in ("init_image", "mask"):
         value = record[name]
         if isinstance(value, str) and value.startswith("data:"):
@@ -274,7 +278,10 @@ def submit_batch(
 
     base = secrets.randbelow(SEED_MODULUS) if seed is None else seed
     num_images = shared.num_images
-    model = serving_model(session)
+    batch_id = uuid.uuid4()
+    # One pick for the whole batch (the canary's share drawn from the batch's id): its jobs
+    # never mix versions.
+    pick = pick_model(session, JobRequest(prompt="", model=shared.model), batch_id)
     requests = []
     for i, (text, field) in enumerate(zip(texts, fields, strict=True)):
         request = JobRequest(
@@ -289,9 +296,10 @@ def submit_batch(
             init_image=shared.init_image,
             mask=shared.mask,
             strength=shared.strength,
+            model=shared.model,
         )
         try:
-            validate_request(request, settings, model)
+            validate_request(request, settings, pick.model)
         except JobRequestError as e:
             if e.field != "prompt":
                 raise  # a shared setting: the same for every item
@@ -305,7 +313,7 @@ def submit_batch(
         raise BatchOverActiveCap(e.cap, len(requests)) from None
 
     batch = Batch(
-        id=uuid.uuid4(),
+        id=batch_id,
         owner=owner,
         created_at=utcnow(),
         request={**record, "base_seed": base},
@@ -341,6 +349,7 @@ def submit_batch(
             webhook=job_webhook,
             batch_id=batch.id,
             edits=edits,
+            model=pick,
         )[0]
         for request in requests
     ]

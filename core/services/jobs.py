@@ -28,7 +28,7 @@ from core.db.models import Job, JobStatus, utcnow
 from core.db.transitions import transition_job
 from core.queue.fairness import queue_positions
 from core.runtime.settings import Settings
-from core.services.model_versions import ServingModel, serving_model
+from core.services.model_versions import ModelPick, ModelRequestError, ServingModel, resolve_model
 from core.services.uploads import EditInputs, EditRequestError, resolve_edits, store_edits
 from core.storage import Storage
 
@@ -116,11 +116,14 @@ class JobRequest:
     init_image: str | None = None
     mask: str | None = None
     strength: float | None = None
+    # A model version's name, "default" (the active one, or its canary) or "shipped"; None:
+    # default (core.services.model_versions.resolve_model).
+    model: str | None = None
 
     def fingerprint(self) -> str:
         """SHA-256 of the request as given, to recognise a replay under one idempotency key."""
         given = asdict(self)
-        for later in ("guidance_interval", "init_image", "mask", "strength"):
+        for later in ("guidance_interval", "init_image", "mask", "strength", "model"):
             if given[later] is None:
                 del given[later]  # as requests were hashed before these existed
         return hashlib.sha256(json.dumps(given, sort_keys=True).encode()).hexdigest()
@@ -203,7 +206,16 @@ def validate_request(request: JobRequest, settings: Settings, model: ServingMode
         init_image=request.init_image,
         mask=request.mask,
         strength=request.strength,
+        model=request.model,
     )
+
+
+def pick_model(session: Session, request: JobRequest, pick_key: uuid.UUID) -> ModelPick:
+    """The model ``request`` names (JobRequestError naming ``model`` when none serves)."""
+    try:
+        return resolve_model(session, request.model, pick_key)
+    except ModelRequestError as e:
+        raise JobRequestError("model", str(e)) from None
 
 
 def resolve_edit_inputs(
@@ -239,6 +251,7 @@ def submit_job(
     batch_id: uuid.UUID | None = None,
     storage: Storage | None = None,
     edits: EditInputs | None = None,
+    model: ModelPick | None = None,
 ) -> tuple[Job, bool]:
     """Add a queued job for ``request``; returns (job, created).
 
@@ -246,7 +259,9 @@ def submit_job(
     job (created=False) and a different one raises :class:`IdempotencyConflict`. ``webhook``
     and ``batch_id`` are stored with the job (database triggers turn its status changes into
     webhook deliveries). An edit's inline images are stored in ``storage`` once every check has
-    passed; ``edits``, when the caller resolved them already (a batch shares one set).
+    passed; ``edits``, when the caller resolved them already (a batch shares one set), and
+    ``model`` likewise (a batch runs on one version). The canary's share is drawn from the job's
+    id, so a job's pick is fixed once it has one.
     """
     fingerprint = request.fingerprint()
     if idempotency_key is not None:
@@ -261,8 +276,9 @@ def submit_job(
                     "this Idempotency-Key was already used with a different request"
                 )
             return existing, False
-    model = serving_model(session)
-    full = validate_request(request, settings, model)
+    job_id = uuid.uuid4()
+    pick = model if model is not None else pick_model(session, request, job_id)
+    full = validate_request(request, settings, pick.model)
     resolved = edits is None
     if edits is None:
         edits = resolve_edit_inputs(session, full, owner, settings)
@@ -271,7 +287,7 @@ def submit_job(
     if edits is not None and resolved:  # else the caller stored them (a batch shares one set)
         store_edits(session, storage, edits)
     job = Job(
-        id=uuid.uuid4(),
+        id=job_id,
         status=JobStatus.QUEUED,
         prompt=full.prompt,
         negative_prompt=full.negative_prompt,
@@ -282,7 +298,8 @@ def submit_job(
         width=full.size,
         height=full.size,
         num_images=full.num_images,
-        model_version_id=model.version_id,
+        model_version_id=pick.model.version_id,
+        model_pick=pick.how,
         progress_total=full.steps,
         owner=owner,
         idempotency_key=idempotency_key,
