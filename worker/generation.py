@@ -38,7 +38,7 @@ from sqlalchemy import delete, func, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
-from core.db.models import Image, Job, JobStatus
+from core.db.models import Image, Job, JobStatus, ModelVersion
 from core.db.session import read_only_engine, session_scope
 from core.db.transitions import (
     Lease,
@@ -55,6 +55,7 @@ from core.queue import eta
 from core.queue.dispatch import publish_job
 from core.queue.fairness import next_in_line
 from core.queue.notify import notify
+from core.services.model_versions import DEFAULT_MODEL_NAME
 from core.services.jobs import image_key, preview_key
 from core.services.uploads import upload_key
 from core.storage import ObjectNotFound, StorageError
@@ -244,19 +245,34 @@ def retry_or_fail(ctx: WorkerContext, jobs: list[BatchJob], error: Exception) ->
             log.warning("could not re-publish job %s; the relay will", job_id, exc_info=True)
 
 
-def encode_png(image: PILImage.Image, prompt: str, seed: int) -> bytes:
+def encode_png(image: PILImage.Image, prompt: str, seed: int, model: str) -> bytes:
     from PIL import PngImagePlugin
 
     info = PngImagePlugin.PngInfo()
     info.add_text("prompt", prompt)
+    info.add_text("model", model)  # the version's name, as the job's params.model shows it
     info.add_text("seed", str(seed))
     buf = io.BytesIO()
     image.save(buf, format="PNG", pnginfo=info)
     return buf.getvalue()
 
+_MODEL_NAMES: dict[uuid.UUID, str] = {}  # a version's name never changes
+
+
+def model_name(ctx: WorkerContext, version_id: uuid.UUID | None) -> str:
+    """The name a job's PNGs carry: its version's, or "default" for the shipped model."""
+    if version_id is None:
+        return DEFAULT_MODEL_NAME
+    if version_id not in _MODEL_NAMES:
+        with session_scope(ctx.engine) as s:
+            name = s.scalar(select(ModelVersion.name).where(ModelVersion.id == version_id))
+        _MODEL_NAMES[version_id] = name or str(version_id)
+    return _MODEL_NAMES[version_id]
+
+
 
 def store_results(
-    ctx: WorkerContext, job: BatchJob, images: list[PILImage.Image], steps: int
+    ctx: WorkerContext, job: BatchJob, images: list[PILImage.Image], steps: int, model: str
 ) -> None:
     """Write the PNGs under this attempt's keys, then the job's success and its image rows in one
     transaction fenced by the attempt. Raises :class:`LeaseLost` when the job is no longer ours:
@@ -267,7 +283,7 @@ def store_results(
             raise LeaseLost(job.lease)
     rows = []
     for index, (img, seed) in enumerate(zip(images, job.seeds, strict=True)):
-        data = encode_png(img, job.prompt, seed)
+        data = encode_png(img, job.prompt, seed, model)
         key = image_key(job.id, job.attempts, index)
         ctx.storage.put(key, data, "image/png")
         rows.append(
@@ -436,6 +452,7 @@ def run_batch(ctx: WorkerContext, batch: Batch) -> None:
     an error breaks, is split in halves that run one after the other, down to one job: only a
     job that fails alone is failed."""
     try:
+        name = model_name(ctx, batch.model_version_id)
         model = ctx.models.get(batch.model_version_id)
     except ModelUnavailable as e:
         fail_jobs(ctx, batch.jobs, str(e))
@@ -486,7 +503,7 @@ def run_batch(ctx: WorkerContext, batch: Batch) -> None:
             if job.id not in watcher.live:
                 continue
             try:
-                store_results(ctx, job, [images[r] for r in batch.rows[job.id]], batch.steps)
+                store_results(ctx, job, [images[r] for r in batch.rows[job.id]], batch.steps, name)
             except LeaseLost:
                 watcher.drop(job.id, "lost")
             except TRANSIENT as e:
