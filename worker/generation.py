@@ -55,8 +55,8 @@ from core.queue import eta
 from core.queue.dispatch import publish_job
 from core.queue.fairness import next_in_line
 from core.queue.notify import notify
-from core.services.model_versions import DEFAULT_MODEL_NAME
 from core.services.jobs import image_key, preview_key
+from core.services.model_versions import DEFAULT_MODEL_NAME
 from core.services.uploads import upload_key
 from core.storage import ObjectNotFound, StorageError
 from worker import faults
@@ -250,11 +250,12 @@ def encode_png(image: PILImage.Image, prompt: str, seed: int, model: str) -> byt
 
     info = PngImagePlugin.PngInfo()
     info.add_text("prompt", prompt)
-    info.add_text("model", model)  # the version's name, as the job's params.model shows it
     info.add_text("seed", str(seed))
+    info.add_text("model", model)  # the version's name, as the job's params.model shows it
     buf = io.BytesIO()
     image.save(buf, format="PNG", pnginfo=info)
     return buf.getvalue()
+
 
 _MODEL_NAMES: dict[uuid.UUID, str] = {}  # a version's name never changes
 
@@ -268,7 +269,6 @@ def model_name(ctx: WorkerContext, version_id: uuid.UUID | None) -> str:
             name = s.scalar(select(ModelVersion.name).where(ModelVersion.id == version_id))
         _MODEL_NAMES[version_id] = name or str(version_id)
     return _MODEL_NAMES[version_id]
-
 
 
 def store_results(
@@ -452,8 +452,8 @@ def run_batch(ctx: WorkerContext, batch: Batch) -> None:
     an error breaks, is split in halves that run one after the other, down to one job: only a
     job that fails alone is failed."""
     try:
-        name = model_name(ctx, batch.model_version_id)
         model = ctx.models.get(batch.model_version_id)
+        name = model_name(ctx, batch.model_version_id)
     except ModelUnavailable as e:
         fail_jobs(ctx, batch.jobs, str(e))
         return
