@@ -3,7 +3,8 @@
 The database is the source of truth, so the numbers are the same whichever gunicorn process
 answers the scrape. A scrape costs the same at a thousand jobs as at ten million: the counts by
 status come from ``status_counts``, which database triggers keep (:mod:`core.db.counts`), and the
-latency histogram reads the newest succeeded jobs through the (status, finished_at) index.
+latency histogram reads the newest succeeded jobs through the (status, finished_at) index (and
+the figures per model, for a canary against the active version, those and the newest failed).
 ``dq_dependency_up`` says whether the database, the broker and storage answer, from a probe at
 most 10 s old (:class:`web.dependencies.CachedProbe`). When the database is down the scrape still
 answers, with that gauge and without the figures read from the database.
@@ -13,17 +14,19 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
-from sqlalchemy import select
+from sqlalchemy import Row, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from core.db import counts
-from core.db.models import Job, JobStatus
+from core.db.models import Job, JobStatus, ModelVersion
 from core.queue.dispatch import QUEUE_GENERATE, QUEUE_TRAIN
+from core.services.model_versions import DEFAULT_MODEL_NAME
 from web.dependencies import CachedProbe
 from web.services import Services
 
@@ -59,12 +62,8 @@ class QueueCollector(Collector):
         with Session(self.svc.engine) as session:
             jobs = counts.read(session, "job")
             runs = counts.read(session, "run")
-            finished = session.execute(
-                select(Job.created_at, Job.finished_at)
-                .where(Job.status == JobStatus.SUCCEEDED, Job.finished_at.is_not(None))
-                .order_by(Job.finished_at.desc())
-                .limit(LATENCY_WINDOW)
-            ).all()
+            finished = _newest(session, JobStatus.SUCCEEDED)
+            failed = _newest(session, JobStatus.FAILED)
 
         job_gauge = GaugeMetricFamily("dq_jobs", "Generation jobs by status.", labels=["status"])
         for status, count in jobs.items():
@@ -75,21 +74,68 @@ class QueueCollector(Collector):
         for status, count in runs.items():
             run_gauge.add_metric([status], count)
 
-        latencies = sorted(
-            (done - created).total_seconds() for created, done in finished if done and created
-        )
-        buckets: list[tuple[str, float]] = []
-        for bound in LATENCY_BUCKETS:
-            buckets.append((str(float(bound)), sum(1 for s in latencies if s <= bound)))
-        buckets.append(("+Inf", len(latencies)))
+        buckets, total = _buckets(_latencies(finished))
         latency = HistogramMetricFamily(
             "dq_job_latency_seconds",
             f"Submission to finish of the last {LATENCY_WINDOW} succeeded jobs "
             "(recomputed from the database at each scrape).",
             buckets=buckets,
-            sum_value=sum(latencies),
+            sum_value=total,
         )
-        return [job_gauge, run_gauge, latency]
+        return [job_gauge, run_gauge, latency, *_per_model(finished, failed)]
+
+
+def _newest(session: Session, status: JobStatus) -> list[Row[Any]]:
+    """The last LATENCY_WINDOW jobs that ended in ``status``, with their model's name and pick:
+    a range of the (status, finished_at) index and a lookup of each one's version."""
+    return list(
+        session.execute(
+            select(Job.created_at, Job.finished_at, ModelVersion.name, Job.model_pick)
+            .outerjoin(ModelVersion, Job.model_version_id == ModelVersion.id)
+            .where(Job.status == status, Job.finished_at.is_not(None))
+            .order_by(Job.finished_at.desc())
+            .limit(LATENCY_WINDOW)
+        ).all()
+    )
+
+
+def _latencies(rows: list[Row[Any]]) -> list[float]:
+    return sorted((row[1] - row[0]).total_seconds() for row in rows if row[0] and row[1])
+
+
+def _buckets(latencies: list[float]) -> tuple[list[tuple[str, float]], float]:
+    buckets: list[tuple[str, float]] = []
+    for bound in LATENCY_BUCKETS:
+        buckets.append((str(float(bound)), sum(1 for s in latencies if s <= bound)))
+    buckets.append(("+Inf", len(latencies)))
+    return buckets, sum(latencies)
+
+
+def _per_model(finished: list[Row[Any]], failed: list[Row[Any]]) -> list[Metric]:
+    """Latency and outcomes per model and pick (named, default, canary; "" for jobs from before
+    picks were kept), over the same windows: what a canary is judged by."""
+    by_model: dict[tuple[str, str], dict[str, list[Row[Any]]]] = {}
+    for status, rows in (("succeeded", finished), ("failed", failed)):
+        for row in rows:
+            key = (row[2] or DEFAULT_MODEL_NAME, row[3] or "")
+            by_model.setdefault(key, {"succeeded": [], "failed": []})[status].append(row)
+    latency = HistogramMetricFamily(
+        "dq_model_job_latency_seconds",
+        f"Submission to finish of the last {LATENCY_WINDOW} succeeded jobs, per model and pick.",
+        labels=["model", "pick"],
+    )
+    outcomes = GaugeMetricFamily(
+        "dq_model_jobs_recent",
+        f"Of the last {LATENCY_WINDOW} succeeded and the last {LATENCY_WINDOW} failed jobs, "
+        "how many ran on each model, by pick and status.",
+        labels=["model", "pick", "status"],
+    )
+    for (model, pick), rows in sorted(by_model.items()):
+        buckets, total = _buckets(_latencies(rows["succeeded"]))
+        latency.add_metric([model, pick], buckets, total)
+        for status, found in rows.items():
+            outcomes.add_metric([model, pick, status], len(found))
+    return [latency, outcomes]
 
 
 class DependencyCollector(Collector):
