@@ -42,12 +42,21 @@ def build_context(settings: Settings, publisher: Publisher, **overrides: Any) ->
     engine = overrides.get("engine") or get_engine(settings)
     storage = overrides.get("storage") or make_storage(settings)
     host = worker_identity()
+    models = ModelCache(
+        engine,
+        storage,
+        settings.model_cache_dir,
+        device=settings.device,
+        precision=settings.precision,
+    )
     return WorkerContext(
         settings=settings,
         engine=engine,
         storage=storage,
-        models=ModelCache(engine, storage, settings.model_cache_dir, device=settings.device),
-        heartbeat=Heartbeat(engine, settings.job_lease_seconds),
+        models=models,
+        heartbeat=Heartbeat(
+            engine, settings.job_lease_seconds, precision=lambda: models.running_precision
+        ),
         watchdog=overrides.get("watchdog")
         or Watchdog(settings.worker_hang_grace_seconds, settings.worker_liveness_file),
         publisher=publisher,

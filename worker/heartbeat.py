@@ -14,6 +14,8 @@ The same thread tells the database every :data:`PRESENCE_EVERY_S` that this work
 which queues it has taken work from (``worker_presence``, read by ``core.queue.eta``: waits divide
 by the live generation workers). It starts with the first claim, so a worker counts from its first
 job on; an idle worker with an empty queue changes no estimate.
+The row also says what precision the worker's models run in (``precision``: fp32, bf16 or fp16,
+DQ_PRECISION resolved for its device; null until it has loaded a model).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import logging
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from datetime import timedelta
 
 from sqlalchemy.engine import Engine
@@ -39,8 +42,14 @@ PRESENCE_EVERY_S = 10.0
 
 
 class Heartbeat:
-    def __init__(self, engine: Engine, lease_seconds: float):
+    def __init__(
+        self,
+        engine: Engine,
+        lease_seconds: float,
+        precision: Callable[[], str | None] | None = None,
+    ):
         self.engine = engine
+        self.precision = precision  # what the loaded models run in, for worker_presence
         self.lease = timedelta(seconds=lease_seconds)
         self._held: dict[uuid.UUID, Lease] = {}
         self._lost: set[uuid.UUID] = set()
@@ -104,8 +113,9 @@ class Heartbeat:
         """Mark this worker present now, with the queues it has taken work from."""
         with self._lock:
             queues = ",".join(sorted(self._queues))
+        precision = self.precision() if self.precision is not None else None
         with session_scope(self.engine) as session:
-            mark_present(session, worker_identity(), queues)
+            mark_present(session, worker_identity(), queues, precision=precision)
 
     def _run(self) -> None:
         interval = self.lease.total_seconds() / 3

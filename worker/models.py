@@ -63,11 +63,14 @@ class ModelCache:
         cache_dir: str | Path,
         device: str | None = None,
         capacity: int = 2,
+        precision: str = "fp32",
     ):
         self.engine = engine
         self.storage = storage
         self.cache_dir = Path(cache_dir)
         self.device = device
+        self.precision = precision  # DQ_PRECISION, resolved for the device at each load
+        self.running_precision: str | None = None  # what the loaded models run in
         self.capacity = capacity
         self._models: OrderedDict[uuid.UUID | None, LatentDiffusion] = OrderedDict()
         self._lock = threading.Lock()
@@ -105,9 +108,10 @@ class ModelCache:
                 # Other storage errors propagate: they are transient, and the job is retried.
                 raise ModelUnavailable(f"{name} has no checkpoint in storage: {e}") from None
         try:
-            model = LatentDiffusion.load(directory, device=self.device)
+            model = LatentDiffusion.load(directory, device=self.device, precision=self.precision)
         except (CheckpointError, FileNotFoundError, KeyError, ValueError) as e:
             raise ModelUnavailable(f"{name} cannot be loaded: {e}") from None
         model.latent_rgb_map()  # fit the live-preview map now, not during the first job
-        log.info("loaded %s from %s on %s", name, directory, model.device)
+        self.running_precision = model.precision
+        log.info("loaded %s from %s on %s in %s", name, directory, model.device, model.precision)
         return model

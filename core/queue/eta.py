@@ -121,14 +121,18 @@ def record_throughput(
     )
 
 
-def mark_present(session: Session, host: str, queues: str) -> None:
-    """This worker is alive now (by the database's clock) and takes work from ``queues``."""
+def mark_present(session: Session, host: str, queues: str, *, precision: str | None = None) -> None:
+    """This worker is alive now (by the database's clock) and takes work from ``queues``; with
+    ``precision``, its models run in it (fp32, bf16 or fp16)."""
     t = WorkerPresence.__table__
-    insert = _upsert(session, t).values(host=host, queues=queues[:100], last_seen=db_now())
+    values: dict[str, Any] = {"host": host, "queues": queues[:100], "last_seen": db_now()}
+    if precision is not None:
+        values["precision"] = precision
+    insert = _upsert(session, t).values(**values)
     session.execute(
         insert.on_conflict_do_update(
             index_elements=[t.c.host],
-            set_={"queues": insert.excluded.queues, "last_seen": insert.excluded.last_seen},
+            set_={name: insert.excluded[name] for name in values if name != "host"},
         )
     )
 

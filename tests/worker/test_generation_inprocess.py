@@ -50,7 +50,11 @@ class FlakyStorage(LocalStorage):
 
 def context(engine: Engine, tmp_path: Path, failures: int = 0, **settings: Any) -> WorkerContext:
     s = Settings.from_env(
-        {"DQ_MODEL_CACHE_DIR": str(tmp_path / "models"), "DQ_DEVICE": "cpu"},
+        {
+            "DQ_MODEL_CACHE_DIR": str(tmp_path / "models"),
+            "DQ_DEVICE": "cpu",
+            "DQ_PRECISION": "fp32",
+        },
         storage_url=f"file://{tmp_path / 'objects'}",
         **settings,
     )
