@@ -25,6 +25,10 @@ from core.services.jobs import SAMPLER_NAMES
 
 class GenerateForm(FlaskForm):
     prompt = TextAreaField("Prompt", validators=[InputRequired("Type a prompt.")])
+    # The choices are the servable models, set per request (web.pages); core checks the name.
+    model = SelectField(
+        "Model", choices=[("default", "default")], default="default", validate_choice=False
+    )
     negative_prompt = TextAreaField("Negative prompt", validators=[Optional()])
     steps = IntegerField("Steps", validators=[InputRequired("Give a number of steps.")])
     guidance = FloatField("Guidance", validators=[InputRequired("Give a guidance scale.")])

@@ -44,7 +44,15 @@ from core.services.jobs import (
     get_job,
     list_jobs,
 )
-from core.services.model_versions import serving_model
+from core.services.model_versions import (
+    DEFAULT_MODEL_NAME,
+    SHIPPED_MODEL_NAME,
+    ServingModel,
+    servable_versions,
+    serving_model,
+    serving_of,
+    shipped_model,
+)
 from core.storage import InvalidKey, LocalStorage, content_disposition
 from web.auth import SIGN_IN_KEY, page_caller
 from web.batches import read_batch_detail, submit_batch_and_publish
@@ -138,6 +146,31 @@ def _prefill(form: GenerateForm) -> None:
         form.prompt.data, form.negative_prompt.data = job.prompt, job.negative_prompt
         form.steps.data, form.guidance.data = job.steps, job.guidance
         form.sampler.data, form.num_images.data = job.sampler, job.num_images
+        version = job.model_version
+        if version is None:
+            form.model.data = SHIPPED_MODEL_NAME
+        elif version.retired_at is None:
+            form.model.data = version.name
+
+
+def _model_choices(form: GenerateForm) -> dict[str, dict[str, Any]]:
+    """Fill the form's model choices (default, each servable version, the shipped model) and
+    return each one's defaults, which the page's script puts in the fields when it is chosen."""
+    versions = servable_versions(get_session())
+    active = next((v for v in versions if v.is_active), None)
+    models: dict[str, ServingModel] = {
+        DEFAULT_MODEL_NAME: serving_of(active) if active is not None else shipped_model(),
+        **{v.name: serving_of(v) for v in versions},
+        SHIPPED_MODEL_NAME: shipped_model(),
+    }
+    serving = active.name if active is not None else SHIPPED_MODEL_NAME
+    form.model.choices = [
+        (name, f"default ({serving})" if name == DEFAULT_MODEL_NAME else name) for name in models
+    ]
+    return {
+        name: {"steps": m.steps, "guidance": m.guidance, "sampler": m.sampler}
+        for name, m in models.items()
+    }
 
 
 @pages.route("/", methods=["GET", "POST"])
@@ -146,6 +179,7 @@ def index() -> Any:
     settings = services().settings
     if settings.form_requires_login and not page_caller().signed_in:
         return render_template("index.html", form=None, settings=settings)
+    model_defaults = _model_choices(form)
     if request.method == "GET":
         _prefill(form)
     elif (valid := form.validate_on_submit()) and form.one_per_line.data:
@@ -166,6 +200,7 @@ def index() -> Any:
             mask=mask,
             # The slider always sends a value: it matters only with an image.
             strength=form.strength.data if init_image is not None else None,
+            model=form.model.data or None,
         )
         try:
             job, _ = submit_and_publish(get_session(), request_, page_caller().owner)
@@ -176,7 +211,9 @@ def index() -> Any:
         else:
             return redirect(url_for("pages.job_page", job_id=job.id), code=303)
     status = 422 if request.method == "POST" else 200
-    return render_template("index.html", form=form, settings=settings), status
+    return render_template(
+        "index.html", form=form, settings=settings, model_defaults=model_defaults
+    ), status
 
 
 def _sent_image(file: Any) -> str | None:
@@ -207,6 +244,7 @@ def _submit_lines(form: GenerateForm) -> Batch | None:
                 init_image=(init := _sent_image(form.init_image.data)),
                 mask=_sent_image(form.mask.data),
                 strength=form.strength.data if init is not None else None,
+                model=form.model.data or None,
             ),
             seed=form.seed.data,
         )

@@ -16,6 +16,20 @@
       }
     });
   });
+  // Choosing a model puts its defaults (steps, guidance, sampler) in the fields.
+  var model = document.getElementById("model");
+  var defaults = document.getElementById("model-defaults");
+  if (model && defaults) {
+    var byName = JSON.parse(defaults.textContent);
+    model.addEventListener("change", function () {
+      var chosen = byName[model.value];
+      if (!chosen) { return; }
+      ["steps", "guidance", "sampler"].forEach(function (name) {
+        var input = document.getElementById(name);
+        if (input) { input.value = chosen[name]; }
+      });
+    });
+  }
   var strength = document.getElementById("strength");
   var shown = document.getElementById("strength-value");
   if (strength && shown) {
