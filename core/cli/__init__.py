@@ -3,6 +3,7 @@
 - ``generate``: ``dq generate``; ``train``: ``dq train autoencoder|denoiser|classifier``;
   ``eval``: ``dq eval``;
 - ``db``: ``dq db upgrade|current``; ``tokens``: ``dq token create|list|revoke|weight``;
+  ``models``: ``dq model import|list|activate|retire|canary``;
   ``config``: ``dq config``; ``prune``: ``dq prune``;
 - ``processes``: ``dq web``, ``dq worker``, ``dq worker-alive``, ``dq reaper`` and ``dq serve``,
   whose child processes ``supervisor`` starts and watches;
@@ -28,6 +29,7 @@ from core.cli.config import config_cmd
 from core.cli.db import db
 from core.cli.eval import eval_cmd
 from core.cli.generate import generate
+from core.cli.models import model
 from core.cli.processes import reaper_cmd, serve_cmd, web_cmd, worker_alive_cmd, worker_cmd
 from core.cli.prune import prune_cmd
 from core.cli.tokens import token
@@ -49,6 +51,7 @@ for command in (
     config_cmd,
     db,
     token,
+    model,
     web_cmd,
     serve_cmd,
     worker_cmd,

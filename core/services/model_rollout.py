@@ -35,7 +35,12 @@ from sqlalchemy.orm import Session
 
 from core.db.models import ModelKind, ModelVersion
 from core.runtime.settings import Settings
-from core.services.model_versions import ModelStateError, activate_version, find_version
+from core.services.model_versions import (
+    SHIPPED_MODEL_NAME,
+    ModelStateError,
+    activate_version,
+    find_version,
+)
 
 
 @dataclass(frozen=True)
@@ -107,7 +112,7 @@ def gate(candidate: ModelVersion, active: ModelVersion | None, bounds: GateBound
     """Compare ``candidate``'s eval with ``active``'s (None: the shipped model, which has
     none)."""
     mine, theirs = eval_of(candidate), eval_of(active)
-    active_name = active.name if active is not None else "default"
+    active_name = active.name if active is not None else SHIPPED_MODEL_NAME
     if candidate.kind is not ModelKind.DENOISER:
         return GateResult(True, False, ["not compared: only denoisers are evaluated"])
     if theirs is None:

@@ -228,6 +228,11 @@ def serving_of(version: ModelVersion) -> ServingModel:
     return _from_config(version.id, version.name, version.config)
 
 
+def config_model(config: dict[str, Any]) -> ServingModel:
+    """A checkpoint config's defaults as a request would get them (raises on a malformed one)."""
+    return _from_config(None, "", config)
+
+
 _SHIPPED_CHECKPOINT: dict[str, Any] = {}
 
 
