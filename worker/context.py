@@ -5,13 +5,14 @@ process that runs tasks."""
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy.engine import Engine
 
 from core.db.session import get_engine
 from core.queue.dispatch import Publisher
+from core.queue.fairness import Affinity
 from core.runtime.settings import Settings
 from core.storage import Storage, make_storage
 from worker.heartbeat import Heartbeat
@@ -30,6 +31,7 @@ class WorkerContext:
     watchdog: Watchdog
     publisher: Publisher
     host: str
+    affinity: Affinity = field(default_factory=lambda: Affinity(0.0))
 
 
 _context: WorkerContext | None = None
@@ -47,6 +49,7 @@ def build_context(settings: Settings, publisher: Publisher, **overrides: Any) ->
         storage,
         settings.model_cache_dir,
         device=settings.device,
+        memory_bytes=settings.worker_model_memory_mb * 2**20,
         precision=settings.precision,
     )
     return WorkerContext(
@@ -55,12 +58,16 @@ def build_context(settings: Settings, publisher: Publisher, **overrides: Any) ->
         storage=storage,
         models=models,
         heartbeat=Heartbeat(
-            engine, settings.job_lease_seconds, precision=lambda: models.running_precision
+            engine,
+            settings.job_lease_seconds,
+            models=models.held,
+            precision=lambda: models.running_precision,
         ),
         watchdog=overrides.get("watchdog")
         or Watchdog(settings.worker_hang_grace_seconds, settings.worker_liveness_file),
         publisher=publisher,
         host=host,
+        affinity=Affinity(settings.model_affinity_wait_seconds),
     )
 
 

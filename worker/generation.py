@@ -53,7 +53,7 @@ from core.db.transitions import (
 )
 from core.queue import eta
 from core.queue.dispatch import publish_job
-from core.queue.fairness import next_in_line
+from core.queue.fairness import AFFINITY_LOOKAHEAD, next_in_line
 from core.queue.notify import notify
 from core.services.jobs import image_key, preview_key
 from core.services.model_versions import DEFAULT_MODEL_NAME
@@ -153,7 +153,12 @@ def claim_batch(ctx: WorkerContext, job_id: uuid.UUID) -> Batch | None:
     own message and a claim takes at least one job, so there are never fewer messages than
     batches to run: every job runs, and the messages left over (for ``job_id`` when some batch
     already took it) find nothing queued and do nothing.
+
+    When the head needs a model version this worker does not hold, model affinity
+    (``core.queue.fairness.Affinity``) may take a job for one it holds from a little further
+    down the order instead, within a bounded wait for the head.
     """
+    warm = ctx.models.held()
     with session_scope(ctx.engine) as s:
         first_lease, first = None, None
         # Another worker may claim the same head at the same moment (PostgreSQL); the loser
@@ -162,6 +167,9 @@ def claim_batch(ctx: WorkerContext, job_id: uuid.UUID) -> Batch | None:
             heads = next_in_line(s, HEAD_CANDIDATES)
             if not heads:
                 return None
+            in_line = heads[0]
+            if warm and in_line.model_version_id not in warm and ctx.affinity.wait_seconds > 0:
+                heads = ctx.affinity.order(next_in_line(s, AFFINITY_LOOKAHEAD), warm)
             for head in heads:
                 first_lease = _claim(ctx, s, head.id)
                 if first_lease is not None:
@@ -172,6 +180,13 @@ def claim_batch(ctx: WorkerContext, job_id: uuid.UUID) -> Batch | None:
         if first_lease is None or first is None:
             log.info("every job in line was claimed by other workers (message of job %s)", job_id)
             return None
+        if first.id != in_line.id and first.model_version_id in warm:
+            log.info(
+                "model affinity: took job %s for model %s, which this worker holds, before %s",
+                first.id,
+                first.model_version_id or "default",
+                in_line.id,
+            )
         budget = ctx.settings.max_batch_size - first.num_images
         claimed = [first_lease]
         if budget > 0:

@@ -12,8 +12,9 @@ stops that work at once.
 
 The same thread tells the database every :data:`PRESENCE_EVERY_S` that this worker is alive and
 which queues it has taken work from (``worker_presence``, read by ``core.queue.eta``: waits divide
-by the live generation workers). It starts with the first claim, so a worker counts from its first
-job on; an idle worker with an empty queue changes no estimate.
+by the live generation workers), and which model versions its cache holds (``models``: ids as
+strings, null for the shipped default, most recently used last). It starts with the first claim,
+so a worker counts from its first job on; an idle worker with an empty queue changes no estimate.
 The row also says what precision the worker's models run in (``precision``: fp32, bf16 or fp16,
 DQ_PRECISION resolved for its device; null until it has loaded a model).
 """
@@ -46,10 +47,12 @@ class Heartbeat:
         self,
         engine: Engine,
         lease_seconds: float,
+        models: Callable[[], list[uuid.UUID | None]] | None = None,
         precision: Callable[[], str | None] | None = None,
     ):
         self.engine = engine
         self.precision = precision  # what the loaded models run in, for worker_presence
+        self.models = models  # what the model cache holds, for worker_presence
         self.lease = timedelta(seconds=lease_seconds)
         self._held: dict[uuid.UUID, Lease] = {}
         self._lost: set[uuid.UUID] = set()
@@ -113,9 +116,12 @@ class Heartbeat:
         """Mark this worker present now, with the queues it has taken work from."""
         with self._lock:
             queues = ",".join(sorted(self._queues))
+        held = None
+        if self.models is not None:
+            held = [None if v is None else str(v) for v in self.models()]
         precision = self.precision() if self.precision is not None else None
         with session_scope(self.engine) as session:
-            mark_present(session, worker_identity(), queues, precision=precision)
+            mark_present(session, worker_identity(), queues, models=held, precision=precision)
 
     def _run(self) -> None:
         interval = self.lease.total_seconds() / 3

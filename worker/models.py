@@ -1,9 +1,15 @@
-"""Model versions loaded once per worker process and kept, a few at a time.
+"""Model versions loaded once per worker process and kept, as many as fit in a memory budget.
 
 A job names the version it runs on (the one active when it was submitted; None is the default
 model shipped with the code). A version's files live in object storage under its
 ``checkpoint_key``; they are fetched once into DQ_MODEL_CACHE_DIR. When an admin activates another
 version, new jobs name it and the worker loads it beside the old one: no restart.
+
+The cache keeps versions in least-recently-used order within DQ_WORKER_MODEL_MEMORY_MB, each
+counted by the bytes of its parameters and buffers as loaded (so a half-precision model counts
+half); a version that alone exceeds the budget is still kept, alone. What it holds
+(:meth:`ModelCache.held`) is what a claim prefers (``core.queue.fairness``, model affinity) and
+what the worker's presence row says (``worker.heartbeat``).
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ import threading
 import uuid
 from collections import OrderedDict
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
@@ -53,8 +59,16 @@ def fetch_checkpoint(storage: Storage, prefix: str, dest: Path) -> Path:
     return dest
 
 
+def model_bytes(model: Any) -> int:
+    """The bytes of a module's parameters and buffers, in the dtypes and on the device they are
+    loaded in: what keeping it costs."""
+    tensors = [*model.parameters(), *model.buffers()]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
 class ModelCache:
-    """At most ``capacity`` pipelines in memory, least recently used out first."""
+    """Loaded pipelines, least recently used out first once their bytes pass ``memory_bytes``;
+    the one just loaded always stays."""
 
     def __init__(
         self,
@@ -62,7 +76,7 @@ class ModelCache:
         storage: Storage,
         cache_dir: str | Path,
         device: str | None = None,
-        capacity: int = 2,
+        memory_bytes: int = 2048 * 2**20,
         precision: str = "fp32",
     ):
         self.engine = engine
@@ -71,23 +85,45 @@ class ModelCache:
         self.device = device
         self.precision = precision  # DQ_PRECISION, resolved for the device at each load
         self.running_precision: str | None = None  # what the loaded models run in
-        self.capacity = capacity
-        self._models: OrderedDict[uuid.UUID | None, LatentDiffusion] = OrderedDict()
+        self.memory_bytes = memory_bytes
+        # Most recently used last, with each model's bytes.
+        self._models: OrderedDict[uuid.UUID | None, tuple[LatentDiffusion, int]] = OrderedDict()
         self._lock = threading.Lock()
+        self.loads = 0  # models loaded by this process (the benchmark counts them)
 
     def get(self, version_id: uuid.UUID | None) -> LatentDiffusion:
         with self._lock:
-            model = self._models.get(version_id)
-            if model is not None:
+            entry = self._models.get(version_id)
+            if entry is not None:
                 self._models.move_to_end(version_id)
-                return model
+                return entry[0]
         model = self._load(version_id)
+        size = model_bytes(model)
         with self._lock:
-            self._models[version_id] = model
-            while len(self._models) > self.capacity:
-                evicted, _ = self._models.popitem(last=False)
-                log.info("model %s evicted from the cache", evicted or "default")
+            self.loads += 1
+            self._models[version_id] = (model, size)
+            self._models.move_to_end(version_id)
+            total = sum(n for _, n in self._models.values())
+            while total > self.memory_bytes and len(self._models) > 1:
+                evicted, (_, freed) = self._models.popitem(last=False)
+                total -= freed
+                log.info(
+                    "model %s evicted from the cache (%.1f MB; %.1f MB of %.0f MB held)",
+                    evicted or "default",
+                    freed / 2**20,
+                    total / 2**20,
+                    self.memory_bytes / 2**20,
+                )
         return model
+
+    def held(self) -> list[uuid.UUID | None]:
+        """The versions loaded now (None: the shipped default), most recently used last."""
+        with self._lock:
+            return list(self._models)
+
+    def held_bytes(self) -> int:
+        with self._lock:
+            return sum(n for _, n in self._models.values())
 
     def _load(self, version_id: uuid.UUID | None) -> LatentDiffusion:
         from core.diffusion.checkpoint import CheckpointError

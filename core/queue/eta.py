@@ -121,11 +121,21 @@ def record_throughput(
     )
 
 
-def mark_present(session: Session, host: str, queues: str, *, precision: str | None = None) -> None:
+def mark_present(
+    session: Session,
+    host: str,
+    queues: str,
+    *,
+    models: list[str | None] | None = None,
+    precision: str | None = None,
+) -> None:
     """This worker is alive now (by the database's clock) and takes work from ``queues``; with
-    ``precision``, its models run in it (fp32, bf16 or fp16)."""
+    ``models``, it holds those model versions (ids as strings, None for the shipped default,
+    most recently used last); with ``precision``, its models run in it (fp32, bf16 or fp16)."""
     t = WorkerPresence.__table__
     values: dict[str, Any] = {"host": host, "queues": queues[:100], "last_seen": db_now()}
+    if models is not None:
+        values["models"] = models
     if precision is not None:
         values["precision"] = precision
     insert = _upsert(session, t).values(**values)

@@ -42,14 +42,49 @@ those of its tags that fall below k. The estimate is exact while each owner's qu
 contiguous; batch fills and requeues make gaps (docs/QUEUE.md measures the error). A position
 says which one it is (:class:`Place`).
 
+Model affinity (issue 27): a worker keeps a few model versions loaded (``worker.models``), and
+loading another costs seconds. When the head of the queue needs a version that the claiming
+worker does not hold (it is *cold* for that worker), the claim reads the next
+:data:`AFFINITY_LOOKAHEAD` jobs in fair order and takes, in fair order, the first it may run now
+(:class:`Affinity`):
+
+- a job for a version it holds (*warm*) **of the head's round**: a start tag below the head's
+  plus :data:`AFFINITY_ROUNDS` (1: each owner's next turn, w turns for weight w), or
+- a cold job that this worker has already passed over for at least
+  DQ_MODEL_AFFINITY_WAIT_SECONDS (W).
+
+With neither it takes the head, as without affinity: an idle worker does not wait for another
+to take a job. The cold jobs ahead of what it took are *passed over*; the worker remembers when
+it first passed each. A worker that holds nothing yet, and W = 0, keep the plain fair order.
+What bounds it:
+
+- **Fair share, in rounds**: while a cold job waits at the head, V (the head's tag) stands still,
+  so the warm jobs taken ahead of it all have tags below V + 1: each other owner gets at most
+  the turns of the current round ahead of it, never a turn of a round to come, and the owner of
+  the cold job keeps its turn in every later round. Affinity reorders a round; it moves no
+  owner's share. A weight-1 owner's own jobs keep their order (one of them is in a round).
+  When every job is warm, the claims are exactly those of the fair order
+  (``tests/core/test_fair_share.py``, ``tests/worker/test_model_affinity.py``).
+- **In time**: a cold job that a worker has passed over for W is that worker's first choice at
+  its next claim, ahead of any warm job, so a job for a model nobody holds waits at most W (plus
+  the batch that worker is running) longer than the fair order would make it wait before some
+  worker loads its model; sooner when the round runs out of warm jobs, or when a worker that
+  holds its model claims.
+
+It costs one more bounded index range scan (:data:`AFFINITY_LOOKAHEAD` entries of
+``ix_jobs_queued_fair``), and only when the head is cold for the claiming worker: still nothing
+in the queue's depth. The clocks are the worker process's own, like its cache; a restarted
+worker holds nothing and so starts from the plain fair order.
+
 No Flask, no Celery here.
 """
 
 from __future__ import annotations
 
 import math
+import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -103,6 +138,68 @@ def next_in_line(
     if max_images is not None:
         query = query.where(_jobs.c.num_images <= max_images)
     return list(session.execute(query.order_by(*ORDER).limit(limit)).all())
+
+
+# --- model affinity ---------------------------------------------------------------------------
+
+# The jobs next in line that a worker holding some model versions chooses from, and how far past
+# the head's start tag a warm job may be taken ahead of it (1: the head's round).
+AFFINITY_LOOKAHEAD = 32
+AFFINITY_ROUNDS = 1.0
+
+
+class Affinity:
+    """One worker process's model affinity: which of the jobs next in line it claims first,
+    and when it first passed over each cold job it has skipped (its own monotonic clock)."""
+
+    def __init__(self, wait_seconds: float, clock: Callable[[], float] = time.monotonic):
+        self.wait_seconds = wait_seconds
+        self.clock = clock
+        self._passed: dict[uuid.UUID, tuple[float, float]] = {}  # first passed over, last seen
+
+    def order(self, rows: Sequence[Any], warm: Collection[uuid.UUID | None]) -> list[Any]:
+        """``rows`` (the jobs next in line, in fair order, with ``id``, ``model_version_id`` and
+        ``fair_key``) in the order a worker holding the versions ``warm`` tries to claim them:
+        first, in fair order, those it may run now (warm and of the head's round, or cold and
+        passed over for ``wait_seconds``), then the others in fair order. The cold jobs ahead of
+        the first it may run are marked passed over."""
+        if not warm or self.wait_seconds <= 0 or not rows or rows[0].fair_key is None:
+            return list(rows)
+        now = self.clock()
+        self._forget(now)
+        round_ends = rows[0].fair_key + AFFINITY_ROUNDS
+        ready: list[Any] = []
+        rest: list[Any] = []
+        for row in rows:
+            (ready if self._may_run(row, warm, round_ends, now) else rest).append(row)
+        # The cold jobs ahead of the first it may run are passed over now; every clock of a job
+        # still in line is kept.
+        ahead = next((i for i, row in enumerate(rows) if ready and row is ready[0]), 0)
+        for i, row in enumerate(rows):
+            known = self._passed.get(row.id)
+            if i < ahead or known is not None:
+                self._passed[row.id] = (now if known is None else known[0], now)
+        return ready + rest
+
+    def passed_over_for(self, job_id: uuid.UUID) -> float | None:
+        """Seconds since this worker first passed over the job; None if it has not."""
+        passed = self._passed.get(job_id)
+        return None if passed is None else self.clock() - passed[0]
+
+    def _may_run(
+        self, row: Any, warm: Collection[uuid.UUID | None], round_ends: float, now: float
+    ) -> bool:
+        if row.model_version_id in warm:
+            return bool(row.fair_key < round_ends)
+        passed = self._passed.get(row.id)
+        return passed is not None and now - passed[0] >= self.wait_seconds
+
+    def _forget(self, now: float) -> None:
+        """Drop the clocks of jobs not seen in line for a while (claimed by others, canceled):
+        the map holds the jobs of the recent lookaheads, not the queue."""
+        horizon = now - (self.wait_seconds + 60.0)
+        for job_id in [j for j, (_, seen) in self._passed.items() if seen < horizon]:
+            del self._passed[job_id]
 
 
 # Idle owners' rows the reaper deletes in one pass, at most.
