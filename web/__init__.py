@@ -41,7 +41,13 @@ def create_app(
     """Build the app. ``settings`` default to the DQ_* environment; ``publisher`` to a Celery
     sender on the settings' broker; ``storage`` to the settings' store (tests pass fakes)."""
     from core.queue.eta import SnapshotCache
-    from core.services.model_versions import serving_model
+    from core.services.model_versions import (
+        SHIPPED_MODEL_NAME,
+        servable_versions,
+        serving_model,
+        serving_of,
+        shipped_model,
+    )
     from web import (  # noqa: F401 -- routes on api, admin_api
         admin,
         admin_api,
@@ -171,10 +177,14 @@ def create_app(
         if request.path != app.spec_path or response.status_code != 200:
             return response
         try:
-            model = serving_model(get_session())
+            session = get_session()
+            model = serving_model(session)
+            versions = servable_versions(session)
         except SQLAlchemyError:  # the database is down: the document without the model's sizes
             return response
-        document = with_serving_model(response.get_json(), model)
+        named = {SHIPPED_MODEL_NAME: shipped_model(), **{v.name: serving_of(v) for v in versions}}
+        canary = next((named[v.name] for v in versions if v.canary_percent > 0), None)
+        document = with_serving_model(response.get_json(), model, named, canary)
         response.set_data(json.dumps(document))
         return response
 

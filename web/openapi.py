@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any
 from urllib.parse import quote
@@ -21,7 +22,7 @@ from werkzeug.routing import Map, UUIDConverter
 from core.runtime.settings import Settings
 from core.services.batches import PLACEHOLDER_NAME
 from core.services.jobs import size_bounds
-from core.services.model_versions import ServingModel
+from core.services.model_versions import DEFAULT_MODEL_NAME, ServingModel
 from web.converters import IdConverter
 from web.schemas import run_kind_rules
 
@@ -210,19 +211,61 @@ def finish_spec(spec: dict[str, Any], settings: Settings, url_map: Map) -> dict[
     return spec
 
 
-def with_serving_model(document: dict[str, Any], model: ServingModel) -> dict[str, Any]:
-    """The sizes the serving model takes, written into the document as it is served (the model
-    can change while the app runs, so this is not part of the cached document)."""
-    size = document.get("components", {}).get("schemas", {}).get("JobIn", {})
-    size = size.get("properties", {}).get("size")
-    if isinstance(size, dict):
-        smallest, largest = size_bounds(model)
-        size.update(minimum=smallest, maximum=largest, multipleOf=smallest)
-        size["description"] = (
-            f"Side in pixels: a multiple of {smallest} from {smallest} to {largest} for the "
-            f"serving model ({model.name}); null: its own ({model.image_size})."
-        )
-        batch = document["components"]["schemas"].get("BatchIn", {}).get("properties", {})
-        if "size" in batch:  # a batch's jobs take the same sizes
-            batch["size"] = dict(size)
+def with_serving_model(
+    document: dict[str, Any],
+    model: ServingModel,
+    named: dict[str, ServingModel] | None = None,
+    canary: ServingModel | None = None,
+) -> dict[str, Any]:
+    """The models a request may name and the sizes each takes, written into the document as it
+    is served (they change while the app runs, so this is not part of the cached document).
+
+    ``model`` serves ``default``; ``named`` are the other names (``shipped`` and each servable
+    version); a request without a model, or with ``default``, must fit the serving model and
+    the canary both (it may run on either). Each name's sizes are a rule of JobIn and BatchIn
+    (if model is that name, then size is within its bounds)."""
+    schemas = document.get("components", {}).get("schemas", {})
+    job_in = schemas.get("JobIn", {})
+    size = job_in.get("properties", {}).get("size")
+    if not isinstance(size, dict):
+        return document
+    smallest, largest = size_bounds(model)
+    step = smallest
+    if canary is not None:  # a default request may run on the canary: sizes both take
+        lo, hi = size_bounds(canary)
+        step = math.lcm(smallest, lo)
+        smallest, largest = max(smallest, lo) + (-max(smallest, lo)) % step, min(largest, hi)
+    size["description"] = (
+        f"Side in pixels: a multiple of {step} from {smallest} to {largest} for the serving "
+        f"model ({model.name}); null: its own ({model.image_size}). A model named in the "
+        "request has its own sizes (GET /api/v1/models)."
+    )
+    if named is None:
+        size.update(minimum=smallest, maximum=largest, multipleOf=step)
+        rules = []
+    else:
+        default_bounds = {"minimum": smallest, "maximum": largest, "multipleOf": step}
+        rules = [_size_rule({"enum": [None, DEFAULT_MODEL_NAME]}, False, default_bounds)]
+        for name, other in named.items():
+            lo, hi = size_bounds(other)
+            bounds = {"minimum": lo, "maximum": hi, "multipleOf": lo}
+            rules.append(_size_rule({"const": name}, True, bounds))
+        model_field = job_in["properties"].get("model")
+        if isinstance(model_field, dict):
+            model_field["enum"] = [DEFAULT_MODEL_NAME, *named, None]
+    if rules:
+        job_in["allOf"] = rules
+    batch = schemas.get("BatchIn", {})
+    for field in ("size", "model"):  # a batch's jobs take the same models and sizes
+        if field in batch.get("properties", {}) and field in job_in["properties"]:
+            batch["properties"][field] = dict(job_in["properties"][field])
+    if rules and batch:
+        batch["allOf"] = [*(r for r in batch.get("allOf", []) if "if" not in r), *rules]
     return document
+
+
+def _size_rule(model: dict[str, Any], required: bool, bounds: dict[str, int]) -> dict[str, Any]:
+    condition: dict[str, Any] = {"properties": {"model": model}}
+    if required:
+        condition["required"] = ["model"]
+    return {"if": condition, "then": {"properties": {"size": bounds}}}

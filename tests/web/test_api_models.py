@@ -4,6 +4,7 @@ its share of default traffic (each job's pick recorded), /metrics splits by mode
 
 from __future__ import annotations
 
+import json
 import uuid
 from pathlib import Path
 from typing import Any
@@ -395,12 +396,25 @@ def test_metrics_give_latency_and_failures_per_model_and_pick(
     assert got[("dq_job_latency_seconds_count", ())] == 4  # all of them, as before
 
 
-def test_the_api_document_lists_the_new_routes_with_bounded_inputs(client: FlaskClient) -> None:
+def test_the_api_document_names_the_servable_models_and_each_ones_sizes(
+    client: FlaskClient, versions: dict[str, uuid.UUID]
+) -> None:
     document = client.get("/api/v1/openapi.json").get_json()
     paths = document["paths"]
-    canary = paths["/api/v1/admin/models/default/canary"]
-    assert {"put", "delete"} <= set(canary)
+    assert {"put", "delete"} <= set(paths["/api/v1/admin/models/default/canary"])
     assert "/api/v1/admin/models/{version_id}/retire" in paths
     schemas = document["components"]["schemas"]
     assert schemas["CanaryIn"]["properties"]["percent"]["maximum"] == 100
-    assert schemas["JobIn"]["properties"]["model"]["maxLength"] == 128
+    for name in ("JobIn", "BatchIn"):
+        body = schemas[name]
+        # Retired versions and autoencoders are not offered; null and default are.
+        assert body["properties"]["model"]["enum"] == ["default", "shipped", "v2", "v3", None]
+        rules = {
+            json.dumps(rule["if"]["properties"]["model"]): rule["then"]["properties"]["size"]
+            for rule in body["allOf"]
+            if "if" in rule
+        }
+        bounds = {"minimum": 8, "maximum": 128, "multipleOf": 8}  # the active v2: 64 px
+        assert rules[json.dumps({"enum": [None, "default"]})] == bounds
+        assert rules[json.dumps({"const": "v2"})] == bounds
+        assert rules[json.dumps({"const": "v3"})] == {**bounds, "maximum": 64}  # 32 px
