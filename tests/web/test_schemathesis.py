@@ -88,8 +88,10 @@ def test_every_endpoint_of_the_api_is_in_the_document() -> None:
         ("GET", "/api/v1/me"),
         ("GET", "/api/v1/models"),
         ("GET", "/api/v1/webhooks/secret"),
+        ("DELETE", "/api/v1/admin/models/default/canary"),
         ("POST", "/api/v1/admin/models/default/activate"),
         ("POST", "/api/v1/admin/models/{version_id}/activate"),
+        ("POST", "/api/v1/admin/models/{version_id}/retire"),
         ("POST", "/api/v1/admin/tokens/{token_id}/revoke"),
         ("POST", "/api/v1/admin/training-runs"),
         ("POST", "/api/v1/admin/training-runs/{run_id}/cancel"),
@@ -100,6 +102,7 @@ def test_every_endpoint_of_the_api_is_in_the_document() -> None:
         ("POST", "/api/v1/jobs/{job_id}/webhooks/{delivery_id}/replay"),
         ("POST", "/api/v1/uploads"),
         ("POST", "/api/v1/webhooks/secret/rotate"),
+        ("PUT", "/api/v1/admin/models/default/canary"),
         ("PUT", "/api/v1/admin/tokens/{token_id}/weight"),
     ]
 
