@@ -14,7 +14,8 @@ from werkzeug.wrappers import Response as BaseResponse
 
 from core.db.models import JobStatus, ModelKind
 from core.services.audit import ACTIONS, recent, record
-from core.services.model_versions import activate_version, deactivate_all, serving_model
+from core.services.model_rollout import GateBounds, activate_checked
+from core.services.model_versions import ModelStateError, deactivate_all, serving_model
 from core.services.training_runs import (
     RunFinished,
     RunNotFound,
@@ -197,20 +198,33 @@ def models() -> Any:
 
 @admin.post("/models/<uuid:version_id>/activate")
 def activate(version_id: uuid.UUID) -> BaseResponse:
+    """Activate behind the eval gate, as the admin API does; the page's "activate anyway"
+    button sends force."""
     session = audited_session()
+    force = request.form.get("force") == "1"
     try:
-        version = activate_version(session, version_id)
+        version, result = activate_checked(
+            session, version_id, GateBounds.of(services().settings), force=force
+        )
         record(
             session,
             page_caller().owner,
             "model.activate",
             f"model:{version.id}",
-            detail={"name": version.name, "kind": version.kind.value},
+            detail={
+                "name": version.name,
+                "kind": version.kind.value,
+                "forced": force and not result.passed,
+                "gate": result.as_dict(),
+            },
         )
         session.commit()
         flash(f"{version.name} now serves new jobs.")
     except LookupError:
         raise Problem(404, f"There is no model version {version_id}.") from None
+    except ModelStateError as e:
+        session.rollback()
+        flash(f"Not activated: {e}.")
     except IntegrityError:
         session.rollback()
         flash("Another version was activated at the same moment; try again.")

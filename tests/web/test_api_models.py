@@ -418,3 +418,21 @@ def test_the_api_document_names_the_servable_models_and_each_ones_sizes(
         assert rules[json.dumps({"enum": [None, "default"]})] == bounds
         assert rules[json.dumps({"const": "v2"})] == bounds
         assert rules[json.dumps({"const": "v3"})] == {**bounds, "maximum": 64}  # 32 px
+
+
+def test_the_admin_page_activates_behind_the_gate_and_activate_anyway_is_audited(
+    client: FlaskClient, admin_token: str, engine: Engine, versions: dict[str, uuid.UUID]
+) -> None:
+    from tests.web.test_admin_pages import log_in, post
+
+    log_in(client, admin_token)
+    html = client.get("/admin/models").get_data(as_text=True)
+    assert "eval: fid = 10, n = 256" in html and "retired" in html
+    assert post(client, f"/admin/models/{versions['v3']}/activate").status_code == 303
+    html = client.get("/admin/models").get_data(as_text=True)
+    assert "Not activated: model version &#39;v3&#39; regresses" in html
+    assert not is_active(engine, versions["v3"])
+    assert post(client, f"/admin/models/{versions['v3']}/activate", force="1").status_code == 303
+    assert is_active(engine, versions["v3"])
+    (event,) = audit(engine, "model.activate")
+    assert event.detail["forced"] is True
