@@ -1,10 +1,18 @@
-"""Captioned images from a directory, in the Hugging Face "imagefolder" layout.
+"""Captioned images from a directory, in one of two layouts.
 
-The directory holds image files and a ``metadata.jsonl`` whose every line is a JSON object
-``{"file_name": "relative/path.png", "text": "the caption"}``. The whole metadata file is checked
-when the dataset is built, so a broken folder fails before training starts rather than hours in;
-only image decoding waits until an item is read. :func:`export_image_folder` writes the same
-layout, e.g. to turn the synthetic shapes dataset into files.
+- **metadata.jsonl** (the Hugging Face "imagefolder" layout): image files and a
+  ``metadata.jsonl`` whose every line is a JSON object
+  ``{"file_name": "relative/path.png", "text": "the caption"}``.
+- **Sidecar captions** (as kohya's trainers read them), used when there is no
+  ``metadata.jsonl``: every image ``NAME.png`` (or ``.jpg``, ``.jpeg``, ``.webp``) directly in
+  the folder has its caption in ``NAME.txt`` beside it, UTF-8, surrounding whitespace dropped.
+
+The whole folder is checked when the dataset is built, so a broken folder fails before training
+starts rather than hours in: every caption, and every image's header (PNG, JPEG or WebP, one
+frame, at most :data:`MAX_SIDE` pixels a side, read before a pixel is decoded, so a
+decompression bomb is refused; the same rules as ``core.services.images``, which this package
+may not import). Only decoding waits until an item is read. :func:`export_image_folder` writes
+the metadata.jsonl layout, e.g. to turn the synthetic shapes dataset into files.
 """
 
 from __future__ import annotations
@@ -12,6 +20,7 @@ from __future__ import annotations
 import json
 import operator
 import posixpath
+import warnings
 from collections.abc import Iterable
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
@@ -22,6 +31,38 @@ from core.diffusion.data.captioned import CaptionedImage
 
 METADATA_FILE = "metadata.jsonl"
 """Name of the captions file inside an image folder."""
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+"""Image files of the sidecar layout."""
+FORMATS = ("PNG", "JPEG", "WEBP")
+MAX_SIDE = 4096
+MAX_PIXELS = 4096 * 4096
+MAX_IMAGE_BYTES = 64 * 1024 * 1024
+
+
+def _open_checked(path: Path) -> Image.Image:
+    """The image at ``path``, its header checked (format, size, frames); not yet decoded."""
+    if path.stat().st_size > MAX_IMAGE_BYTES:
+        raise ValueError(f"image {path} is over {MAX_IMAGE_BYTES // 2**20} MiB")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(path)  # reads the header only
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ValueError(f"image {path} claims more than {MAX_SIDE} pixels a side") from None
+    except (OSError, SyntaxError, ValueError):
+        raise ValueError(f"{path} is not an image Pillow can read (PNG, JPEG or WebP)") from None
+    width, height = image.size
+    problem = None
+    if image.format not in FORMATS:
+        problem = f"is {image.format}; use PNG, JPEG or WebP"
+    elif not (0 < width <= MAX_SIDE and 0 < height <= MAX_SIDE and width * height <= MAX_PIXELS):
+        problem = f"is {width}×{height} pixels; the limit is {MAX_SIDE} a side"
+    elif getattr(image, "n_frames", 1) > 1:
+        problem = "is animated; use single frames"
+    if problem:
+        image.close()
+        raise ValueError(f"image {path} {problem}")
+    return image
 
 
 def _checked_file_name(value: object, line_number: int, metadata: Path) -> str:
@@ -57,9 +98,37 @@ class ImageFolderDataset:
         if not self.root.is_dir():
             raise ValueError(f"image folder {self.root} is not a directory")
         metadata = self.root / METADATA_FILE
-        if not metadata.is_file():
-            raise ValueError(f"image folder {self.root} has no {METADATA_FILE}")
-        self.entries: list[tuple[Path, str]] = self._read_metadata(metadata)
+        if metadata.is_file():
+            self.entries: list[tuple[Path, str]] = self._read_metadata(metadata)
+        else:
+            self.entries = self._read_sidecars()
+        for path, _ in self.entries:
+            _open_checked(path).close()
+
+    def _read_sidecars(self) -> list[tuple[Path, str]]:
+        images = sorted(
+            p for p in self.root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+        )
+        if not images:
+            raise ValueError(
+                f"image folder {self.root} has neither a {METADATA_FILE} nor any image "
+                f"({', '.join(IMAGE_SUFFIXES)}) with a caption file beside it"
+            )
+        entries = []
+        for path in images:
+            sidecar = path.with_suffix(".txt")
+            if not sidecar.is_file():
+                raise ValueError(
+                    f"image {path.name} in {self.root} has no caption file {sidecar.name}"
+                )
+            try:
+                text = sidecar.read_text(encoding="utf-8").strip()
+            except UnicodeDecodeError as err:
+                raise ValueError(f"{sidecar} is not UTF-8 text ({err.reason})") from None
+            if not text:
+                raise ValueError(f"caption file {sidecar} is empty")
+            entries.append((path, text))
+        return entries
 
     def _read_metadata(self, metadata: Path) -> list[tuple[Path, str]]:
         try:
@@ -110,7 +179,7 @@ class ImageFolderDataset:
     def _load(self, path: Path) -> np.ndarray:
         size = self.image_size
         try:
-            with Image.open(path) as opened:
+            with _open_checked(path) as opened:
                 image = opened.convert("RGB")  # also forces the lazy decode inside the try
         # PIL reports broken files as OSError (UnidentifiedImageError is one), SyntaxError from
         # some parsers, or ValueError / DecompressionBombError for absurd headers.

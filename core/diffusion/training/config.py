@@ -92,12 +92,40 @@ class AutoencoderTrainConfig:
 
 
 @dataclass
+class FineTuneConfig:
+    """``[finetune]``: start from a trained model rather than from scratch (docs/MODEL.md,
+    *Fine-tuning*). The base's architecture, autoencoder and sampling defaults are kept; the
+    ``[text]``, ``[unet]`` and ``[schedule]`` tables are taken from it."""
+
+    # The base version's name ("default" for the shipped model), recorded in the new model's
+    # config; its checkpoint directory is handed to train_denoiser. Empty: train from scratch.
+    base: str = ""
+    # Train the UNet alone; the text encoder's weights stay the base's, bit for bit, except the
+    # embedding rows of words the base's vocabulary lacks (they must learn something).
+    freeze_text_encoder: bool = False
+    # New caption words (not in the base's vocabulary) get embedding rows appended to the
+    # base's; each starts at the mean embedding of the base words named here
+    # ({"pink": "red purple white"}), or of every base word when it is not named.
+    init_words: dict[str, str] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        if not self.base and (self.freeze_text_encoder or self.init_words):
+            raise ValueError("finetune.freeze_text_encoder and init_words need finetune.base")
+        for word, init in self.init_words.items():
+            if not isinstance(word, str) or not isinstance(init, str) or not init.split():
+                raise ValueError(
+                    'finetune.init_words maps a new word to base words, e.g. {pink = "red purple"}'
+                )
+
+
+@dataclass
 class DenoiserTrainConfig:
     train: LoopConfig = field(default_factory=LoopConfig)
     data: DataConfig = field(default_factory=DataConfig)
     text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
     unet: UNetConfig = field(default_factory=UNetConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    finetune: FineTuneConfig = field(default_factory=FineTuneConfig)
 
 
 def _build(cls: type, table: dict[str, Any], where: str) -> Any:
@@ -149,6 +177,8 @@ def load_config(
     config = cls(**parts)
     config.train.validate()
     config.data.validate()
+    if isinstance(config, DenoiserTrainConfig):
+        config.finetune.validate()
     return config
 
 
@@ -169,20 +199,33 @@ def fit_to_data(config: DenoiserTrainConfig) -> tuple[DenoiserTrainConfig, list[
     (untrained, they would only mislead the UNet), so that the shipped config, which turns them
     on, still trains on any folder. Returns the config and the options turned off, by name.
     """
-    if config.data.kind == "shapes":
+    tuned = config.finetune
+    # A fine-tune keeps its base's text encoder: a frozen one learns no grounding, and no
+    # fine-tune pretrains the text side again.
+    drop = {"text_pretrain_steps"} if tuned.base else set()
+    if tuned.freeze_text_encoder:
+        drop |= {"text_grounding"}
+    if config.data.kind != "shapes":
+        drop |= set(SHAPES_ONLY_TRAIN)
+    if not drop:
         return config, []
-    off = [f"train.{name}" for name in SHAPES_ONLY_TRAIN if getattr(config.train, name)]
-    train = dataclasses.replace(config.train, **{name: 0 for name in SHAPES_ONLY_TRAIN})
+    off = [
+        f"train.{name}"
+        for name in SHAPES_ONLY_TRAIN
+        if name in drop and getattr(config.train, name)
+    ]
+    train = dataclasses.replace(config.train, **{name: 0 for name in drop})
     text, unet = config.text, config.unet
+    if tuned.base:
+        # The architecture is the base's: its layout head stays and keeps what it learned.
+        return dataclasses.replace(config, train=train), off
     if text.layout:
         off.append("text.layout")
         text = dataclasses.replace(text, layout=False)
     if unet.layout_bias:
         off.append("unet.layout_bias")
         unet = dataclasses.replace(unet, layout_bias=False)
-    fitted = DenoiserTrainConfig(
-        train=train, data=config.data, text=text, unet=unet, schedule=config.schedule
-    )
+    fitted = dataclasses.replace(config, train=train, text=text, unet=unet)
     return fitted, off
 
 

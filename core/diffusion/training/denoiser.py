@@ -23,12 +23,23 @@ from core.diffusion.autoencoder import Autoencoder
 from core.diffusion.data.captioned import images_to_tensor
 from core.diffusion.data.imagefolder import ImageFolderDataset
 from core.diffusion.data.shapes import ShapesDataset, ShapesSample, vocabulary
-from core.diffusion.pipeline import LatentDiffusion, load_autoencoder, pick_device
+from core.diffusion.pipeline import (
+    LatentDiffusion,
+    SamplingDefaults,
+    load_autoencoder,
+    pick_device,
+)
 from core.diffusion.sample_grid import Cell, held_out_mark, save_grid
 from core.diffusion.schedule import NoiseSchedule
 from core.diffusion.text import LAYOUT_WIDTH, TextConditioning, TextEncoder, WordTokenizer
 from core.diffusion.training.config import DenoiserTrainConfig, config_to_dict, fit_to_data
 from core.diffusion.training.datasets import build_dataset, load_samples
+from core.diffusion.training.finetune import (
+    adopt_base_architecture,
+    finetune_record,
+    freeze_text_encoder,
+    load_base,
+)
 from core.diffusion.training.grounding import (
     grounding_losses,
     layout_loss,
@@ -153,6 +164,14 @@ def diffusion_loss(
     return per_sample.mean()
 
 
+def dataset_captions(cfg: DenoiserTrainConfig, dataset: object) -> list[str]:
+    """Every word the data's captions can hold, without loading an image: the shapes'
+    closed vocabulary, or an image folder's captions."""
+    if isinstance(dataset, ImageFolderDataset):
+        return dataset.captions
+    return vocabulary()
+
+
 def build_tokenizer(cfg: DenoiserTrainConfig) -> WordTokenizer:
     if cfg.data.kind == "shapes":
         return WordTokenizer(vocabulary(), max_length=cfg.text.max_length)
@@ -162,7 +181,7 @@ def build_tokenizer(cfg: DenoiserTrainConfig) -> WordTokenizer:
 
 def train_denoiser(
     cfg: DenoiserTrainConfig,
-    autoencoder_dir: str | Path,
+    autoencoder_dir: str | Path | None,
     out_dir: str | Path,
     resume: bool = True,
     on_metrics: MetricsCallback | None = None,
@@ -170,13 +189,23 @@ def train_denoiser(
     device: torch.device | None = None,
     on_checkpoint: Callable[[int], None] | None = None,
     pause_requested: Callable[[], bool] | None = None,
+    base_dir: str | Path | None = None,
 ) -> tuple[LoopResult, dict[str, Any]]:
+    """Trains from scratch on ``autoencoder_dir``'s latents or, with ``base_dir`` (and
+    ``cfg.finetune.base`` naming it), fine-tunes that model (:mod:`.finetune`)."""
     device = device or pick_device()
+    if (base_dir is None) != (not cfg.finetune.base):
+        raise ValueError("finetune.base names the base model and base_dir is its checkpoint")
+    if base_dir is not None and autoencoder_dir is not None:
+        raise ValueError("a fine-tune uses its base's autoencoder; pass no autoencoder_dir")
+    if base_dir is not None:
+        cfg = adopt_base_architecture(cfg, base_dir)
     cfg, turned_off = fit_to_data(cfg)
     if turned_off:
         log.warning(
-            "%s data has no object masks: training without %s",
+            "training on %s data%s without %s",
             cfg.data.kind,
+            f" from {cfg.finetune.base!r}" if cfg.finetune.base else "",
             ", ".join(turned_off),
         )
     if cfg.train.threads:
@@ -188,20 +217,36 @@ def train_denoiser(
         raise ValueError("unet.lexical_values and text.lexical must be set together")
     if cfg.unet.layout_bias != cfg.text.layout:
         raise ValueError("unet.layout_bias and text.layout must be set together")
-    if cfg.text.layout and not cfg.train.text_grounding > 0:
+    if cfg.text.layout and not cfg.train.text_grounding > 0 and base_dir is None:
         raise ValueError("text.layout needs train.text_grounding > 0 to train its layout head")
-    ae: Autoencoder = load_autoencoder(autoencoder_dir, device).requires_grad_(False)
+    ae_source = base_dir if base_dir is not None else autoencoder_dir
+    if ae_source is None:
+        raise ValueError("training from scratch needs an autoencoder checkpoint")
+    ae: Autoencoder = load_autoencoder(ae_source, device).requires_grad_(False)
     scale = ae.config.latent_scale_factor
     if cfg.unet.in_channels != ae.config.latent_channels:
         raise ValueError(
             f"unet.in_channels is {cfg.unet.in_channels} but the autoencoder makes "
             f"{ae.config.latent_channels}-channel latents"
         )
-    tokenizer = build_tokenizer(cfg)
     locate = cfg.train.text_grounding > 0
-    model = TextToLatent(TextEncoder(cfg.text, tokenizer), UNet(cfg.unet), locate).to(device)
-    schedule = NoiseSchedule(cfg.schedule)
     dataset = build_dataset(cfg.data)
+    defaults: SamplingDefaults | None = None
+    no_decay: list[nn.Parameter] = []
+    added: list[str] = []
+    if base_dir is None:
+        tokenizer = build_tokenizer(cfg)
+        model = TextToLatent(TextEncoder(cfg.text, tokenizer), UNet(cfg.unet), locate)
+    else:
+        base, added = load_base(base_dir, cfg, dataset_captions(cfg, dataset))
+        tokenizer, defaults = base.text_encoder.tokenizer, base.defaults
+        model = TextToLatent(base.text_encoder, base.unet, locate)
+        if cfg.finetune.freeze_text_encoder:
+            no_decay = freeze_text_encoder(model.text_encoder, len(tokenizer) - len(added))
+        if added:
+            log.info("new words for %r: %s", cfg.finetune.base, ", ".join(added))
+    model = model.to(device)
+    schedule = NoiseSchedule(cfg.schedule)
     out = Path(out_dir)
 
     attention = cfg.train.grounding_token > 0 or cfg.train.grounding_spatial > 0
@@ -253,7 +298,12 @@ def train_denoiser(
     def pipeline(ema: nn.Module) -> LatentDiffusion:
         assert isinstance(ema, TextToLatent)
         return LatentDiffusion(
-            ae, ema.text_encoder, ema.unet, schedule, image_size=cfg.data.image_size
+            ae,
+            ema.text_encoder,
+            ema.unet,
+            schedule,
+            image_size=cfg.data.image_size,
+            defaults=defaults,
         )
 
     def export(ema: nn.Module, step: int) -> None:
@@ -276,6 +326,7 @@ def train_denoiser(
         device,
         on_checkpoint=on_checkpoint,
         pause_requested=pause_requested,
+        no_decay=no_decay,
     )
     result = loop.run(resume=resume)
 
@@ -286,6 +337,7 @@ def train_denoiser(
         "steps": loop.step,
         "train_seconds": round(result.elapsed_s, 1),
         "turned_off_without_masks": turned_off,
+        **({"finetune": finetune_record(cfg, added)} if base_dir is not None else {}),
         "parameters": {
             "text_encoder": sum(p.numel() for p in model.text_encoder.parameters()),
             "unet": sum(p.numel() for p in model.unet.parameters()),

@@ -14,7 +14,7 @@ import copy
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -134,6 +134,7 @@ class TrainLoop:
         device: torch.device | None = None,
         on_checkpoint: Callable[[int], None] | None = None,
         pause_requested: Callable[[], bool] | None = None,
+        no_decay: Sequence[nn.Parameter] = (),
     ) -> None:
         self.model = model
         self.cfg = cfg
@@ -150,10 +151,16 @@ class TrainLoop:
         self.progress = progress
         self.device = device or torch.device("cpu")
         params = [p for p in model.parameters() if p.requires_grad]
-        # No weight decay on biases and norm gains (1-D tensors), as in nanoGPT.
+        # No weight decay on biases and norm gains (1-D tensors), as in nanoGPT, nor on what
+        # the caller names (a partly frozen embedding: decay would move its frozen rows).
+        exempt = {id(p) for p in no_decay}
+        decayed = [p for p in params if p.ndim >= 2 and id(p) not in exempt]
         groups = [
-            {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
-            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+            {"params": decayed, "weight_decay": cfg.weight_decay},
+            {
+                "params": [p for p in params if id(p) not in {id(q) for q in decayed}],
+                "weight_decay": 0.0,
+            },
         ]
         self.opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.99))
         self.ema = EMA(model, cfg.ema_decay)
