@@ -277,24 +277,68 @@ def train(ctx: WorkerContext, spec: RunSpec) -> None:
     else:
         from core.diffusion.training.denoiser import train_denoiser
 
-        cfg = load_config(DenoiserTrainConfig, CONFIG_DIR / "denoiser.toml", overrides)
-        ae_dir = DEFAULT_MODEL_DIR
-        if spec.autoencoder_version_id is not None:
-            with session_scope(ctx.engine) as s:
-                ae = s.get(ModelVersion, spec.autoencoder_version_id)
-                if ae is None:
-                    raise ValueError("the run's autoencoder version no longer exists")
-                prefix = ae.checkpoint_key
-            ae_dir = fetch_checkpoint(
-                ctx.storage, prefix, Path(ctx.settings.model_cache_dir) / str(ae.id)
-            )
-        result, summary = train_denoiser(cfg, ae_dir, out, **hooks)
+        finetune = spec.config.get("finetune")
+        if finetune:
+            cfg = load_config(DenoiserTrainConfig, CONFIG_DIR / "finetune.toml", overrides)
+            base_dir = fetch_base(ctx, spec.config.get("base_version_id"))
+            result, summary = train_denoiser(cfg, None, out, base_dir=base_dir, **hooks)
+        else:
+            cfg = load_config(DenoiserTrainConfig, CONFIG_DIR / "denoiser.toml", overrides)
+            result, summary = train_denoiser(cfg, autoencoder_dir(ctx, spec), out, **hooks)
+        summary = {**summary, **end_of_run_eval(ctx, spec, out, overrides["data"])}
     summary = {
         **summary,
         "final_loss": result.last_metrics.get("loss"),
         "resumed_from_step": resumed_at,
     }
     register(ctx, spec, out, summary)
+
+
+def autoencoder_dir(ctx: WorkerContext, spec: RunSpec) -> Path:
+    """The autoencoder a from-scratch denoiser run trains on: the run's version, or the
+    default model's."""
+    ae_dir = DEFAULT_MODEL_DIR
+    if spec.autoencoder_version_id is not None:
+        with session_scope(ctx.engine) as s:
+            ae = s.get(ModelVersion, spec.autoencoder_version_id)
+            if ae is None:
+                raise ValueError("the run's autoencoder version no longer exists")
+            prefix = ae.checkpoint_key
+        ae_dir = fetch_checkpoint(
+            ctx.storage, prefix, Path(ctx.settings.model_cache_dir) / str(ae.id)
+        )
+    return ae_dir
+
+
+def fetch_base(ctx: WorkerContext, version_id: str | None) -> Path:
+    """The checkpoint a fine-tune starts from: the shipped default (``None``) or a version's."""
+    if version_id is None:
+        return DEFAULT_MODEL_DIR
+    with session_scope(ctx.engine) as s:
+        base = s.get(ModelVersion, uuid.UUID(str(version_id)))
+        if base is None:
+            raise ValueError("the run's base version no longer exists")
+        prefix = base.checkpoint_key
+    return fetch_checkpoint(ctx.storage, prefix, Path(ctx.settings.model_cache_dir) / str(base.id))
+
+
+def end_of_run_eval(
+    ctx: WorkerContext, spec: RunSpec, out: Path, data: dict[str, Any]
+) -> dict[str, Any]:
+    """The quick eval of the new model (``core.diffusion.eval.quick``) as ``{"eval": ...}``
+    for the version's metrics, or ``{"eval_error": ...}`` when its data cannot give one (an
+    image folder of one image): the run still succeeds, and activation sees no eval."""
+    from core.diffusion.eval import quick
+
+    reference = spec.dataset.get("uri") or spec.dataset.get("path")
+    device = ctx.settings.device or None
+    try:
+        figures = quick.quick_eval(out, data, reference, n=quick.QUICK_N, device=device)
+    except ValueError as e:
+        log.warning("run %s: no quick eval: %s", spec.id, e)
+        return {"eval_error": str(e)}
+    log.info("run %s: quick eval %s", spec.id, figures)
+    return {"eval": figures}
 
 
 def register(ctx: WorkerContext, spec: RunSpec, out: Path, summary: dict[str, Any]) -> None:

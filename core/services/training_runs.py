@@ -30,6 +30,7 @@ from core.db.models import (
 from core.db.transitions import transition_run
 from core.runtime.settings import Settings
 from core.services.audit import record
+from core.services.model_versions import DEFAULT_MODEL_NAME, default_model_config
 from core.storage import InvalidKey, validate_key
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
@@ -93,6 +94,12 @@ class TrainingRequestError(ValueError):
 def base_config(kind: ModelKind) -> dict[str, Any]:
     """The committed default config of a kind, as nested dicts."""
     with open(CONFIG_DIR / f"{kind.value}.toml", "rb") as f:
+        return tomllib.load(f)
+
+
+def fine_tune_config() -> dict[str, Any]:
+    """The committed config of fine-tuning runs (``configs/finetune.toml``)."""
+    with open(CONFIG_DIR / "finetune.toml", "rb") as f:
         return tomllib.load(f)
 
 
@@ -187,6 +194,32 @@ def _option_value(value: Any) -> bool:
     return _scalar(value)
 
 
+WORD = re.compile(r"^\w{1,64}$")
+
+
+def _finetune_table(values: Any) -> dict[str, Any]:
+    """``config.finetune``: only ``init_words``, {new word: "base words"} (the rest of the
+    fine-tune is set by base_version and freeze_text_encoder)."""
+    if not isinstance(values, dict) or set(values) - {"init_words"}:
+        raise TrainingRequestError("config.finetune", 'may hold only "init_words"')
+    words = values.get("init_words", {})
+    if not isinstance(words, dict) or len(words) > 64:
+        raise TrainingRequestError(
+            "config.finetune.init_words", 'must map new words to base words, {"pink": "red"}'
+        )
+    for word, init in words.items():
+        if (
+            not WORD.fullmatch(word)
+            or not isinstance(init, str)
+            or not init.split()
+            or not all(WORD.fullmatch(w) for w in init.split())
+        ):
+            raise TrainingRequestError(
+                f"config.finetune.init_words.{word}", "must name base words, space separated"
+            )
+    return {"init_words": dict(words)}
+
+
 def validate_config(kind: ModelKind, config: Any) -> dict[str, Any]:
     """Overrides of the committed config: {"train": {...}, and the kind's model tables}."""
     if config is None:
@@ -196,6 +229,9 @@ def validate_config(kind: ModelKind, config: Any) -> dict[str, Any]:
     tables = MODEL_TABLES[kind]
     out: dict[str, Any] = {}
     for table, values in config.items():
+        if table == "finetune" and kind is ModelKind.DENOISER:
+            out[table] = _finetune_table(values)
+            continue
         if table != "train" and table not in tables:
             allowed = ", ".join(["train", *sorted(tables)])
             raise TrainingRequestError(
@@ -222,6 +258,47 @@ def validate_config(kind: ModelKind, config: Any) -> dict[str, Any]:
     return out
 
 
+def resolve_base(session: Session, base_version: Any) -> tuple[ModelVersion | None, dict[str, Any]]:
+    """The version a fine-tune starts from (None for ``default``, the shipped model) and its
+    model config. Unknown, retired or not a denoiser: a 422 naming ``base_version``."""
+    if not isinstance(base_version, str) or not base_version.strip():
+        raise TrainingRequestError("base_version", 'must be a version name or "default"')
+    if base_version == DEFAULT_MODEL_NAME:
+        return None, default_model_config()
+    version = session.scalar(select(ModelVersion).where(ModelVersion.name == base_version))
+    if version is None:
+        raise TrainingRequestError("base_version", f"there is no model version {base_version!r}")
+    if version.kind is not ModelKind.DENOISER:
+        raise TrainingRequestError(
+            "base_version",
+            f"{base_version!r} is an {version.kind.value}; a fine-tune starts "
+            "from a denoiser version",
+        )
+    if getattr(version, "retired_at", None) is not None:
+        raise TrainingRequestError("base_version", f"{base_version!r} is retired")
+    return version, dict(version.config or {})
+
+
+def _check_fine_tune(
+    overrides: dict[str, Any], data: dict[str, Any], base_config: dict[str, Any], base: str
+) -> None:
+    """What a fine-tune cannot change: the architecture is the base's, and so is its size."""
+    for table in MODEL_TABLES[ModelKind.DENOISER]:
+        if table in overrides:
+            raise TrainingRequestError(
+                f"config.{table}", f"a fine-tune keeps the architecture of {base!r}"
+            )
+    if overrides.get("train", {}).get("text_pretrain_steps"):
+        raise TrainingRequestError(
+            "config.train.text_pretrain_steps", "a fine-tune keeps its base's text encoder"
+        )
+    size = int(base_config.get("image_size", 64))
+    if data.get("image_size", size) != size:
+        raise TrainingRequestError(
+            "dataset.image_size", f"must be {size}, the image size of {base!r}"
+        )
+
+
 def submit_training_run(
     session: Session,
     settings: Settings,
@@ -232,9 +309,15 @@ def submit_training_run(
     created_by: str,
     autoencoder_version_id: uuid.UUID | None = None,
     activate: bool = False,
+    base_version: str | None = None,
+    freeze_text_encoder: bool = False,
 ) -> TrainingRun:
     """Add a queued training run, and its ``run.create`` audit row by ``created_by``; the
-    caller commits, then publishes it (:func:`core.queue.dispatch.publish_run`)."""
+    caller commits, then publishes it (:func:`core.queue.dispatch.publish_run`).
+
+    With ``base_version`` (a denoiser version's name, or ``default``) the run fine-tunes that
+    model from ``configs/finetune.toml`` instead of training from scratch; its config records
+    the base as ``finetune.base`` and the version's id as ``base_version_id``."""
     try:
         kind = ModelKind(kind)
     except ValueError:
@@ -243,6 +326,29 @@ def submit_training_run(
     overrides = validate_config(kind, config)
     if not isinstance(activate, bool):
         raise TrainingRequestError("activate", "must be true or false")
+    if not isinstance(freeze_text_encoder, bool):
+        raise TrainingRequestError("freeze_text_encoder", "must be true or false")
+    finetune = overrides.pop("finetune", {})
+    base_id: uuid.UUID | None = None
+    if base_version is None:
+        if freeze_text_encoder or finetune:
+            field = "freeze_text_encoder" if freeze_text_encoder else "config.finetune"
+            raise TrainingRequestError(field, "needs base_version: only a fine-tune has one")
+    else:
+        if kind is not ModelKind.DENOISER:
+            raise TrainingRequestError("base_version", "only a denoiser run starts from a base")
+        if autoencoder_version_id is not None:
+            raise TrainingRequestError(
+                "autoencoder_version_id", "a fine-tune uses its base's autoencoder"
+            )
+        base, base_model = resolve_base(session, base_version)
+        base_id = base.id if base is not None else None
+        _check_fine_tune(overrides, data, base_model, base_version)
+        finetune = {
+            **finetune,
+            "base": base_version,
+            "freeze_text_encoder": freeze_text_encoder,
+        }
     if autoencoder_version_id is not None:
         if kind is not ModelKind.DENOISER:
             raise TrainingRequestError("autoencoder_version_id", "only a denoiser run takes one")
@@ -255,12 +361,16 @@ def submit_training_run(
             raise TrainingRequestError(
                 "autoencoder_version_id", f"version {ae.name!r} is a {ae.kind.value}", 409
             )
-    steps = overrides.get("train", {}).get("steps", base_config(kind)["train"]["steps"])
+    committed = fine_tune_config() if finetune else base_config(kind)
+    steps = overrides.get("train", {}).get("steps", committed["train"]["steps"])
+    extra: dict[str, Any] = {}
+    if finetune:
+        extra = {"finetune": finetune, "base_version_id": str(base_id) if base_id else None}
     run = TrainingRun(
         id=uuid.uuid4(),
         status=JobStatus.QUEUED,
         kind=kind,
-        config={**overrides, "activate": activate},
+        config={**overrides, **extra, "activate": activate},
         dataset=data,
         autoencoder_version_id=autoencoder_version_id,
         created_by=created_by,
@@ -274,7 +384,12 @@ def submit_training_run(
         created_by,
         "run.create",
         f"run:{run.id}",
-        detail={"kind": kind.value, "dataset": data, "steps": run.total_steps},
+        detail={
+            "kind": kind.value,
+            "dataset": data,
+            "steps": run.total_steps,
+            **({"base_version": base_version} if finetune else {}),
+        },
     )
     return run
 
