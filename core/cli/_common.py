@@ -1,6 +1,7 @@
 """What several ``dq`` commands share: the usage error that ends in one line and exit status 2,
-the settings read from DQ_* variables, the one-line database error, and the model checkpoint and
-torch device a command's flags name. A leaf: it imports no other module of ``core.cli``.
+the settings read from DQ_* variables, the one-line database error, and the model checkpoint,
+torch device and precision a command's flags name. A leaf: it imports no other module of
+``core.cli``.
 """
 
 from __future__ import annotations
@@ -44,6 +45,24 @@ def torch_device(name: str | None) -> Any:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise fail("device cuda was asked for, but no CUDA device is available")
     return torch.device(name)
+
+
+def resolve_precision_option(precision: str, device: Any) -> str:
+    """``--precision`` resolved for ``device`` (fp32, bf16 or fp16); one line when it cannot
+    run there or is unknown."""
+    from core.diffusion.precision import PrecisionError, resolve_precision
+
+    try:
+        return resolve_precision(precision, device, "--precision")
+    except PrecisionError as e:
+        raise fail(str(e)) from None
+
+
+PRECISION_HELP = (
+    "Precision of the UNet and text encoder: auto, fp32, bf16 or fp16 (CUDA only). auto: bf16 "
+    "on a GPU that has it, else fp16; on a CPU, bf16 where it is native (AVX-512 BF16, AMX), "
+    "else fp32."
+)
 
 
 def load_settings() -> Any:

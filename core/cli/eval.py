@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from core.cli._common import fail, resolve_checkpoint, torch_device
+from core.cli._common import fail, resolve_checkpoint, resolve_precision_option, torch_device
 
 
 def _speed_setting(raw: str) -> tuple[str, int, float, float]:
@@ -82,6 +82,20 @@ def _speed_setting(raw: str) -> tuple[str, int, float, float]:
 @click.option("--batch-size", type=int, default=32, show_default=True, help="Images per batch.")
 @click.option("--device", default=None, help="cpu or cuda (default: cuda when present).")
 @click.option("--threads", type=int, default=None, help="torch CPU threads (default: torch's).")
+@click.option(
+    "--precision",
+    default="fp32",
+    show_default=True,
+    help="Precision of the UNet and text encoder in every row: auto, fp32, bf16 or fp16 (CUDA "
+    "only). The default is the reference; auto measures what a worker here would serve.",
+)
+@click.option(
+    "--precision-baseline",
+    default=None,
+    metavar="PRECISION",
+    help="Also run the default settings at this precision on the same prompts and seeds, and "
+    "compare (e.g. --precision bf16 --precision-baseline fp32).",
+)
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def eval_cmd(
     checkpoint: str | None,
@@ -101,6 +115,8 @@ def eval_cmd(
     batch_size: int,
     device: str | None,
     threads: int | None,
+    precision: str,
+    precision_baseline: str | None,
     quiet: bool,
 ) -> None:
     """Measure FID and prompt adherence of a model, with sampler and guidance sweeps and image
@@ -133,12 +149,19 @@ def eval_cmd(
         settings = dataclasses.replace(
             settings, speed_sweep=tuple(_speed_setting(s) for s in speed_settings)
         )
+    dev = torch_device(device)
+    settings = dataclasses.replace(
+        settings,
+        precision=resolve_precision_option(precision, dev),
+        precision_baseline=None
+        if precision_baseline is None
+        else resolve_precision_option(precision_baseline, dev),
+    )
     settings.validate()
     if threads is not None:
         if threads < 1:
             raise fail("--threads must be at least 1")
         torch.set_num_threads(threads)
-    dev = torch_device(device)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     result = evaluate(

@@ -8,7 +8,12 @@ from typing import Any
 
 import click
 
-from core.cli._common import fail, resolve_checkpoint
+from core.cli._common import (
+    PRECISION_HELP,
+    fail,
+    resolve_checkpoint,
+    resolve_precision_option,
+)
 
 
 @click.command()
@@ -66,6 +71,7 @@ from core.cli._common import fail, resolve_checkpoint
     help="With --init-image: white repaints, black keeps the init image's pixels (inpainting).",
 )
 @click.option("--device", default=None, help="cpu or cuda (default: cuda when present).")
+@click.option("--precision", default="auto", show_default=True, help=PRECISION_HELP)
 def generate(
     prompt: str,
     negative_prompt: str,
@@ -82,11 +88,18 @@ def generate(
     strength: float | None,
     mask: str | None,
     device: str | None,
+    precision: str,
 ) -> None:
     """Generate images for PROMPT and write them as PNG; with --init-image, edit that image."""
+    import torch
     from PIL import PngImagePlugin
 
-    from core.diffusion.pipeline import LatentDiffusion, PromptTruncatedWarning, random_seed
+    from core.diffusion.pipeline import (
+        LatentDiffusion,
+        PromptTruncatedWarning,
+        pick_device,
+        random_seed,
+    )
 
     out = Path(output)
     if out.suffix.lower() != ".png":
@@ -103,7 +116,9 @@ def generate(
             f"{init.size[0]}×{init.size[1]}"
         )
     try:
-        model = LatentDiffusion.load(resolve_checkpoint(checkpoint), device=device)
+        dev = torch.device(device) if device is not None else pick_device()
+        resolved = resolve_precision_option(precision, dev)
+        model = LatentDiffusion.load(resolve_checkpoint(checkpoint), device=dev, precision=resolved)
     except RuntimeError as e:  # e.g. an unknown or absent device
         raise fail(f"cannot use device {device!r}: {e}") from None
     first = random_seed() if seed is None else seed

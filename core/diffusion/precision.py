@@ -84,6 +84,8 @@ def resolve_precision(
     if dev.type == "cuda":
         if value != "auto":
             return value
+        if not torch.cuda.is_available():  # loading on the device will say so
+            return "fp32"
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     if value == "fp16":
         raise PrecisionError(

@@ -13,6 +13,10 @@ What is measured (every number depends only on the checkpoint, the classifier an
 - **Guidance sweep** (1, 2, 4, 7) at the default sampler and steps, on all N prompts unless
   ``guidance_n`` says fewer.
 - The autoencoder's reconstruction PSNR on held-out-pair images.
+- **Precision.** Every row runs the UNet and text encoder at ``precision`` (fp32 unless asked;
+  :mod:`core.diffusion.precision`). With ``precision_baseline``, the default settings run again
+  on the same N prompts and seeds with the model loaded at that precision, so one run compares
+  e.g. bf16 with fp32: FID, adherence per group and images/s side by side.
 - **Image editing** at the default settings, on ``edit_n`` real images each
   (:func:`.scenes.recolor_tasks`, :func:`.scenes.inpaint_tasks`). Image-to-image (SDEdit) at each
   of ``edit_strengths``: a one-object image prompted for the same object in another color; the
@@ -106,6 +110,10 @@ class EvalSettings:
     edit_strengths: tuple[float, ...] = (0.6, 0.8)
     grid_columns: int = 6
     psnr_images: int = 256
+    # The precision every row runs at (resolved: fp32, bf16 or fp16), and an optional second
+    # precision at which the defaults run again, for the precision comparison.
+    precision: str = "fp32"
+    precision_baseline: str | None = None
 
     def validate(self) -> None:
         if self.n < 4 or self.sweep_n < 2 or (self.guidance_n is not None and self.guidance_n < 2):
@@ -125,6 +133,9 @@ class EvalSettings:
             raise ValueError("batch_size must be at least 1")
         if self.seed < 0 or self.seed >= 2**40:
             raise ValueError("seed must be from 0 to 2^40")
+        for p in (self.precision, self.precision_baseline):
+            if p is not None and p not in ("fp32", "bf16", "fp16"):
+                raise ValueError(f"precision must be fp32, bf16 or fp16, not {p!r}")
 
 
 QUICK = EvalSettings(n=32, sweep_n=4, edit_n=4, grid_columns=3, psnr_images=32)
@@ -188,6 +199,8 @@ class EvalResult:
     classifier_info: dict[str, Any]
     grid_rows: list[tuple[str, str, int]]  # caption, pairs, images read as the prompt
     speed_rows: list[Row] = field(default_factory=list)
+    # (precision, row) of the default settings: the baseline first, then settings.precision.
+    precision_rows: list[tuple[str, Row]] = field(default_factory=list)
     edits: EditResults | None = None
     environment: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
@@ -211,6 +224,8 @@ class EvalResult:
             "sampler_sweep": [row(r) for r in self.sampler_rows],
             "guidance_sweep": [row(r) for r in self.guidance_rows],
             "speed_sweep": [row(r) for r in self.speed_rows],
+            "precision": self.settings.precision,
+            "precision_comparison": [{"precision": p, **row(r)} for p, r in self.precision_rows],
             "autoencoder_psnr_db": self.autoencoder_psnr_db,
             "autoencoder_psnr_images": self.autoencoder_psnr_images,
             "grid_rows": self.grid_rows,
@@ -225,6 +240,7 @@ class EvalResult:
             "guidance_sweep_seconds": [r.seconds for r in self.guidance_rows],
             "main_images_per_second": self.main.images_per_second,
             "speed_sweep_images_per_second": [r.images_per_second for r in self.speed_rows],
+            "precision_images_per_second": {p: r.images_per_second for p, r in self.precision_rows},
             "image_to_image_seconds": [r.seconds for r in self.edits.image_to_image]
             if self.edits
             else [],
@@ -381,7 +397,7 @@ def evaluate(
     """Runs the whole evaluation; with ``out_dir``, writes ``samples.png`` there."""
     settings.validate()
     t_start = time.perf_counter()
-    model = LatentDiffusion.load(checkpoint, device=device)
+    model = LatentDiffusion.load(checkpoint, device=device, precision=settings.precision)
     classifier = AttributeClassifier.load(classifier_dir, model.device)
     classifier_config = read_config(classifier_dir)
     held_out = held_out_pairs(read_config(checkpoint))
@@ -421,6 +437,20 @@ def evaluate(
             sampler_rows.append(judge.row(gens, sampling, sweep_n))
         order = {s: i for i, s in enumerate(settings.sampler_sweep)}
         sampler_rows.sort(key=lambda r: order[(r.sampling.sampler, r.sampling.steps)])
+
+    precision_rows: list[tuple[str, Row]] = []
+    if settings.precision_baseline is not None:
+        baseline = LatentDiffusion.load(
+            checkpoint, device=device, precision=settings.precision_baseline
+        )
+        base_gens = _Generations(
+            baseline, classifier, prompts, settings.seed, settings.batch_size, progress
+        )
+        precision_rows = [
+            (settings.precision_baseline, judge.row(base_gens, defaults, n)),
+            (settings.precision, main),
+        ]
+        del baseline, base_gens
 
     speed_rows: list[Row] = []
     if settings.speed:
@@ -477,6 +507,7 @@ def evaluate(
         sampler_rows=sampler_rows,
         guidance_rows=guidance_rows,
         speed_rows=speed_rows,
+        precision_rows=precision_rows,
         edits=edits,
         autoencoder_psnr_db=autoencoder_psnr(model, psnr_scenes),
         autoencoder_psnr_images=len(psnr_scenes),

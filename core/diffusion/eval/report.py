@@ -28,6 +28,10 @@ TARGET_EDIT_STRENGTH = 0.8
 TARGET_EDIT_NEW_COLOR = 0.90
 TARGET_EDIT_POSITION_KEPT = 0.90
 TARGET_INPAINT_NEW_OBJECT = 0.90
+# Half precision (issue 28): at the defaults, FID within +2% of the baseline's and adherence
+# within 1 point in every group.
+TARGET_PRECISION_FID_RATIO = 1.02
+TARGET_PRECISION_ADHERENCE_POINTS = 1.0
 ONE_SEEN, ONE_HELD_OUT, TWO_SEEN, TWO_HELD_OUT = GROUPS
 
 
@@ -269,7 +273,66 @@ def targets(result: EvalResult) -> list[tuple[str, str, bool | None]]:
             psnr >= TARGET_PSNR_DB,
         )
     )
-    return out + _edit_targets(result)
+    return out + _precision_targets(result) + _edit_targets(result)
+
+
+def _adherence_points(row: Row, base: Row) -> dict[str, float]:
+    """Per group, |adherence(row) − adherence(base)| in points."""
+    return {
+        g: abs((row.adherence[g].rate or 0) - (base.adherence[g].rate or 0)) * 100
+        for g in GROUPS
+        if g in row.adherence and g in base.adherence and row.adherence[g].total
+    }
+
+
+def _precision_targets(result: EvalResult) -> list[tuple[str, str, bool | None]]:
+    if not result.precision_rows:
+        return []
+    (base_name, base), (name, row) = result.precision_rows
+    ratio = row.fid / base.fid if base.fid > 0 else None
+    points = _adherence_points(row, base)
+    worst = max(points.values(), default=None)
+    return [
+        (
+            f"FID at {name} ≤ {TARGET_PRECISION_FID_RATIO} × FID at {base_name} (N = {row.n})",
+            "–" if ratio is None else f"{ratio:.3f} ×",
+            None if ratio is None else ratio <= TARGET_PRECISION_FID_RATIO,
+        ),
+        (
+            f"adherence at {name} within {TARGET_PRECISION_ADHERENCE_POINTS:g} point of "
+            f"{base_name}, every group",
+            "–" if worst is None else f"{worst:.1f} points (largest)",
+            None if worst is None else worst <= TARGET_PRECISION_ADHERENCE_POINTS,
+        ),
+    ]
+
+
+def _precision_section(result: EvalResult) -> list[str]:
+    """The default settings at two precisions on the same prompts and seeds, side by side."""
+    (_, base), _ = result.precision_rows
+    out = [
+        f"## Precision: default settings; N = {base.n} per row, the same prompts and seeds",
+        "",
+        "The UNet and text encoder run at the row's precision; the sampler, the guidance "
+        "combination and the autoencoder stay fp32. Images/s counts `generate` alone, batches of "
+        f"{result.settings.batch_size}, each row timed while it ran (not interleaved: "
+        "`bench/bench_precision.py` compares speed properly). Δ adherence is the largest change, "
+        "in points, over the four prompt groups.",
+        "",
+        "| precision | images/s | × first | FID | floor | FID / first | seen, 1 obj "
+        "| held-out, 1 obj | seen, 2 obj | held-out, 2 obj | Δ adherence |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, r in result.precision_rows:
+        cells = " | ".join(_pct(r.adherence.get(g)) for g in GROUPS)
+        speed = r.images_per_second / base.images_per_second if base.images_per_second else 0
+        worst = max(_adherence_points(r, base).values(), default=0.0)
+        out.append(
+            f"| {name} | {r.images_per_second:.2f} | {speed:.2f}× | {r.fid:.3f} | {r.floor:.3f} "
+            f"| {r.fid / base.fid:.3f} | {cells} | {worst:.1f} |"
+        )
+    out.append("")
+    return out
 
 
 def _fid_of(result: EvalResult, sampler: str, steps: int) -> float | None:
@@ -300,7 +363,8 @@ def markdown(result: EvalResult, command: str = "") -> str:
         lines += [f"Command: `{command}`", ""]
     lines += [
         f"Machine: {env.get('device', '?')}; torch {env.get('torch', '?')} with "
-        f"{env.get('threads', '?')} thread(s). Seed {s.seed}. "
+        f"{env.get('threads', '?')} thread(s); UNet and text encoder in {s.precision}. "
+        f"Seed {s.seed}. "
         f"Wall-clock {_minutes(result.seconds)} in all.",
         "",
     ]
@@ -390,6 +454,8 @@ def markdown(result: EvalResult, command: str = "") -> str:
 
     if result.speed_rows:
         lines += _speed_section(result)
+    if result.precision_rows:
+        lines += _precision_section(result)
     if result.edits is not None:
         lines += _edit_section(result, result.edits)
 
