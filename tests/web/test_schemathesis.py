@@ -75,6 +75,7 @@ OPERATIONS = [
 
 def test_every_endpoint_of_the_api_is_in_the_document() -> None:
     assert sorted(OPERATIONS) == [
+        ("DELETE", "/api/v1/admin/models/default/canary"),
         ("GET", "/api/v1/admin/audit"),
         ("GET", "/api/v1/admin/training-runs"),
         ("GET", "/api/v1/admin/training-runs/{run_id}"),
@@ -88,7 +89,6 @@ def test_every_endpoint_of_the_api_is_in_the_document() -> None:
         ("GET", "/api/v1/me"),
         ("GET", "/api/v1/models"),
         ("GET", "/api/v1/webhooks/secret"),
-        ("DELETE", "/api/v1/admin/models/default/canary"),
         ("POST", "/api/v1/admin/models/default/activate"),
         ("POST", "/api/v1/admin/models/{version_id}/activate"),
         ("POST", "/api/v1/admin/models/{version_id}/retire"),
