@@ -26,6 +26,7 @@ from sqlalchemy.orm import Session
 from core.db import counts
 from core.db.models import Job, JobStatus, ModelVersion
 from core.queue.dispatch import QUEUE_GENERATE, QUEUE_TRAIN
+from core.queue.eta import live_workers_by_precision
 from core.services.model_versions import DEFAULT_MODEL_NAME
 from web.dependencies import CachedProbe
 from web.services import Services
@@ -64,6 +65,7 @@ class QueueCollector(Collector):
             runs = counts.read(session, "run")
             finished = _newest(session, JobStatus.SUCCEEDED)
             failed = _newest(session, JobStatus.FAILED)
+            precisions = live_workers_by_precision(session)
 
         job_gauge = GaugeMetricFamily("dq_jobs", "Generation jobs by status.", labels=["status"])
         for status, count in jobs.items():
@@ -82,7 +84,15 @@ class QueueCollector(Collector):
             buckets=buckets,
             sum_value=total,
         )
-        return [job_gauge, run_gauge, latency, *_per_model(finished, failed)]
+        workers = GaugeMetricFamily(
+            "dq_workers_live",
+            "Generation workers seen in the last minute, by the precision their models run in "
+            "(DQ_PRECISION resolved for their device; unknown before a worker loads a model).",
+            labels=["precision"],
+        )
+        for precision in sorted({"fp32", "bf16", "fp16", *precisions}):
+            workers.add_metric([precision], precisions.get(precision, 0))
+        return [job_gauge, run_gauge, latency, workers, *_per_model(finished, failed)]
 
 
 def _newest(session: Session, status: JobStatus) -> list[Row[Any]]:

@@ -161,6 +161,25 @@ def live_workers(session: Session) -> int:
     return int(found or 0)
 
 
+def live_workers_by_precision(session: Session) -> dict[str, int]:
+    """Generation workers seen within :data:`LIVE_SECONDS`, counted by the precision their
+    models run in (fp32, bf16, fp16; "unknown" before a worker has loaded a model)."""
+    t = WorkerPresence.__table__
+    rows = session.execute(
+        select(t.c.precision, func.count())
+        .where(
+            t.c.last_seen >= db_now(-LIVE_SECONDS),
+            t.c.queues.contains(QUEUE_GENERATE, autoescape=True),
+        )
+        .group_by(t.c.precision)
+    ).all()
+    out: dict[str, int] = {}
+    for precision, n in rows:
+        key = precision or "unknown"
+        out[key] = out.get(key, 0) + int(n)
+    return out
+
+
 # --- rates ------------------------------------------------------------------------------------
 
 
