@@ -184,6 +184,11 @@ def worker_cmd(
             "--queues must name generate, train and/or webhooks, "
             f"not {', '.join(unknown) or queues!r}"
         )
+    if settings.precision == "fp16" and not _may_use_cuda(settings.device):
+        raise fail(
+            "DQ_PRECISION=fp16 needs a CUDA device and this worker runs on the CPU; use bf16, "
+            "fp32 or auto"
+        )
     for path in settings.local_paths():
         path.mkdir(parents=True, exist_ok=True)
     celery = shutil.which("celery", path=str(Path(sys.executable).parent)) or shutil.which("celery")
@@ -212,6 +217,13 @@ def worker_cmd(
         os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(threads)
     sys.stdout.flush()
     os.execv(celery, args)
+
+
+def _may_use_cuda(device: str | None) -> bool:
+    """DQ_DEVICE names CUDA, or is empty on a host with an NVIDIA GPU (told without torch)."""
+    from core.cli.supervisor import has_gpu
+
+    return device.startswith("cuda") if device is not None else has_gpu()
 
 
 @click.command("worker-alive")

@@ -82,6 +82,20 @@ def test_the_cli_refuses_a_bad_precision_in_one_line(
     assert not list(tmp_path.iterdir())  # nothing written
 
 
+def test_a_cpu_worker_asked_for_fp16_stops_at_start_in_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("DQ_PRECISION", "fp16")
+    monkeypatch.setenv("DQ_DEVICE", "cpu")
+    with pytest.raises(SystemExit) as e:
+        main(["worker"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert (
+        err.startswith("dq: error: DQ_PRECISION=fp16 needs a CUDA device") and err.count("\n") == 1
+    )
+
+
 def test_weights_are_cast_once_at_load_and_only_the_unet_boundary_is_half(
     tiny_checkpoint: Path,
 ) -> None:
