@@ -114,7 +114,9 @@ def _run_detail(run: Any) -> dict[str, Any]:
 @admin_api.doc(
     summary="Start a training run",
     description="Queues a run of the autoencoder or the denoiser on the shapes dataset, an "
-    "s3:// prefix or a folder under DQ_DATA_ROOT, with hyperparameter overrides.",
+    "s3:// prefix or a folder under DQ_DATA_ROOT, with hyperparameter overrides; a denoiser run "
+    "with base_version fine-tunes that version (or default). Every finished denoiser run ends "
+    "with a quick eval, stored on its version.",
     security="BearerAuth",
     responses={
         **ADMIN_ERRORS,
@@ -135,6 +137,8 @@ def submit_run_view(body: dict[str, Any]) -> Any:
             created_by=bearer_caller().owner,
             autoencoder_version_id=body.get("autoencoder_version_id"),
             activate=body["activate"],
+            base_version=body.get("base_version"),
+            freeze_text_encoder=body["freeze_text_encoder"],
         )
     except TrainingRequestError as e:
         if e.status != 422:

@@ -321,6 +321,8 @@ def model_version_resource(version: ModelVersion) -> dict[str, Any]:
         "kind": version.kind.value,
         "is_active": version.is_active,
         "metrics": version.metrics or {},
+        "eval": (version.metrics or {}).get("eval"),
+        "base_version": ((version.metrics or {}).get("finetune") or {}).get("base_version"),
         "created_at": iso(version.created_at),
         "activated_at": iso(version.activated_at),
         "retired_at": iso(version.retired_at),

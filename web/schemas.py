@@ -538,6 +538,21 @@ class ModelVersionOut(Schema):
     kind = String(required=True, validate=OneOf([k.value for k in ModelKind]))
     is_active = Boolean(required=True)
     metrics = Dict(required=True, metadata={"description": "Evaluation metrics of the version."})
+    eval = Dict(
+        required=True,
+        allow_none=True,
+        metadata={
+            "description": "The quick eval its training run ended with: fid and n (256), "
+            "adherence (shapes data; else null), reference (what it was measured against), "
+            "floor (real against real, shapes data). null: none (an imported version, an "
+            "autoencoder).",
+        },
+    )
+    base_version = String(
+        required=True,
+        allow_none=True,
+        metadata={"description": "The version it was fine-tuned from; null: trained from scratch."},
+    )
     created_at = DateTime(required=True)
     activated_at = DateTime(required=True, allow_none=True)
     retired_at = DateTime(required=True, allow_none=True)
@@ -720,6 +735,15 @@ class TrainingRunIn(Schema):
                     for tables in MODEL_TABLES.values()
                     for table, options in tables.items()
                 },
+                "finetune": {
+                    "type": "object",
+                    "description": "With base_version: init_words, each new caption word's "
+                    'starting embedding as the mean of base words ({"pink": "red purple"}).',
+                    "properties": {
+                        "init_words": {"type": "object", "additionalProperties": {"type": "string"}}
+                    },
+                    "additionalProperties": False,
+                },
             },
             "additionalProperties": False,
         },
@@ -729,6 +753,22 @@ class TrainingRunIn(Schema):
     )
     activate = JsonBoolean(
         load_default=False, metadata={"description": "Serve the resulting version at once."}
+    )
+    base_version = String(
+        allow_none=True,
+        metadata={
+            "description": "Denoiser runs: fine-tune this version (its name, or default for the "
+            "shipped model) instead of training from scratch, from configs/finetune.toml; the "
+            "architecture is the base's.",
+            "example": "default",
+        },
+    )
+    freeze_text_encoder = JsonBoolean(
+        load_default=False,
+        metadata={
+            "description": "With base_version: train the UNet alone (and the embeddings of "
+            "caption words the base does not know)."
+        },
     )
 
 

@@ -103,6 +103,8 @@ def start_training_run(
     created_by: str,
     autoencoder_version_id: uuid.UUID | None = None,
     activate: bool = False,
+    base_version: str | None = None,
+    freeze_text_encoder: bool = False,
 ) -> TrainingRun:
     """``core.services.training_runs.submit_training_run``, committed, then published.
 
@@ -119,6 +121,8 @@ def start_training_run(
             created_by=created_by,
             autoencoder_version_id=autoencoder_version_id,
             activate=activate,
+            base_version=base_version,
+            freeze_text_encoder=freeze_text_encoder,
         )
         session.commit()
     except Exception:
