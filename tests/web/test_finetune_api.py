@@ -99,3 +99,17 @@ def test_a_version_shows_its_quick_eval_and_base(
     assert versions["tuned"]["eval"] == figures
     assert versions["tuned"]["base_version"] == "default"
     assert versions["imported"]["eval"] is None and versions["imported"]["base_version"] is None
+
+
+def test_the_models_page_shows_the_quick_eval_and_the_base(
+    client: FlaskClient, admin_token: str, engine: Engine
+) -> None:
+    from tests.web.test_admin_pages import log_in
+
+    reference = "shapes eval stream, seed 0"
+    figures = {"fid": 83.14, "n": 256, "adherence": 0.984, "reference": reference, "floor": 81.7}
+    add_version(engine, "tuned", metrics={"eval": figures, "finetune": {"base_version": "default"}})
+    log_in(client, admin_token)
+    page = client.get("/admin/models").get_data(as_text=True)
+    assert "FID 83.14 (floor 81.70) at N = 256, adherence 98.4%" in page
+    assert "against shapes eval stream, seed 0" in page and "fine-tuned from default" in page
