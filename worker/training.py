@@ -333,7 +333,8 @@ def end_of_run_eval(
     reference = spec.dataset.get("uri") or spec.dataset.get("path")
     device = ctx.settings.device or None
     try:
-        figures = quick.quick_eval(out, data, reference, n=quick.QUICK_N, device=device)
+        n = ctx.settings.train_eval_images
+        figures = quick.quick_eval(out, data, reference, n=n, device=device)
     except ValueError as e:
         log.warning("run %s: no quick eval: %s", spec.id, e)
         return {"eval_error": str(e)}

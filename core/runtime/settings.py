@@ -196,6 +196,11 @@ class Settings:
         "A training run still running this long after its claim checkpoints and goes back to "
         "the queue, to resume from that checkpoint.",
     )
+    train_eval_images: int = _setting(
+        256,
+        "Images of the quick eval that ends every finished denoiser training run (FID at this "
+        "N, stored on the new version); evals compare only at equal N.",
+    )
     worker_hang_grace_seconds: float = _setting(
         30.0,
         "Seconds past a time limit that a task may take to stop on its own. After that the "
@@ -423,6 +428,8 @@ class Settings:
         ):
             if getattr(self, name) < 1:
                 raise SettingsError(f"{env_var(name)} must be a positive integer")
+        if self.train_eval_images < 2:
+            raise SettingsError("DQ_TRAIN_EVAL_IMAGES must be at least 2 (FID fits a covariance)")
         if not 0 <= self.trusted_proxy_hops <= 5:
             raise SettingsError("DQ_TRUSTED_PROXY_HOPS must be from 0 to 5")
         if self.db_statement_timeout_seconds < 0:

@@ -287,6 +287,7 @@ def open_stack(request: pytest.FixtureRequest, tmp: Path, topology: str) -> Iter
         "DQ_DATA_ROOT": str(tmp / "datasets"),
         "DQ_SECRET_KEY": "9c1e5a7f3b2d8e4a6c0f1b9d7e3a5c2f",
         "DQ_DEVICE": "cpu",
+        "DQ_TRAIN_EVAL_IMAGES": "8",  # the quick eval that ends a denoiser run, kept cheap
         # The tests compare stored images bit for bit with fp32 in-process generation.
         "DQ_PRECISION": "fp32",
         "OMP_NUM_THREADS": "1",
