@@ -27,7 +27,7 @@ class GenerateForm(FlaskForm):
     prompt = TextAreaField("Prompt", validators=[InputRequired("Type a prompt.")])
     # The choices are the servable models, set per request (web.pages); core checks the name.
     model = SelectField(
-        "Model", choices=[("default", "default")], default="default", validate_choice=False
+        "Model", choices={"default": "default"}, default="default", validate_choice=False
     )
     negative_prompt = TextAreaField("Negative prompt", validators=[Optional()])
     steps = IntegerField("Steps", validators=[InputRequired("Give a number of steps.")])

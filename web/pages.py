@@ -164,9 +164,9 @@ def _model_choices(form: GenerateForm) -> dict[str, dict[str, Any]]:
         SHIPPED_MODEL_NAME: shipped_model(),
     }
     serving = active.name if active is not None else SHIPPED_MODEL_NAME
-    form.model.choices = [
-        (name, f"default ({serving})" if name == DEFAULT_MODEL_NAME else name) for name in models
-    ]
+    form.model.choices = {
+        name: f"default ({serving})" if name == DEFAULT_MODEL_NAME else name for name in models
+    }
     return {
         name: {"steps": m.steps, "guidance": m.guidance, "sampler": m.sampler}
         for name, m in models.items()

@@ -5,6 +5,7 @@ its share of default traffic (each job's pick recorded), /metrics splits by mode
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from pathlib import Path
 from typing import Any
@@ -436,3 +437,36 @@ def test_the_admin_page_activates_behind_the_gate_and_activate_anyway_is_audited
     assert is_active(engine, versions["v3"])
     (event,) = audit(engine, "model.activate")
     assert event.detail["forced"] is True
+
+
+def test_the_form_offers_the_models_with_their_defaults_and_submits_the_chosen_one(
+    client: FlaskClient, engine: Engine, versions: dict[str, uuid.UUID]
+) -> None:
+    from tests.web.test_pages import field_errors, submit
+
+    html = client.get("/").get_data(as_text=True)
+    options = re.findall(r'<option[^>]*value="([^"]+)"[^>]*>([^<]*)</option>', html)
+    assert [v for v, _ in options if v in ("default", "v2", "v3", "shipped", "old")] == [
+        "default",
+        "v2",
+        "v3",
+        "shipped",
+    ]
+    assert ("default", "default (v2)") in options
+    found = re.search(r'<script type="application/json" id="model-defaults">(.*?)</script>', html)
+    assert found is not None
+    defaults = json.loads(found.group(1))
+    assert defaults["v3"] == {"steps": 12, "guidance": 5.5, "sampler": "dpmpp-2m"}
+    assert defaults["default"]["steps"] == 31
+
+    r = submit(client, model="v3", steps="12")
+    assert r.status_code == 303, r.get_data(as_text=True)
+    with session_scope(engine) as session:
+        (job,) = session.scalars(select(Job))
+        assert (job.model_version_id, job.model_pick) == (versions["v3"], "named")
+    r = submit(client, model="old")
+    assert r.status_code == 422
+    assert field_errors(r.get_data(as_text=True), "model") == [
+        "model &#39;old&#39; is retired; GET /api/v1/models lists them"
+    ]
+    assert counts(engine) == (1, 0)
