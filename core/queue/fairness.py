@@ -48,8 +48,8 @@ worker does not hold (it is *cold* for that worker), the claim reads the next
 :data:`AFFINITY_LOOKAHEAD` jobs in fair order and takes, in fair order, the first it may run now
 (:class:`Affinity`):
 
-- a job for a version it holds (*warm*) **of the head's round**: a start tag below the head's
-  plus :data:`AFFINITY_ROUNDS` (1: each owner's next turn, w turns for weight w), or
+- a job for a version it holds (*warm*) **within the head's next rounds**: a start tag below the
+  head's plus :data:`AFFINITY_ROUNDS` (4: each owner's next 4 turns, 4w for weight w), or
 - a cold job that this worker has already passed over for at least
   DQ_MODEL_AFFINITY_WAIT_SECONDS (W).
 
@@ -59,16 +59,19 @@ it first passed each. A worker that holds nothing yet, and W = 0, keep the plain
 What bounds it:
 
 - **Fair share, in rounds**: while a cold job waits at the head, V (the head's tag) stands still,
-  so the warm jobs taken ahead of it all have tags below V + 1: each other owner gets at most
-  the turns of the current round ahead of it, never a turn of a round to come, and the owner of
-  the cold job keeps its turn in every later round. Affinity reorders a round; it moves no
-  owner's share. A weight-1 owner's own jobs keep their order (one of them is in a round).
-  When every job is warm, the claims are exactly those of the fair order
-  (``tests/core/test_fair_share.py``, ``tests/worker/test_model_affinity.py``).
+  so the warm jobs taken ahead of it all have tags below V + 4: each other owner gets at most
+  its next 4 turns (4w) ahead of it, never more, and the owner of the cold job keeps its place in
+  every round after. Affinity reorders the next 4 rounds of the fair order; it moves no owner's
+  long-run share, and it adds at most 4 rounds to SFQ's bound on how far one owner's service may
+  lag another's. When every job is warm, the claims are exactly those of the fair order
+  (``tests/core/test_fair_share.py``, ``tests/worker/test_model_affinity.py``). Why 4:
+  ``bench/bench_models.py`` (two workers holding one of three versions each, eight owners)
+  measured 15, 11.5 and 6.2 model loads per 100 jobs at 1, 2 and 4 rounds, against 19.8 without
+  affinity (docs/QUEUE.md).
 - **In time**: a cold job that a worker has passed over for W is that worker's first choice at
   its next claim, ahead of any warm job, so a job for a model nobody holds waits at most W (plus
   the batch that worker is running) longer than the fair order would make it wait before some
-  worker loads its model; sooner when the round runs out of warm jobs, or when a worker that
+  worker loads its model; sooner when those rounds run out of warm jobs, or when a worker that
   holds its model claims.
 
 It costs one more bounded index range scan (:data:`AFFINITY_LOOKAHEAD` entries of
@@ -143,9 +146,9 @@ def next_in_line(
 # --- model affinity ---------------------------------------------------------------------------
 
 # The jobs next in line that a worker holding some model versions chooses from, and how far past
-# the head's start tag a warm job may be taken ahead of it (1: the head's round).
+# the head's start tag a warm job may be taken ahead of it (4 rounds: each owner's next 4 turns).
 AFFINITY_LOOKAHEAD = 32
-AFFINITY_ROUNDS = 1.0
+AFFINITY_ROUNDS = 4.0
 
 
 class Affinity:
@@ -160,9 +163,10 @@ class Affinity:
     def order(self, rows: Sequence[Any], warm: Collection[uuid.UUID | None]) -> list[Any]:
         """``rows`` (the jobs next in line, in fair order, with ``id``, ``model_version_id`` and
         ``fair_key``) in the order a worker holding the versions ``warm`` tries to claim them:
-        first, in fair order, those it may run now (warm and of the head's round, or cold and
-        passed over for ``wait_seconds``), then the others in fair order. The cold jobs ahead of
-        the first it may run are marked passed over."""
+        first, in fair order, those it may run now (warm and within the head's next
+        :data:`AFFINITY_ROUNDS` rounds, or cold and passed over for ``wait_seconds``), then the
+        others in fair order. The cold jobs ahead of the first it may run are marked passed
+        over."""
         if not warm or self.wait_seconds <= 0 or not rows or rows[0].fair_key is None:
             return list(rows)
         now = self.clock()

@@ -19,7 +19,7 @@ from sqlalchemy.engine import Engine
 from core.db import Job, JobStatus, ModelKind, ModelVersion, session_scope, utcnow
 from core.db.models import ApiToken, Role, WorkerPresence
 from core.db.transitions import finish
-from core.queue.fairness import Affinity
+from core.queue.fairness import AFFINITY_ROUNDS, Affinity
 from core.runtime.settings import Settings
 from core.storage import LocalStorage, Storage
 from tests.conftest import make_tiny_pipeline
@@ -284,13 +284,14 @@ def test_fair_share_holds_when_every_job_is_warm(engine: Engine, tmp_path: Path)
     assert claim_one(ctx).ids == [b_job]  # the next claim, ahead of A's 17th
 
 
-def test_warm_owners_pass_a_cold_job_by_their_turns_of_its_round_and_no_more(
+def test_warm_owners_pass_a_cold_job_by_their_next_rounds_turns_and_no_more(
     engine: Engine, tmp_path: Path
 ) -> None:
     """B's one job needs a version the worker does not hold; A and C have 200 jobs each on the
-    one it holds. With a wait of an hour, B's job is passed by A's and C's turns of its round
-    (start tag 0) and then claimed, ahead of their second turns: affinity reorders a round of the
-    fair order and moves no owner's share. The same with a weight of 2 for A: two turns."""
+    one it holds. With a wait of an hour, B's job is passed by A's and C's turns of the next
+    AFFINITY_ROUNDS rounds (start tags below B's + AFFINITY_ROUNDS) and then claimed, ahead of
+    their later turns: affinity reorders a few rounds of the fair order and moves no owner's
+    share. With a weight of 2 for A, A's turns count twice."""
     for weight in (1.0, 2.0):
         ctx = worker(engine, tmp_path, wait=3600, max_batch_size=1)
         cold, warm = add_versions(engine, ctx.storage, 2)
@@ -303,8 +304,10 @@ def test_warm_owners_pass_a_cold_job_by_their_turns_of_its_round_and_no_more(
         owners = []
         while b_job not in (batch := claim_one(ctx)).ids:
             owners.append(job_owner(engine, batch.ids[0]))
-        assert sorted(owners) == sorted([a] * int(weight) + [f"session:c{weight}"])
-        with session_scope(engine) as s:  # the next test round starts from an empty queue
+        turns = int(AFFINITY_ROUNDS)
+        expected = [a] * int(turns * weight) + [f"session:c{weight}"] * turns
+        assert sorted(owners) == sorted(expected)
+        with session_scope(engine) as s:  # the next weight starts from an empty queue
             s.execute(delete(Job))
 
 
