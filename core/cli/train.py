@@ -3,11 +3,14 @@ classifier that ``dq eval`` judges with; the options they share."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import click
 
-from core.cli._common import fail, torch_device
+from core.cli._common import DEFAULT_CHECKPOINT, fail, torch_device
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 
 
 @click.group()
@@ -84,16 +87,63 @@ def train_autoencoder_cmd(**kw: Any) -> None:
 @train.command("denoiser")
 @_train_options
 @click.option(
-    "--autoencoder", required=True, type=click.Path(), help="A trained autoencoder checkpoint."
+    "--autoencoder", type=click.Path(), default=None, help="A trained autoencoder checkpoint."
+)
+@click.option(
+    "--base",
+    default=None,
+    help="Fine-tune this model instead of training from scratch: default (the shipped model) "
+    "or a model checkpoint directory. Its config defaults to configs/finetune.toml.",
+)
+@click.option("--freeze-text-encoder", is_flag=True, help="With --base: train the UNet alone.")
+@click.option(
+    "--init-word",
+    "init_words",
+    multiple=True,
+    metavar="WORD=BASE WORDS",
+    help="With --base: a new caption word's embedding starts at the mean of these base words, "
+    'e.g. --init-word "pink=red purple white".',
 )
 def train_denoiser_cmd(**kw: Any) -> None:
-    """Train the text encoder and UNet on the autoencoder's latents."""
+    """Train the text encoder and UNet on the autoencoder's latents, or fine-tune a model."""
     from core.diffusion.training.config import DenoiserTrainConfig, fit_to_data, load_config
     from core.diffusion.training.denoiser import train_denoiser
 
-    cfg = load_config(DenoiserTrainConfig, kw["config_path"], _overrides(kw))
+    overrides = _overrides(kw)
+    base_dir = None
+    if kw["base"] is None:
+        if kw["freeze_text_encoder"] or kw["init_words"]:
+            raise fail("--freeze-text-encoder and --init-word need --base")
+        if kw["autoencoder"] is None:
+            raise fail("pass --autoencoder DIR, or --base default to fine-tune the shipped model")
+    else:
+        if kw["autoencoder"] is not None:
+            raise fail("a fine-tune uses its base's autoencoder; drop --autoencoder")
+        base_dir = DEFAULT_CHECKPOINT if kw["base"] == "default" else Path(kw["base"])
+        if not (base_dir / "model.json").is_file():
+            raise fail(f"--base {kw['base']} is neither default nor a model checkpoint directory")
+        init_words = {}
+        for item in kw["init_words"]:
+            word, sep, words = item.partition("=")
+            if not sep or not word.strip() or not words.split():
+                raise fail(
+                    f'--init-word takes WORD=BASE WORDS, e.g. "pink=red purple"; not {item!r}'
+                )
+            init_words[word.strip()] = words
+        overrides["finetune"] = {
+            "base": kw["base"],
+            "freeze_text_encoder": kw["freeze_text_encoder"],
+            "init_words": init_words,
+        }
+        if kw["config_path"] is None:
+            kw["config_path"] = CONFIG_DIR / "finetune.toml"
+    cfg = load_config(DenoiserTrainConfig, kw["config_path"], overrides)
     _, off = fit_to_data(cfg)
-    if off:
+    if off and base_dir is not None:
+        click.echo(
+            f"note: fine-tuning {kw['base']} on {cfg.data.kind} data without {', '.join(off)}"
+        )
+    elif off:
         click.echo(
             f"note: {cfg.data.kind} data has no object masks; training without {', '.join(off)}"
         )
@@ -104,7 +154,11 @@ def train_denoiser_cmd(**kw: Any) -> None:
         resume=not kw["no_resume"],
         progress=not kw["quiet"],
         device=torch_device(kw["device"]),
+        base_dir=base_dir,
     )
+    tuned = summary.get("finetune")
+    if tuned and tuned["new_words"]:
+        click.echo(f"new words learned: {', '.join(tuned['new_words'])}")
     click.echo(
         f"model saved to {kw['out']}: {summary['steps']} steps; samples in {kw['out']}/samples.png"
     )

@@ -35,6 +35,7 @@ import torch
 from core.diffusion.checkpoint import read_config
 from core.diffusion.data.captioned import images_to_tensor
 from core.diffusion.data.imagefolder import ImageFolderDataset
+from core.diffusion.data.shapes import DEFAULT_HELD_OUT
 from core.diffusion.eval import DEFAULT_CLASSIFIER
 from core.diffusion.eval.classifier import AttributeClassifier
 from core.diffusion.eval.common import pil_to_tensor
@@ -86,7 +87,9 @@ def quick_eval(
     floor: float | None = None
     adherence: float | None = None
     if data.get("kind", "shapes") == "shapes":
-        held_out = held_out_pairs(read_config(checkpoint))
+        # The stream alternates seen and held-out pairs; a model trained on all pairs still
+        # gets the usual prompts.
+        held_out = held_out_pairs(read_config(checkpoint)) or DEFAULT_HELD_OUT
         prompts = scene_stream(0, 0, n, size, held_out)
         reals = scene_stream(0, n, n, size, held_out)
         features, pixels = _generate(model, classifier, [s.caption for s in prompts])

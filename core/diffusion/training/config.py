@@ -105,7 +105,7 @@ class FineTuneConfig:
     freeze_text_encoder: bool = False
     # New caption words (not in the base's vocabulary) get embedding rows appended to the
     # base's; each starts at the mean embedding of the base words named here
-    # ({"pink": "red purple white"}), or of every base word when it is not named.
+    # ({"pink": "red purple white"}), or at the base's <unk> row (what it read the word as).
     init_words: dict[str, str] = field(default_factory=dict)
 
     def validate(self) -> None:

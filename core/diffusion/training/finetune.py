@@ -5,9 +5,11 @@ weight. Its tokenizer has a closed word vocabulary (the shapes' 35 words), so a 
 lacks ("pink") would read as ``<unk>``: the vocabulary is extended instead. New words are
 appended after the base's (every old id keeps its row) and each new embedding row starts at the
 mean of some base words' rows (``finetune.init_words``), as textual inversion starts its token
-from a chosen word (Gal et al. 2022, §4.1). Starting "pink" at the mean of the color words puts
-it where the encoder already treats a word as a color, so the layout head places it with its
-object from the first step.
+from a chosen word (Gal et al. 2022, §4.1), or else at the ``<unk>`` row, which is how the base
+read it (punctuation too: the shipped vocabulary has none, so a fine-tune on its own captions
+adds "," and ":" and starts them where the base had them). Starting "pink" at the mean of the
+color words puts it where the encoder already treats a word as a color, so the layout head places
+it with its object from the first step.
 
 With ``finetune.freeze_text_encoder`` the encoder's weights stay the base's bit for bit: every
 parameter is frozen but the embedding, whose gradient is zeroed on the base's rows, and the
@@ -28,7 +30,13 @@ from torch import nn
 from core.diffusion.checkpoint import read_config
 from core.diffusion.pipeline import LatentDiffusion
 from core.diffusion.schedule import ScheduleConfig
-from core.diffusion.text import SPECIAL_TOKENS, TextEncoder, TextEncoderConfig, WordTokenizer
+from core.diffusion.text import (
+    SPECIAL_TOKENS,
+    UNK,
+    TextEncoder,
+    TextEncoderConfig,
+    WordTokenizer,
+)
 from core.diffusion.training.config import DenoiserTrainConfig
 from core.diffusion.unet import UNetConfig
 
@@ -39,7 +47,10 @@ def adopt_base_architecture(cfg: DenoiserTrainConfig, base_dir: str | Path) -> D
     base = read_config(base_dir)
     if base.get("kind") != "latent-diffusion":
         raise ValueError(f"the fine-tuning base {cfg.finetune.base!r} is not a text-to-image model")
-    if int(base["image_size"]) != cfg.data.image_size:
+    size = int(base["image_size"])
+    if cfg.data.kind == "imagefolder":  # its images are resized to the model's size
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, image_size=size))
+    if size != cfg.data.image_size:
         raise ValueError(
             f"data.image_size is {cfg.data.image_size} but the base "
             f"{cfg.finetune.base!r} makes {base['image_size']}-pixel images"
@@ -68,7 +79,8 @@ def extend_vocabulary(
     """A copy of ``encoder`` whose tokenizer also knows ``words``, appended after the old ones.
 
     Each new embedding row is the mean of the rows of ``init_words[word]`` (base words, space
-    separated), or of every non-special base word's row. Old rows and every other weight are
+    separated), or else the ``<unk>`` row: what the base read the word as, so that before a step
+    is taken the model reads every caption as the base did. Old rows and every other weight are
     copied unchanged.
     """
     old = encoder.tokenizer
@@ -82,7 +94,7 @@ def extend_vocabulary(
     state = {k: v for k, v in encoder.state_dict().items() if k != "token_embedding.weight"}
     extended.load_state_dict(state, strict=False)
     table = encoder.token_embedding.weight.detach()  # (V_old, D)
-    every = [i for w, i in old.index.items() if w not in SPECIAL_TOKENS]
+    unk = [old.index[UNK]]
     with torch.no_grad():
         rows = extended.token_embedding.weight  # (V_old + new, D)
         rows[: len(old)] = table
@@ -94,7 +106,7 @@ def extend_vocabulary(
                     f"finetune.init_words.{word}: {missing[0]!r} is not a word of the base's "
                     "vocabulary"
                 )
-            source = [old.index[w] for w in named] or every
+            source = [old.index[w] for w in named] or unk
             rows[tokenizer.index[word]] = table[source].mean(0)
     return extended.to(table.device)
 
