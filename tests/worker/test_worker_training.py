@@ -91,9 +91,31 @@ def test_trained_versions_register_and_the_activated_one_serves_jobs(stack: Stac
         den = s.get(ModelVersion, run.model_version_id)
         assert den is not None and den.is_active and den.metrics["final_loss"] > 0
         assert den.config["text_encoder"]["layout"] and den.config["unet"]["layout_bias"]
+        assert den.metrics["eval"]["n"] == 8  # DQ_TRAIN_EVAL_IMAGES in these tests
+        assert den.metrics["eval"]["reference"] == "shapes eval stream, seed 0"
+        assert 0 <= den.metrics["eval"]["adherence"] <= 1 and den.metrics["eval"]["fid"] > 0
     job = stack.wait_status(stack.submit(steps=4, seed=2), JobStatus.SUCCEEDED, JobStatus.FAILED)
     assert job.status is JobStatus.SUCCEEDED, job.error
     assert job.model_version_id == den.id and job.images[0].width == 32
+
+    # A fine-tune of that version, its text encoder frozen: the new version records its base
+    # and ends with its own quick eval; its architecture is the base's.
+    with session_scope(stack.engine) as s:
+        ft = submit_training_run(
+            s, stack.settings, kind="denoiser",
+            dataset={"kind": "shapes", "image_size": 32, "seed": 4},
+            config={"train": {"steps": 4, "batch_size": 8, "warmup_steps": 1}},
+            created_by="token:admin", base_version=den.name, freeze_text_encoder=True,
+        )  # fmt: skip
+        ft_id = ft.id
+    stack.publish(TrainingRun, ft_id)
+    run = wait_run(stack, ft_id)
+    assert run.status is JobStatus.SUCCEEDED, run.error
+    with Session(stack.engine) as s:
+        tuned = s.get(ModelVersion, run.model_version_id)
+        assert tuned is not None and tuned.metrics["finetune"]["base_version"] == den.name
+        assert tuned.metrics["eval"]["n"] == 8 and tuned.config["training"]["finetune"]
+        assert tuned.config["text_encoder"] == den.config["text_encoder"]
 
 
 def test_a_killed_training_run_resumes_from_its_checkpoint(stack: Stack) -> None:
