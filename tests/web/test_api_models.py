@@ -428,7 +428,8 @@ def test_the_admin_page_activates_behind_the_gate_and_activate_anyway_is_audited
 
     log_in(client, admin_token)
     html = client.get("/admin/models").get_data(as_text=True)
-    assert "eval: fid = 10, n = 256" in html and "retired" in html
+    # An eval with only the contract's fields (no floor, adherence or reference) shows.
+    assert "FID 10.00 at N = 256" in html and "retired" in html
     assert post(client, f"/admin/models/{versions['v3']}/activate").status_code == 303
     html = client.get("/admin/models").get_data(as_text=True)
     assert "Not activated: model version &#39;v3&#39; regresses" in html
