@@ -12,6 +12,7 @@ from typing import Any
 from apiflask import APIBlueprint
 from flask import Response, jsonify, request, url_for
 from marshmallow import RAISE
+from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
 from core.db.models import JobStatus, ModelKind
@@ -31,9 +32,10 @@ from core.services.model_versions import SHIPPED_MODEL_NAME, serving_model
 from core.services.uploads import create_upload
 from core.services.webhooks import validate_target
 from web.auth import bearer_caller
-from web.db import end_reads, get_session, replica_read
+from web.db import get_session, replica_connection_read, replica_read
 from web.problems import Problem, cap_problem, invalid
 from web.resources import (
+    JobView,
     job_etag,
     job_resource,
     job_views,
@@ -239,22 +241,23 @@ def get_job_view(job_id: uuid.UUID, headers: dict[str, Any]) -> Any:
     scope = bearer_caller().scope
     known = _etags(headers.get("if_none_match"))
 
-    def poll(session: Session) -> Response:
-        try:
-            view = load_job(session, job_id, scope, estimates=False)
-            etag = job_etag(session, view)
-            if etag in known:
-                return Response(status=304, headers=_poll_headers(etag, view))
-            (view,) = with_estimates(session, [view])
-        finally:
-            end_reads(session)
-        body = job_resource(view, services().storage)
-        return json_response(body, 200, _poll_headers(etag, view))
+    def poll(connection: Connection) -> tuple[JobView, str, bool]:
+        view = load_job(connection, job_id, scope, estimates=False)
+        etag = job_etag(connection, view)
+        if etag in known:
+            return view, etag, False
+        (view,) = with_estimates(connection, [view])
+        return view, etag, True
 
+    # One row read on a bare autocommit connection: no Session to open and close for it.
     try:
-        return replica_read(poll, JobNotFound)
+        view, etag, changed = replica_connection_read(poll, JobNotFound)
     except JobNotFound:
         raise Problem(404, f"There is no job {job_id}.") from None
+    if not changed:
+        return Response(status=304, headers=_poll_headers(etag, view))
+    body = job_resource(view, services().storage)
+    return json_response(body, 200, _poll_headers(etag, view))
 
 
 def _etags(if_none_match: str | None) -> set[str]:

@@ -40,6 +40,7 @@ from typing import Any
 
 from sqlalchemy import case, func, select
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
 from core.db.models import Job, JobStatus, ThroughputSample, WorkerPresence, utcnow
@@ -53,6 +54,9 @@ from core.queue.fairness import (
     OwnerTags,
     Place,
 )
+
+# What the queue is read through: a Session, or a bare Connection (a poll opens no Session).
+Reader = Session | Connection
 
 # Used until a worker has measured anything: the shipped model on two CPU cores is about this
 # fast at batch 1 (bench/bench_eta.py prints what this machine measures).
@@ -147,7 +151,7 @@ def mark_present(
     )
 
 
-def live_workers(session: Session) -> int:
+def live_workers(session: Reader) -> int:
     """Generation workers seen within :data:`LIVE_SECONDS`."""
     t = WorkerPresence.__table__
     found = session.scalar(
@@ -203,7 +207,7 @@ class Rates:
             self._any[batch].append(rate)
 
     @classmethod
-    def load(cls, session: Session) -> Rates:
+    def load(cls, session: Reader) -> Rates:
         t = ThroughputSample.__table__
         rows = session.execute(
             select(t.c.model, t.c.sampler, t.c.steps, t.c.batch_size, t.c.seconds_per_image_step)
@@ -330,7 +334,7 @@ class QueueSnapshot:
     estimated_ahead: dict[float, int] = field(default_factory=dict)
 
     @classmethod
-    def load(cls, session: Session, now: datetime | None = None) -> QueueSnapshot:
+    def load(cls, session: Reader, now: datetime | None = None) -> QueueSnapshot:
         now = now or utcnow()
         rates = Rates.load(session)
         j = Job.__table__
@@ -431,7 +435,7 @@ class SnapshotCache:
         self._read_at = 0.0
         self._moved = 0
 
-    def get(self, session: Session) -> QueueSnapshot:
+    def get(self, session: Reader) -> QueueSnapshot:
         if self.seconds <= 0:
             return QueueSnapshot.load(session)
         with self._lock:
@@ -455,7 +459,7 @@ class SnapshotCache:
 
 
 def view_of(
-    session: Session, snapshot: QueueSnapshot | SnapshotCache | None, now: datetime | None = None
+    session: Reader, snapshot: QueueSnapshot | SnapshotCache | None, now: datetime | None = None
 ) -> QueueSnapshot:
     """The snapshot given, the cache's, or a fresh one when neither is."""
     if isinstance(snapshot, SnapshotCache):
@@ -464,7 +468,7 @@ def view_of(
 
 
 def estimate(
-    session: Session,
+    session: Reader,
     jobs: Sequence[Any],
     *,
     max_batch_size: int,

@@ -92,6 +92,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import ColumnElement, delete, func, select, tuple_
+from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
 from core.db.models import FairOwner, Job, JobStatus
@@ -232,7 +233,7 @@ def forget_idle_owners(session: Session, limit: int = FORGET_BATCH) -> int:
     return int(gone.rowcount or 0)  # type: ignore[attr-defined]
 
 
-def virtual_time(session: Session) -> float | None:
+def virtual_time(session: Session | Connection) -> float | None:
     """The start tag at the head of the queue; None when nothing is queued."""
     return session.scalar(select(func.min(_jobs.c.fair_key)).where(QUEUED))
 
@@ -267,7 +268,7 @@ class OwnerTags:
     owners: list[tuple[float, float]]
 
     @classmethod
-    def load(cls, session: Session) -> OwnerTags:
+    def load(cls, session: Session | Connection) -> OwnerTags:
         v = virtual_time(session)
         if v is None:
             return cls(None, [])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import uuid
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -13,11 +14,11 @@ from sqlalchemy import update
 from sqlalchemy.engine import Engine
 
 import web.token_cache
-from core.db import Job, JobStatus, session_scope
+from core.db import Job, JobStatus, session_scope, utcnow
 from core.services.jobs import JobNotFound, get_job, queue_position
 from tests.web.conftest import add_job, add_version
 from web.caller import Caller
-from web.resources import job_views, load_job
+from web.resources import _JOBS, _job_rows, job_views, load_job
 from web.token_cache import TokenCache
 
 
@@ -65,6 +66,46 @@ def test_job_views_keep_the_order_given_and_skip_missing(engine: Engine) -> None
         views = job_views(session, [b, uuid.uuid4(), a])
     assert [v.job.id for v in views] == [b, a]
     assert all(v.model_name == "default" for v in views)
+
+
+def test_the_driver_level_read_gives_the_rows_sqlalchemy_gives(engine: Engine) -> None:
+    # On PostgreSQL a poll reads its job's row through the driver's cursor (web.resources.
+    # _job_rows): every column must come back as the SQLAlchemy statement returns it.
+    version = add_version(engine, "v9")
+    now = utcnow()
+    ids = [
+        add_job(engine, "a"),
+        add_job(
+            engine,
+            "b",
+            JobStatus.FAILED,
+            latency=2.5,
+            model_version_id=version,
+            guidance_interval=[0.1, 0.9],
+            webhook_url="https://example.com/hook",
+            webhook_events=["job.succeeded"],
+            error="boom",
+            init_upload_id=uuid.uuid4(),
+            mask_upload_id=uuid.uuid4(),
+            strength=0.6,
+            worker_host="w1",
+            preview_key="previews/x.png",
+            progress_step=7,
+            fair_key=12.5,
+        ),
+        add_job(engine, "c", JobStatus.RUNNING, started_at=now),
+    ]
+    with engine.connect() as connection:
+        got = list(_job_rows(connection, ids))
+        expected = connection.execute(_JOBS, {"job_ids": ids}).all()
+    by_id = {row.id: row for row in expected}
+    assert len(got) == 3 and {row.id for row in got} == set(ids)
+    for row in got:
+        assert row._asdict() == by_id[row.id]._asdict()
+        assert row.status is by_id[row.id].status  # the enum, not its text
+        assert row.created_at.utcoffset() == timedelta(0)
+    driver = engine.dialect.name == "postgresql"
+    assert (type(got[0]).__name__ == "JobRow") is driver
 
 
 def test_token_cache_forgets_after_its_ttl(monkeypatch: pytest.MonkeyPatch) -> None:
