@@ -240,12 +240,9 @@ def with_serving_model(
         f"model ({model.name}); null: its own ({model.image_size}). A model named in the "
         "request has its own sizes (GET /api/v1/models)."
     )
-    if named is None:
-        size.update(minimum=smallest, maximum=largest, multipleOf=step)
-        rules = []
-    else:
-        default_bounds = {"minimum": smallest, "maximum": largest, "multipleOf": step}
-        rules = [_size_rule({"enum": [None, DEFAULT_MODEL_NAME]}, False, default_bounds)]
+    default_bounds = {"minimum": smallest, "maximum": largest, "multipleOf": step}
+    rules = []
+    if named is not None:
         for name, other in named.items():
             lo, hi = size_bounds(other)
             bounds = {"minimum": lo, "maximum": hi, "multipleOf": lo}
@@ -253,6 +250,12 @@ def with_serving_model(
         model_field = job_in["properties"].get("model")
         if isinstance(model_field, dict):
             model_field["enum"] = [DEFAULT_MODEL_NAME, *named, None]
+    if all(rule["then"]["properties"]["size"] == default_bounds for rule in rules):
+        # Every model takes the same sizes (the usual case): plain bounds, no rules.
+        size.update(default_bounds)
+        rules = []
+    else:
+        rules.insert(0, _size_rule({"enum": [None, DEFAULT_MODEL_NAME]}, False, default_bounds))
     if rules:
         job_in["allOf"] = rules
     batch = schemas.get("BatchIn", {})

@@ -397,6 +397,15 @@ def test_metrics_give_latency_and_failures_per_model_and_pick(
     assert got[("dq_job_latency_seconds_count", ())] == 4  # all of them, as before
 
 
+def test_with_one_set_of_sizes_the_document_keeps_plain_bounds(client: FlaskClient) -> None:
+    """No version: default and shipped are the same model, so the sizes need no rules."""
+    job_in = client.get("/api/v1/openapi.json").get_json()["components"]["schemas"]["JobIn"]
+    assert "allOf" not in job_in
+    assert job_in["properties"]["model"]["enum"] == ["default", "shipped", None]
+    size = job_in["properties"]["size"]
+    assert size["minimum"] == size["multipleOf"] and size["maximum"] > size["minimum"]
+
+
 def test_the_api_document_names_the_servable_models_and_each_ones_sizes(
     client: FlaskClient, versions: dict[str, uuid.UUID]
 ) -> None:
