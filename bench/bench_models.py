@@ -267,7 +267,7 @@ def claim_at_depth(depths: list[int], rounds: int = 15) -> list[dict[str, float]
                         "'', 20, 4.0, 'dpmpp-2m', n, 64, 64, 1, 0, 20, 0, false, "
                         "'session:bench-' || (n % 500), "
                         "CAST(:first AS timestamptz) + n * interval '1 millisecond', n / 500, "
-                        "CAST(:ids AS uuid[])[1 + (n * 7 + n / 500) % 3] "
+                        "(CAST(:ids AS uuid[]))[1 + (n * 7 + n / 500) % 3] "
                         "FROM generate_series(0, :depth - 1) AS s(n)"
                     ),
                     {"depth": depth, "first": first, "ids": "{" + ",".join(ids) + "}"},
