@@ -59,11 +59,11 @@ it first passed each. A worker that holds nothing yet, and W = 0, keep the plain
 What bounds it:
 
 - **Fair share, in rounds**: while a cold job waits at the head, V (the head's tag) stands still,
-  so the warm jobs taken ahead of it all have tags below V + 4: each other owner gets at most
-  its next 4 turns (4w) ahead of it, never more, and the owner of the cold job keeps its place in
-  every round after. Affinity reorders the next 4 rounds of the fair order; it moves no owner's
-  long-run share, and it adds at most 4 rounds to SFQ's bound on how far one owner's service may
-  lag another's. When every job is warm, the claims are exactly those of the fair order
+  so the warm jobs taken ahead of it all have tags below V + 4: each owner gets at most its next
+  4 turns (4w for weight w) ahead of it, never more, and the owner of the cold job keeps its
+  place in every round after. Affinity reorders the next 4 rounds of the fair order; it moves
+  no owner's long-run share, and it adds at most 4 rounds to SFQ's bound on how far one owner's
+  service may lag another's. When every job is warm, the claims are exactly those of the fair order
   (``tests/core/test_fair_share.py``, ``tests/worker/test_model_affinity.py``). Why 4:
   ``bench/bench_models.py`` (two workers holding one of three versions each, eight owners)
   measured 15, 11.5 and 6.2 model loads per 100 jobs at 1, 2 and 4 rounds, against 19.8 without
