@@ -10,8 +10,9 @@
   - *Shapes data*: the prompts are the first N scenes of ``dq eval``'s stream (seed 0, the
     model's held-out pairs) and the real images the next N; ``floor`` is real against real at
     the same N (the prompts' own renderings against those), so ``fid − floor`` is the part a
-    model can close. At N = 256 the floor is about 82 (FID's small-sample bias), so compare
-    only figures with the same ``reference`` and ``n``.
+    model can close. At N = 256 the floor is about 79 (FID's small-sample bias; the shipped
+    model scores 79.97 against 78.81), so compare only figures with the same ``reference``
+    and ``n``.
   - *An image folder*: the prompts are its captions, in order and repeated up to N; the real
     images are its first min(N, size) images (``real_n``), and there is no floor.
 - **Adherence** on shapes data only: the share of the N images the classifier reads as exactly
@@ -21,7 +22,7 @@
   0`` or ``image folder s3://bucket/cats (40 images)``: two evals are comparable when it and
   ``n`` are equal.
 
-256 images at the default 10 steps take about a minute on two CPU cores.
+256 images at the default 10 steps took 141 s on two shared CPU cores (docs/MODEL.md).
 """
 
 from __future__ import annotations
