@@ -225,6 +225,9 @@ def with_serving_model(
     the canary both (it may run on either). Each name's sizes are a rule of JobIn and BatchIn
     (if model is that name, then size is within its bounds)."""
     schemas = document.get("components", {}).get("schemas", {})
+    base = schemas.get("TrainingRunIn", {}).get("properties", {}).get("base_version")
+    if isinstance(base, dict) and named is not None:  # a fine-tune's base, named as a model
+        base["enum"] = [DEFAULT_MODEL_NAME, *named, None]
     job_in = schemas.get("JobIn", {})
     size = job_in.get("properties", {}).get("size")
     if not isinstance(size, dict):

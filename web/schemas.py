@@ -688,12 +688,26 @@ def run_kind_rules() -> list[dict[str, Any]]:
         }
         if kind is ModelKind.AUTOENCODER:
             then["properties"]["autoencoder_version_id"] = {"type": "null"}
+            then["properties"]["base_version"] = {"type": "null"}  # only a denoiser fine-tunes
         rules.append(
             {
                 "if": {"properties": {"kind": {"const": kind.value}}, "required": ["kind"]},
                 "then": then,
             }
         )
+    # Without a base, nothing of a fine-tune: no frozen text encoder, no [finetune] table.
+    has_base = {"properties": {"base_version": {"type": "string"}}, "required": ["base_version"]}
+    rules.append(
+        {
+            "if": {"not": has_base},
+            "then": {
+                "properties": {
+                    "freeze_text_encoder": {"const": False},
+                    "config": {"properties": {"finetune": False}},
+                }
+            },
+        }
+    )
     return rules
 
 
@@ -757,9 +771,10 @@ class TrainingRunIn(Schema):
     base_version = String(
         allow_none=True,
         metadata={
-            "description": "Denoiser runs: fine-tune this version (its name, or default for the "
-            "shipped model) instead of training from scratch, from configs/finetune.toml; the "
-            "architecture is the base's.",
+            "description": "Denoiser runs: fine-tune this model instead of training from "
+            "scratch, from configs/finetune.toml; the architecture is the base's. Named as a "
+            "job's model: a denoiser version's name, default (what default traffic runs on) or "
+            "shipped (the model shipped with the code).",
             "example": "default",
         },
     )

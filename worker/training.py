@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import delete, func, select, update
+from sqlalchemy.orm import Session
 
 from core.db.models import JobStatus, ModelKind, ModelVersion, TrainingMetric, TrainingRun
 from core.db.session import session_scope
@@ -38,7 +39,9 @@ from core.db.transitions import (
     update_held,
 )
 from core.queue.dispatch import publish_run
-from core.services.model_versions import DEFAULT_MODEL_DIR, activate_version
+from core.services.audit import record
+from core.services.model_rollout import GateBounds, GateRefused, activate_checked
+from core.services.model_versions import DEFAULT_MODEL_DIR
 from core.services.training_runs import CONFIG_DIR
 from core.storage import S3Storage, Storage
 from worker.context import WorkerContext
@@ -371,7 +374,7 @@ def register(ctx: WorkerContext, spec: RunSpec, out: Path, summary: dict[str, An
                 s.add(version)
                 s.flush()
             if spec.config.get("activate"):
-                activate_version(s, version.id)
+                _activate_behind_the_gate(ctx, s, spec, version)
             s.execute(
                 update(TrainingRun)
                 .where(TrainingRun.id == spec.id)
@@ -395,6 +398,38 @@ def register(ctx: WorkerContext, spec: RunSpec, out: Path, summary: dict[str, An
 
 class _NotRegistered(Exception):
     pass
+
+
+def _activate_behind_the_gate(
+    ctx: WorkerContext, session: Session, spec: RunSpec, version: ModelVersion
+) -> None:
+    """A run submitted with ``activate`` serves its version only if the eval gate passes it,
+    as an admin's activation would (core.services.model_rollout); otherwise the version stays
+    registered and inactive, and what the gate found is kept on it (metrics.activation) and in
+    the audit log, for an admin to activate with force."""
+    try:
+        _, result = activate_checked(session, version.id, GateBounds.of(ctx.settings))
+    except GateRefused as refused:
+        version.metrics = {
+            **(version.metrics or {}),
+            "activation": {"refused": True, "findings": refused.result.findings},
+        }
+        log.warning("run %s: version %s not activated: %s", spec.id, version.name, refused)
+        result = refused.result
+    record(
+        session,
+        "worker",
+        "model.activate",
+        f"model:{version.id}",
+        detail={
+            "name": version.name,
+            "kind": version.kind.value,
+            "run": str(spec.id),
+            "activated": result.passed,
+            "forced": False,
+            "gate": result.as_dict(),
+        },
+    )
 
 
 def finish_run(ctx: WorkerContext, spec: RunSpec, status: JobStatus, error: str | None) -> None:

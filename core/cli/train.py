@@ -92,8 +92,8 @@ def train_autoencoder_cmd(**kw: Any) -> None:
 @click.option(
     "--base",
     default=None,
-    help="Fine-tune this model instead of training from scratch: default (the shipped model) "
-    "or a model checkpoint directory. Its config defaults to configs/finetune.toml.",
+    help="Fine-tune this model instead of training from scratch: shipped (or default: the "
+    "shipped model) or a model checkpoint directory. Its config defaults to configs/finetune.toml.",
 )
 @click.option("--freeze-text-encoder", is_flag=True, help="With --base: train the UNet alone.")
 @click.option(
@@ -119,7 +119,7 @@ def train_denoiser_cmd(**kw: Any) -> None:
     else:
         if kw["autoencoder"] is not None:
             raise fail("a fine-tune uses its base's autoencoder; drop --autoencoder")
-        base_dir = DEFAULT_CHECKPOINT if kw["base"] == "default" else Path(kw["base"])
+        base_dir = DEFAULT_CHECKPOINT if kw["base"] in ("default", "shipped") else Path(kw["base"])
         if not (base_dir / "model.json").is_file():
             raise fail(f"--base {kw['base']} is neither default nor a model checkpoint directory")
         init_words = {}

@@ -121,17 +121,27 @@ def gate(candidate: ModelVersion, active: ModelVersion | None, bounds: GateBound
     if mine is None:
         why = f"it has no eval, while the active one has FID {float(theirs['fid']):.2f}"
         return GateResult(False, False, [why], None, theirs, active_name)
-    findings, passed = [], True
+    findings, passed, compared = [], True, False
     fid, ref = float(mine["fid"]), float(theirs["fid"])
-    change = (fid - ref) / ref if ref > 0 else (0.0 if fid <= ref else math.inf)
-    over = change > bounds.max_fid_increase
-    passed &= not over
-    findings.append(
-        f"FID {fid:.2f} against {ref:.2f} ({change:+.1%}; the bound is "
-        f"+{bounds.max_fid_increase:.0%}){' REGRESSES' if over else ''}"
-    )
+    # FIDs are comparable only against the same reference images at the same N: a fine-tune's
+    # quick eval is measured against its own data, and FID's floor moves with N.
+    if (mine.get("reference"), mine.get("n")) != (theirs.get("reference"), theirs.get("n")):
+        findings.append(
+            f"FID not compared: {fid:.2f} against {_against(mine)}, the active one's "
+            f"{ref:.2f} against {_against(theirs)}"
+        )
+    else:
+        compared = True
+        change = (fid - ref) / ref if ref > 0 else (0.0 if fid <= ref else math.inf)
+        over = change > bounds.max_fid_increase
+        passed &= not over
+        findings.append(
+            f"FID {fid:.2f} against {ref:.2f} ({change:+.1%}; the bound is "
+            f"+{bounds.max_fid_increase:.0%}){' REGRESSES' if over else ''}"
+        )
     a, b = _adherence(mine), _adherence(theirs)
     if a is not None and b is not None:
+        compared = True
         drop = (b - a) * 100
         over = drop > bounds.max_adherence_drop
         passed &= not over
@@ -142,7 +152,11 @@ def gate(candidate: ModelVersion, active: ModelVersion | None, bounds: GateBound
     if not passed:
         findings = [f for f in findings if f.endswith("REGRESSES")]
         findings = [f.removesuffix(" REGRESSES") for f in findings]
-    return GateResult(passed, True, findings, mine, theirs, active_name)
+    return GateResult(passed, compared, findings, mine, theirs, active_name)
+
+
+def _against(found: dict[str, Any]) -> str:
+    return f"{found.get('reference') or 'its reference'} at N={found.get('n')}"
 
 
 def active_version(session: Session, kind: ModelKind = ModelKind.DENOISER) -> ModelVersion | None:

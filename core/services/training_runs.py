@@ -30,7 +30,11 @@ from core.db.models import (
 from core.db.transitions import transition_run
 from core.runtime.settings import Settings
 from core.services.audit import record
-from core.services.model_versions import DEFAULT_MODEL_NAME, default_model_config
+from core.services.model_versions import (
+    DEFAULT_MODEL_NAME,
+    SHIPPED_MODEL_NAME,
+    default_model_config,
+)
 from core.storage import InvalidKey, validate_key
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
@@ -259,11 +263,20 @@ def validate_config(kind: ModelKind, config: Any) -> dict[str, Any]:
 
 
 def resolve_base(session: Session, base_version: Any) -> tuple[ModelVersion | None, dict[str, Any]]:
-    """The version a fine-tune starts from (None for ``default``, the shipped model) and its
-    model config. Unknown, retired or not a denoiser: a 422 naming ``base_version``."""
+    """The version a fine-tune starts from and its model config, named as a job names its
+    model: a version's name; ``default``, what default traffic runs on (the active denoiser
+    version, else the shipped model); ``shipped``, the shipped model (None). Unknown, retired or
+    not a denoiser: a 422 naming ``base_version``."""
     if not isinstance(base_version, str) or not base_version.strip():
-        raise TrainingRequestError("base_version", 'must be a version name or "default"')
+        raise TrainingRequestError("base_version", 'must be a version name, "default" or "shipped"')
     if base_version == DEFAULT_MODEL_NAME:
+        active = session.scalar(
+            select(ModelVersion).where(
+                ModelVersion.kind == ModelKind.DENOISER, ModelVersion.is_active.is_(True)
+            )
+        )
+        return (active, dict(active.config or {})) if active else (None, default_model_config())
+    if base_version == SHIPPED_MODEL_NAME:
         return None, default_model_config()
     version = session.scalar(select(ModelVersion).where(ModelVersion.name == base_version))
     if version is None:
@@ -346,7 +359,7 @@ def submit_training_run(
         _check_fine_tune(overrides, data, base_model, base_version)
         finetune = {
             **finetune,
-            "base": base_version,
+            "base": base.name if base is not None else SHIPPED_MODEL_NAME,
             "freeze_text_encoder": freeze_text_encoder,
         }
     if autoencoder_version_id is not None:

@@ -4,9 +4,10 @@ before anything is written, the run records its base, and a version shows its qu
 from __future__ import annotations
 
 from flask.testing import FlaskClient
+from sqlalchemy import update
 from sqlalchemy.engine import Engine
 
-from core.db import ModelKind
+from core.db import ModelKind, ModelVersion, session_scope
 from tests.web.conftest import RecordingPublisher, add_version, bearer
 from tests.web.test_admin_api import SHAPES_RUN, count_runs
 from tests.web.test_api_jobs import assert_problem
@@ -14,8 +15,8 @@ from tests.web.test_api_jobs import assert_problem
 FOLDER_RUN = {"kind": "denoiser", "dataset": {"kind": "path", "path": "pink"}}
 
 
-def test_a_fine_tune_of_the_default_model_records_its_base(
-    client: FlaskClient, admin_token: str, publisher: RecordingPublisher
+def test_a_fine_tune_of_default_starts_from_what_default_traffic_runs_on(
+    client: FlaskClient, admin_token: str, publisher: RecordingPublisher, engine: Engine
 ) -> None:
     body = {
         **FOLDER_RUN,
@@ -23,17 +24,32 @@ def test_a_fine_tune_of_the_default_model_records_its_base(
         "freeze_text_encoder": True,
         "config": {"finetune": {"init_words": {"pink": "red purple"}}},
     }
+    # No version active: default traffic runs on the shipped model, and so does the fine-tune.
     r = client.post("/api/v1/admin/training-runs", json=body, headers=bearer(admin_token))
     assert r.status_code == 202, r.get_json()
     run = r.get_json()
     assert run["config"]["finetune"] == {
-        "base": "default",
+        "base": "shipped",
         "freeze_text_encoder": True,
         "init_words": {"pink": "red purple"},
     }
     assert run["config"]["base_version_id"] is None
     assert run["total_steps"] == 300  # configs/finetune.toml, not the 4000 of denoiser.toml
     assert len(publisher.sent) == 1
+    # With a version active, default names it; shipped still names the shipped model.
+    active = add_version(engine, "served-v1", config={"image_size": 64})
+    with session_scope(engine) as session:
+        session.execute(
+            update(ModelVersion).where(ModelVersion.id == active).values(is_active=True)
+        )
+    r = client.post("/api/v1/admin/training-runs", json=body, headers=bearer(admin_token))
+    assert r.status_code == 202, r.get_json()
+    assert r.get_json()["config"]["base_version_id"] == str(active)
+    assert r.get_json()["config"]["finetune"]["base"] == "served-v1"
+    shipped = {**body, "base_version": "shipped"}
+    r = client.post("/api/v1/admin/training-runs", json=shipped, headers=bearer(admin_token))
+    assert r.status_code == 202, r.get_json()
+    assert r.get_json()["config"]["base_version_id"] is None
 
 
 def test_a_fine_tune_of_a_version_names_it_by_id(

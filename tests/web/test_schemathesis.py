@@ -190,10 +190,12 @@ def test_operation_conforms_to_the_document(
     )
     def run(case: Any) -> None:
         checks = every_check
-        if _sends_images(path, case):
+        if _sends_images(path, case) or _fine_tunes(path, case):
             # What an image holds (that it decodes, its size beside its mask's, that an upload
-            # id is yours) is beyond a schema: such a request may be refused with 422 although
-            # the document admits it, and tests/web/test_uploads.py checks each refusal.
+            # id is yours) is beyond a schema, and so is what a fine-tune may change (its base's
+            # architecture and size): such a request may be refused with 422 although the
+            # document admits it; tests/web/test_uploads.py and test_finetune_api.py check
+            # each refusal.
             checks = [c for c in every_check if c.__name__ != "positive_data_acceptance"]
         response = case.call_and_validate(base_url=live_api.base_url, checks=checks)
         calls.append(response.status_code)
@@ -212,6 +214,12 @@ def _sends_images(path: str, case: Any) -> bool:
         return True
     body = case.body if isinstance(case.body, dict) else {}
     return any(body.get(name) is not None for name in ("init_image", "mask", "strength"))
+
+
+def _fine_tunes(path: str, case: Any) -> bool:
+    """A training run that starts from a base version."""
+    body = case.body if isinstance(case.body, dict) else {}
+    return path == "/api/v1/admin/training-runs" and body.get("base_version") is not None
 
 
 def test_every_integer_parameter_is_bounded_within_64_bits() -> None:

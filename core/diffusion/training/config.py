@@ -97,7 +97,7 @@ class FineTuneConfig:
     *Fine-tuning*). The base's architecture, autoencoder and sampling defaults are kept; the
     ``[text]``, ``[unet]`` and ``[schedule]`` tables are taken from it."""
 
-    # The base version's name ("default" for the shipped model), recorded in the new model's
+    # The base version's name ("shipped" for the shipped model), recorded in the new model's
     # config; its checkpoint directory is handed to train_denoiser. Empty: train from scratch.
     base: str = ""
     # Train the UNet alone; the text encoder's weights stay the base's, bit for bit, except the
