@@ -69,7 +69,10 @@ class AuditQuery(Schema):
     action = String(validate=OneOf(ACTIONS, error="must be one of {choices}"))
     actor = JsonText(
         validate=Length(1, 80, error="must be 1 to 80 characters"),
-        metadata={"description": 'Who acted: "token:<id>", or "cli" for the dq command.'},
+        metadata={
+            "description": 'Who acted: "token:<id>", or "cli" for the dq command.',
+            "pattern": r"^[^\x00]*$",  # as JsonText checks: no NUL
+        },
     )
 
 
