@@ -9,6 +9,8 @@ is ever written on its behalf.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from apiflask import APIBlueprint, Schema
@@ -17,6 +19,7 @@ from apiflask.validators import Length, Range
 from flask import url_for
 from marshmallow import RAISE
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
 from core.db.models import JobStatus
 from core.services.audit import recent, record
@@ -218,6 +221,27 @@ class ActivateQuery(Schema):
     )
 
 
+@contextmanager
+def _model_change(session: Session, missing: str, conflict: str | None = None) -> Iterator[None]:
+    """Commit what the block changed of the model versions, or write nothing and answer: 404
+    (``missing``) for a version that is not there, 409 for one whose state refuses the change,
+    and 409 (``conflict``) when another admin's change won the race for the same unique row."""
+    try:
+        yield
+        session.commit()
+    except LookupError:
+        session.rollback()
+        raise Problem(404, missing) from None
+    except ModelStateError as e:
+        session.rollback()
+        raise Problem(409, f"{str(e)[0].upper()}{str(e)[1:]}.") from None
+    except IntegrityError:
+        session.rollback()
+        if conflict is None:
+            raise
+        raise Problem(409, conflict) from None
+
+
 @admin_api.post("/models/<uuid:version_id>/activate")
 @admin_api.input(ActivateQuery, location="query", arg_name="query", unknown=RAISE)
 @admin_api.output(ModelsOut)
@@ -240,7 +264,11 @@ class ActivateQuery(Schema):
 def activate_version_view(version_id: uuid.UUID, query: dict[str, Any]) -> Any:
     session = audited_session()
     force = query["force"]
-    try:
+    with _model_change(
+        session,
+        f"There is no model version {version_id}.",
+        "Another version was activated at the same moment; retry.",
+    ):
         version, result = activate_checked(
             session, version_id, GateBounds.of(services().settings), force=force
         )
@@ -256,16 +284,6 @@ def activate_version_view(version_id: uuid.UUID, query: dict[str, Any]) -> Any:
                 "gate": result.as_dict(),
             },
         )
-        session.commit()
-    except LookupError:
-        session.rollback()
-        raise Problem(404, f"There is no model version {version_id}.") from None
-    except ModelStateError as e:
-        session.rollback()
-        raise Problem(409, f"{str(e)[0].upper()}{str(e)[1:]}.") from None
-    except IntegrityError:
-        session.rollback()
-        raise Problem(409, "Another version was activated at the same moment; retry.") from None
     return json_response(models_listing())
 
 
@@ -285,7 +303,7 @@ def activate_version_view(version_id: uuid.UUID, query: dict[str, Any]) -> Any:
 )
 def retire_version_view(version_id: uuid.UUID) -> Any:
     session = audited_session()
-    try:
+    with _model_change(session, f"There is no model version {version_id}."):
         version = find_version(session, version_id)
         if retire_version(session, version):
             record(
@@ -295,13 +313,6 @@ def retire_version_view(version_id: uuid.UUID) -> Any:
                 f"model:{version.id}",
                 detail={"name": version.name},
             )
-        session.commit()
-    except LookupError:
-        session.rollback()
-        raise Problem(404, f"There is no model version {version_id}.") from None
-    except ModelStateError as e:
-        session.rollback()
-        raise Problem(409, f"{str(e)[0].upper()}{str(e)[1:]}.") from None
     return json_response(models_listing())
 
 
@@ -350,19 +361,13 @@ def _canary_change(version: Any, percent: int) -> None:
 )
 def set_canary_view(body: dict[str, Any]) -> Any:
     session = audited_session()
-    try:
+    with _model_change(
+        session,
+        f"There is no model version {body['version']!r}.",
+        "Another canary was set at the same moment; retry.",
+    ):
         version = set_canary(session, body["version"], body["percent"])
         _canary_change(version, body["percent"])
-        session.commit()
-    except LookupError:
-        session.rollback()
-        raise Problem(404, f"There is no model version {body['version']!r}.") from None
-    except ModelStateError as e:
-        session.rollback()
-        raise Problem(409, f"{str(e)[0].upper()}{str(e)[1:]}.") from None
-    except IntegrityError:
-        session.rollback()
-        raise Problem(409, "Another canary was set at the same moment; retry.") from None
     return json_response(models_listing())
 
 
