@@ -151,7 +151,7 @@ def create_app(
         publisher=publisher,
         token_cache=TokenCache(ttl=TOKEN_CACHE_SECONDS),
         queue_snapshots=SnapshotCache(settings.queue_snapshot_seconds),
-        read_engine=db.read_engine(engine),
+        read_engine=db.read_engine(settings),
         replica=db.replica(settings),
     )
     app.extensions["dq"] = svc

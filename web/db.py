@@ -29,7 +29,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session
 
-from core.db.session import get_replica_engine, read_only_engine
+from core.db.session import get_read_engine, get_replica_engine
 from core.runtime.settings import Settings
 from web.services import Replica, services
 
@@ -46,13 +46,13 @@ def replica(settings: Settings) -> Replica | None:
     """The replica of DQ_DATABASE_REPLICA_URL, read like the primary by GET requests
     (:func:`read_engine`); None without one."""
     engine = get_replica_engine(settings)
-    return None if engine is None else Replica(read_only_engine(engine))
+    return None if engine is None else Replica(engine)
 
 
-def read_engine(engine: Engine) -> Engine:
-    """The engine that GET requests use: the same pool, without write locks or extra round
-    trips (:func:`core.db.session.read_only_engine`)."""
-    return read_only_engine(engine)
+def read_engine(settings: Settings) -> Engine:
+    """The engine that GET requests use: in autocommit, without write locks or extra round
+    trips (:func:`core.db.session.get_read_engine`)."""
+    return get_read_engine(settings)
 
 
 def get_session() -> Session:

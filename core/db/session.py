@@ -15,16 +15,34 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from core.runtime.settings import Settings, SettingsError, sqlite_path
 
-_engines: dict[str, Engine] = {}
+_engines: dict[tuple[str, bool], Engine] = {}
 _lock = threading.Lock()
 
 
-def make_engine(url: str, connect_timeout: int = 10, statement_timeout: int = 30) -> Engine:
+def make_engine(
+    url: str,
+    connect_timeout: int = 10,
+    statement_timeout: int = 30,
+    pool_size: int = 10,
+    *,
+    autocommit: bool = False,
+) -> Engine:
     """A new engine for ``url``. SQLite gets WAL, foreign keys and a busy timeout, so that the
     web process and a worker process can share one file. PostgreSQL connections give up
     connecting after ``connect_timeout`` seconds and cancel statements running longer than
     ``statement_timeout`` seconds (0: none), so a dead or wedged database cannot hang a worker
-    or a web request forever."""
+    or a web request forever.
+
+    The pool keeps ``pool_size`` PostgreSQL connections (DQ_DB_POOL_SIZE) and opens as many
+    more when that many are in use at once, closing each of those when it is given back. A
+    connection costs both processes a few milliseconds to open, so a pool smaller than what a
+    process uses at once opens and closes one every few requests: under bench/bench_web.py's
+    polls, web processes with SQLAlchemy's default of 5 opened about 20 connections a second
+    (docs/QUEUE.md).
+
+    ``autocommit``: an engine for reads only (:func:`get_read_engine`). On PostgreSQL its
+    connections are in autocommit from the moment they open and stay so, rather than switched
+    into it and back on every checkout, as ``read_only_engine``'s execution option does."""
     try:
         parsed = make_url(url)
     except ArgumentError:
@@ -37,6 +55,10 @@ def make_engine(url: str, connect_timeout: int = 10, statement_timeout: int = 30
         kwargs["connect_args"] = {"timeout": 30, "check_same_thread": False}
     else:
         kwargs["pool_timeout"] = max(connect_timeout, 5)
+        kwargs["pool_size"] = kwargs["max_overflow"] = pool_size
+        if autocommit:
+            # Nothing to roll back on return: each statement was its own transaction.
+            kwargs.update(isolation_level="AUTOCOMMIT", pool_reset_on_return=None)
         # TCP keepalives notice a server that vanished without closing the connection.
         kwargs["connect_args"] = {
             "connect_timeout": connect_timeout,
@@ -145,12 +167,34 @@ def get_engine(settings: Settings | None = None, url: str | None = None) -> Engi
     if url is None:
         settings = settings or Settings.from_env()
         url = settings.database_url
-    timeouts = (
-        (settings.db_connect_timeout_seconds, settings.db_statement_timeout_seconds)
+    options = (
+        (
+            settings.db_connect_timeout_seconds,
+            settings.db_statement_timeout_seconds,
+            settings.db_pool_size,
+        )
         if settings is not None
         else ()
     )
-    return _shared_engine(url, *timeouts)
+    return _shared_engine(url, *options)
+
+
+def get_read_engine(settings: Settings) -> Engine:
+    """The process-wide engine for work that only reads (the web's GET requests). On
+    PostgreSQL, a pool of its own whose connections stay in autocommit (``make_engine``'s
+    ``autocommit``): a poll checks one out and back with no switching, which costs a tenth of
+    the poll's own work in the web process. On SQLite, the same pool as :func:`get_engine`'s
+    (a second pool of the same file gains nothing), through :func:`read_only_engine`."""
+    engine = get_engine(settings)
+    if engine.dialect.name != "postgresql":
+        return read_only_engine(engine)
+    return _shared_engine(
+        settings.database_url,
+        settings.db_connect_timeout_seconds,
+        settings.db_statement_timeout_seconds,
+        settings.db_pool_size,
+        autocommit=True,
+    )
 
 
 # A reader that has the primary to fall back to gains nothing by waiting long for a replica.
@@ -158,20 +202,28 @@ REPLICA_CONNECT_TIMEOUT_SECONDS = 2
 
 
 def get_replica_engine(settings: Settings) -> Engine | None:
-    """The process-wide engine of DQ_DATABASE_REPLICA_URL, or None when no replica is set. It
+    """The process-wide engine of DQ_DATABASE_REPLICA_URL, or None when no replica is set: for
+    reads only (a standby takes no writes), in autocommit like :func:`get_read_engine`'s. It
     gives up connecting after at most REPLICA_CONNECT_TIMEOUT_SECONDS."""
     url = settings.database_replica_url
     if url is None:
         return None
     connect_timeout = min(settings.db_connect_timeout_seconds, REPLICA_CONNECT_TIMEOUT_SECONDS)
-    return _shared_engine(url, connect_timeout, settings.db_statement_timeout_seconds)
+    return _shared_engine(
+        url,
+        connect_timeout,
+        settings.db_statement_timeout_seconds,
+        settings.db_pool_size,
+        autocommit=True,
+    )
 
 
-def _shared_engine(url: str, *timeouts: int) -> Engine:
+def _shared_engine(url: str, *options: int, autocommit: bool = False) -> Engine:
+    key = (url, autocommit)
     with _lock:
-        engine = _engines.get(url)
+        engine = _engines.get(key)
         if engine is None:
-            engine = _engines[url] = make_engine(url, *timeouts)
+            engine = _engines[key] = make_engine(url, *options, autocommit=autocommit)
         return engine
 
 
@@ -205,6 +257,7 @@ __all__ = [
     "check_database",
     "dispose_engines",
     "get_engine",
+    "get_read_engine",
     "get_replica_engine",
     "make_engine",
     "read_only_engine",

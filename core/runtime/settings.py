@@ -222,6 +222,12 @@ class Settings:
         "PostgreSQL: cancel any statement running longer than this (0: no limit).",
         _non_negative_int,
     )
+    db_pool_size: int = _setting(
+        10,
+        "PostgreSQL: connections each process keeps open for reuse. A process that needs more "
+        "at once opens up to as many again, and closes those after use.",
+        _positive_int,
+    )
     data_root: str = _setting(
         "var/datasets", "Training runs may read local image folders only under this directory."
     )

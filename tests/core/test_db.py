@@ -344,3 +344,47 @@ def test_a_connection_idle_in_the_pool_is_pinged_and_replaced_when_dead() -> Non
             assert conn.execute(text("SELECT 1")).scalar() == 1
         assert len(pings) == 1  # neither checkout came after an idle spell
         engine.dispose()
+
+
+def test_the_pool_keeps_what_a_process_uses_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """DQ_DB_POOL_SIZE connections stay open between requests: 8 threads that use 8 at once,
+    again and again, open 8 PostgreSQL sessions in all (SQLAlchemy's default pool of 5 closed
+    the other 3 after every use and opened them again). Past the pool, as many again open for
+    the moment and close after use."""
+    from core.db.session import dispose_engines, get_engine
+    from core.runtime.settings import Settings
+
+    def backends(url_engine: Engine) -> set[int]:
+        seen: set[int] = set()
+        lock = threading.Lock()
+        start = threading.Barrier(8)
+
+        def use() -> None:
+            for _ in range(5):
+                with url_engine.connect() as conn:
+                    start.wait()  # all 8 checked out at once
+                    pid = conn.execute(text("SELECT pg_backend_pid()")).scalar_one()
+                    with lock:
+                        seen.add(pid)
+                start.wait()  # and all 8 given back
+
+        threads = [threading.Thread(target=use) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return seen
+
+    with postgres_schema() as url:
+        monkeypatch.setenv("DQ_DATABASE_URL", url)
+        monkeypatch.setenv("DQ_DB_POOL_SIZE", "8")
+        dispose_engines()
+        engine = get_engine(Settings.from_env())
+        assert (engine.pool.size(), engine.pool._max_overflow) == (8, 8)  # type: ignore[attr-defined]
+        assert len(backends(engine)) == 8
+        dispose_engines()
+
+        small = make_engine(url, pool_size=5)
+        assert len(backends(small)) > 8  # the 3 past the pool, opened afresh on every use
+        assert small.pool.checkedin() == 5
+        small.dispose()

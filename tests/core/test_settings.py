@@ -86,6 +86,7 @@ def test_a_replica_of_a_postgresql_primary_is_read_and_its_password_masked() -> 
         ({"DQ_TRUSTED_PROXY_HOPS": "-1"}, "DQ_TRUSTED_PROXY_HOPS='-1' is not valid: must be 0"),
         ({"DQ_TRUSTED_PROXY_HOPS": "9"}, "DQ_TRUSTED_PROXY_HOPS must be from 0 to 5"),
         ({"DQ_DB_STATEMENT_TIMEOUT_SECONDS": "x"}, "DQ_DB_STATEMENT_TIMEOUT_SECONDS='x'"),
+        ({"DQ_DB_POOL_SIZE": "0"}, "DQ_DB_POOL_SIZE='0' is not valid"),
         ({"DQ_MAX_QUEUED_JOBS": "0"}, "DQ_MAX_QUEUED_JOBS='0' is not valid"),
         ({"DQ_WORKER_HANG_GRACE_SECONDS": "0"}, "DQ_WORKER_HANG_GRACE_SECONDS='0' is not valid"),
         ({"DQ_QUEUE_SNAPSHOT_SECONDS": "-1"}, "DQ_QUEUE_SNAPSHOT_SECONDS='-1' is not valid: must"),

@@ -98,9 +98,12 @@ def test_the_driver_level_read_gives_the_rows_sqlalchemy_gives(engine: Engine) -
     with engine.connect() as connection:
         got = list(_job_rows(connection, ids))
         expected = connection.execute(_JOBS, {"job_ids": ids}).all()
+        # One id (a poll) takes the statement of its own, `id = %(job_id)s`.
+        one = [row for job_id in [*ids, uuid.uuid4()] for row in _job_rows(connection, [job_id])]
     by_id = {row.id: row for row in expected}
     assert len(got) == 3 and {row.id for row in got} == set(ids)
-    for row in got:
+    assert [row.id for row in one] == ids
+    for row in [*got, *one]:
         assert row._asdict() == by_id[row.id]._asdict()
         assert row.status is by_id[row.id].status  # the enum, not its text
         assert row.created_at.utcoffset() == timedelta(0)
