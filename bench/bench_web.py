@@ -11,7 +11,9 @@ Redis db 14 when it answers, else the embedded SQLite broker; nothing consumes t
 generator is this process: threads with keep-alive connections (http.client). The three routes
 are timed in interleaved rounds, so a change in the machine's load shifts all of them alike; the
 figure that matters is the ratio to the trivial authenticated route (target: polling >= 50% of
-its requests/s, i.e. a poll costs at most twice as much).
+its requests/s, i.e. a poll costs at most twice as much). A second table splits each route's CPU
+time per request between the server's processes, PostgreSQL's and the client's (from /proc), which
+shows where a difference comes from: docs/QUEUE.md found connections opened and closed that way.
 
 Not a test: numbers depend on the machine and its load.
 """
@@ -88,6 +90,39 @@ def postgres_schema() -> Iterator[str | None]:
         admin.dispose()
 
 
+# `dq web` becomes gunicorn's master (it replaces itself): its pid, while it runs.
+SERVER_PIDS: list[int] = []
+TICKS = os.sysconf("SC_CLK_TCK")
+CPU_GROUPS = ("web", "PostgreSQL", "client")
+
+
+def cpu_seconds() -> dict[str, float]:
+    """CPU time (user + system) so far of the web server's processes (gunicorn's master and its
+    workers), of every process whose command line starts with ``postgres`` (PostgreSQL must run
+    on this machine), and of this process (the client threads). A process that ends takes its
+    time with it: a PostgreSQL backend that disconnects between two readings is not counted."""
+    out = dict.fromkeys(CPU_GROUPS, 0.0)
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        pid = int(entry)
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                command = f.read()
+        except OSError:
+            continue
+        ppid, seconds = int(fields[1]), (int(fields[11]) + int(fields[12])) / TICKS
+        if pid in SERVER_PIDS or ppid in SERVER_PIDS:
+            out["web"] += seconds
+        elif command.startswith(b"postgres"):
+            out["PostgreSQL"] += seconds
+        elif pid == os.getpid():
+            out["client"] += seconds
+    return out
+
+
 @contextmanager
 def server(database_url: str, broker_url: str, workdir: Path, workers: int) -> Iterator[int]:
     """`dq web` on a free loopback port; yields the port once /healthz answers."""
@@ -115,6 +150,7 @@ def server(database_url: str, broker_url: str, workdir: Path, workers: int) -> I
         stderr=subprocess.PIPE,
         text=True,
     )
+    SERVER_PIDS.append(process.pid)
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -134,6 +170,7 @@ def server(database_url: str, broker_url: str, workdir: Path, workers: int) -> I
             time.sleep(0.2)
         yield port
     finally:
+        SERVER_PIDS.remove(process.pid)
         process.send_signal(signal.SIGTERM)
         try:
             process.wait(timeout=20)
@@ -263,12 +300,21 @@ class Tally:
     seconds: float = 0.0
     latencies: list[float] = field(default_factory=list)
     errors: int = 0
+    cpu: dict[str, float] = field(default_factory=lambda: dict.fromkeys(CPU_GROUPS, 0.0))
 
-    def add(self, count: int, seconds: float, latencies: list[float], errors: int) -> None:
+    def add(
+        self, count: int, seconds: float, latencies: list[float], errors: int, cpu: dict[str, float]
+    ) -> None:
         self.count += count
         self.seconds += seconds
         self.latencies += latencies
         self.errors += errors
+        for group, spent in cpu.items():
+            self.cpu[group] += spent
+
+    def cpu_ms(self, group: str) -> float:
+        """CPU per request of a group of processes, in ms."""
+        return 1000 * self.cpu[group] / self.count
 
     @property
     def rate(self) -> float:
@@ -286,7 +332,7 @@ LONG_QUEUE = 1000
 
 def bench_backend(
     name: str, database_url: str, broker_url: str, args: argparse.Namespace
-) -> list[tuple[str, str, float, float, float, int]]:
+) -> list[tuple[str, str, float, float, float, int, tuple[float, ...]]]:
     with tempfile.TemporaryDirectory(prefix="dq-bench-") as tmp:
         workdir = Path(tmp)
         with server(database_url, broker_url, workdir, args.workers) as port:
@@ -310,10 +356,13 @@ def bench_backend(
                     load.run(method, path, headers, payload, args.warmup)
                 for _ in range(args.rounds):
                     for label, (method, path, headers, payload) in routes.items():
+                        before = cpu_seconds()
                         count, latencies, errors = load.run(
                             method, path, headers, payload, args.seconds
                         )
-                        tallies[label].add(count, args.seconds, latencies, errors)
+                        after = cpu_seconds()
+                        spent = {group: after[group] - before[group] for group in CPU_GROUPS}
+                        tallies[label].add(count, args.seconds, latencies, errors, spent)
                         if method == "POST":
                             cancel_queued_except(database_url, [queued])
                 return tallies
@@ -357,7 +406,10 @@ def bench_backend(
         for label, t in group.items():
             if group is long_queue and label == TRIVIAL:
                 label = f"{TRIVIAL}, same phase"
-            rows.append((name, label, t.rate, p99(t.latencies) * 1000, t.rate / trivial, t.errors))
+            cpu = tuple(t.cpu_ms(g) for g in CPU_GROUPS)
+            rows.append(
+                (name, label, t.rate, p99(t.latencies) * 1000, t.rate / trivial, t.errors, cpu)
+            )
     return rows
 
 
@@ -401,13 +453,26 @@ def main() -> None:
     )
     print("| database | route | requests/s | p99 ms | vs trivial | errors |")
     print("|---|---|---:|---:|---:|---:|")
-    for name, label, rate, p99_ms, ratio, errors in rows:
+    for name, label, rate, p99_ms, ratio, errors, _ in rows:
         print(f"| {name} | {label} | {rate:,.0f} | {p99_ms:.1f} | {ratio:.0%} | {errors} |")
+    print(
+        "\nCPU per request (ms, user + system from /proc, summed over the same rounds): the "
+        "server's processes, PostgreSQL's (a backend that ended in a round is missing), the "
+        "client's threads. SQLite runs inside the web processes.\n"
+    )
+    print("| database | route | web | PostgreSQL | client | all |")
+    print("|---|---|---:|---:|---:|---:|")
+    for name, label, *_, cpu in rows:
+        web, pg, client = cpu
+        pg_text = f"{pg:.3f}" if name == "PostgreSQL" else "—"
+        print(
+            f"| {name} | {label} | {web:.3f} | {pg_text} | {client:.3f} | {web + pg + client:.3f} |"
+        )
     print(
         "\nTarget: polling reaches >= 50% of the trivial authenticated route's requests/s "
         "(a poll costs at most 2x)."
     )
-    for name, label, _, _, ratio, _ in rows:
+    for name, label, _, _, ratio, _, _ in rows:
         if label.startswith("GET /api/v1/jobs"):
             verdict = "met" if ratio >= 0.5 else "NOT met"
             print(f"  {name}, {label.split(': ', 1)[1]}: {ratio:.0%}, {verdict}")
