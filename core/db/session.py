@@ -182,7 +182,7 @@ def get_engine(settings: Settings | None = None, url: str | None = None) -> Engi
 def get_read_engine(settings: Settings) -> Engine:
     """The process-wide engine for work that only reads (the web's GET requests). On
     PostgreSQL, a pool of its own whose connections stay in autocommit (``make_engine``'s
-    ``autocommit``): a poll checks one out and back with no switching, which costs a tenth of
+    ``autocommit``): a poll checks one out and back with no switching, which cost about a tenth of
     the poll's own work in the web process. On SQLite, the same pool as :func:`get_engine`'s
     (a second pool of the same file gains nothing), through :func:`read_only_engine`."""
     engine = get_engine(settings)
