@@ -15,7 +15,13 @@ from werkzeug.wrappers import Response as BaseResponse
 from core.db.models import JobStatus, ModelKind
 from core.services.audit import ACTIONS, recent, record
 from core.services.model_rollout import GateBounds, activate_checked
-from core.services.model_versions import ModelStateError, deactivate_all, serving_model
+from core.services.model_versions import (
+    DEFAULT_MODEL_NAME,
+    SHIPPED_MODEL_NAME,
+    ModelStateError,
+    deactivate_all,
+    serving_model,
+)
 from core.services.training_runs import (
     RunFinished,
     RunNotFound,
@@ -78,6 +84,22 @@ def _autoencoder_choices() -> dict[str, str]:
     return {"": "the shipped one", **{str(v.id): v.name for v in versions}}
 
 
+def _base_choices() -> dict[str, str]:
+    """What a run may fine-tune: the served model, the shipped one, or a denoiser version not
+    retired, by name (as base_version names them in the API)."""
+    versions = [
+        v.name
+        for v in list_versions(get_session(), ModelKind.DENOISER)
+        if v.retired_at is None and v.name not in (DEFAULT_MODEL_NAME, SHIPPED_MODEL_NAME)
+    ]
+    return {
+        "": "nothing: train from scratch",
+        DEFAULT_MODEL_NAME: "the served model (default)",
+        SHIPPED_MODEL_NAME: "the shipped model",
+        **{name: name for name in versions},
+    }
+
+
 def _run_request(form: TrainingRunForm) -> dict[str, Any]:
     """The form as the arguments of submit_training_run; ValueError for unreadable JSON."""
     dataset: dict[str, Any] = {"kind": form.dataset_kind.data}
@@ -107,6 +129,8 @@ def _run_request(form: TrainingRunForm) -> dict[str, Any]:
         "config": config,
         "autoencoder_version_id": uuid.UUID(ae) if ae else None,
         "activate": bool(form.activate.data),
+        "base_version": form.base_version.data or None,
+        "freeze_text_encoder": bool(form.freeze_text_encoder.data),
     }
 
 
@@ -124,6 +148,7 @@ def _form_field(core_field: str) -> str:
 def runs() -> Any:
     form = TrainingRunForm()
     form.autoencoder_version_id.choices = _autoencoder_choices()
+    form.base_version.choices = _base_choices()
     if form.validate_on_submit():
         try:
             arguments = _run_request(form)

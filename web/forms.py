@@ -87,6 +87,13 @@ class TrainingRunForm(FlaskForm):
         description='e.g. {"unet": {"channels": [64, 128]}, "train": {"warmup_steps": 100}}',
     )
     autoencoder_version_id = SelectField("Autoencoder", choices={"": "the shipped one"})
+    base_version = SelectField(
+        "Start from",
+        choices={"": "nothing: train from scratch"},
+        validators=[Optional()],  # a form posted without it trains from scratch
+        description="A denoiser to fine-tune (configs/finetune.toml), with its autoencoder.",
+    )
+    freeze_text_encoder = BooleanField("Fine-tune the UNet alone (freeze the text encoder)")
     activate = BooleanField("Serve the result when it finishes")
 
 
@@ -102,6 +109,8 @@ RUN_FIELD_FOR_ERROR = {
     "config.train.lr": "lr",
     "config.train.seed": "seed",
     "autoencoder_version_id": "autoencoder_version_id",
+    "base_version": "base_version",
+    "freeze_text_encoder": "freeze_text_encoder",
     "activate": "activate",
 }
 

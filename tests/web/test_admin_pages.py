@@ -151,6 +151,51 @@ def test_run_form_errors_appear_next_to_the_field(
         assert list(session.scalars(select(TrainingRun))) == []
 
 
+def test_the_run_form_fine_tunes_a_version_and_offers_only_what_can_be_fine_tuned(
+    client: FlaskClient, admin_token: str, engine: Engine
+) -> None:
+    from sqlalchemy import update
+
+    from core.db import utcnow
+
+    log_in(client, admin_token)
+    version = add_version(engine, "shapes-v2", config={"image_size": 64})
+    retired = add_version(engine, "old-v1", config={"image_size": 64})
+    add_version(engine, "an-autoencoder", kind=ModelKind.AUTOENCODER)
+    with session_scope(engine) as session:
+        session.execute(
+            update(ModelVersion).where(ModelVersion.id == retired).values(retired_at=utcnow())
+        )
+    page = client.get("/admin/runs").get_data(as_text=True)
+    offered = re.findall(
+        r'<option[^>]*value="([^"]*)"', page.split('name="base_version"')[1].split("</select>")[0]
+    )
+    assert offered == ["", "default", "shipped", "shapes-v2"]
+
+    base = {"kind": "denoiser", "dataset_kind": "shapes", "autoencoder_version_id": ""}
+    r = post(client, "/admin/runs", **base, base_version="shapes-v2", freeze_text_encoder="y")
+    assert r.status_code == 303, r.get_data(as_text=True)
+    with session_scope(engine) as session:
+        (run,) = session.scalars(select(TrainingRun))
+        assert run.config["base_version_id"] == str(version)
+        assert run.config["finetune"] == {"base": "shapes-v2", "freeze_text_encoder": True}
+
+    # A frozen text encoder without a base, or a base for an autoencoder: the field says why.
+    r = post(client, "/admin/runs", **base, base_version="", freeze_text_encoder="y")
+    assert r.status_code == 422
+    assert field_errors(r.get_data(as_text=True), "freeze_text_encoder") == [
+        "freeze_text_encoder: needs base_version: only a fine-tune has one"
+    ]
+    r = post(client, "/admin/runs", **{**base, "kind": "autoencoder"}, base_version="default")
+    assert field_errors(r.get_data(as_text=True), "base_version") == [
+        "base_version: only a denoiser run starts from a base"
+    ]
+    r = post(client, "/admin/runs", **base, base_version="old-v1")  # not among the choices
+    assert r.status_code == 422
+    with session_scope(engine) as session:
+        assert len(list(session.scalars(select(TrainingRun)))) == 1
+
+
 def test_runs_list_shows_status_and_step(
     client: FlaskClient, admin_token: str, engine: Engine
 ) -> None:
