@@ -15,7 +15,6 @@ what the worker's presence row says (``worker.heartbeat``).
 from __future__ import annotations
 
 import logging
-import shutil
 import threading
 import uuid
 from collections import OrderedDict
@@ -28,35 +27,18 @@ from sqlalchemy.orm import Session
 from core.db.models import ModelVersion
 from core.services.model_versions import DEFAULT_MODEL_DIR
 from core.storage import Storage
+from core.storage.checkpoints import CHECKPOINT_FILES, fetch_checkpoint
 
 if TYPE_CHECKING:
     from core.diffusion.pipeline import LatentDiffusion
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_FILES = ("model.json", "model.safetensors")
+__all__ = ["CHECKPOINT_FILES", "ModelCache", "ModelUnavailable", "fetch_checkpoint", "model_bytes"]
 
 
 class ModelUnavailable(Exception):
     """The job's model version cannot be loaded; the message is for the user."""
-
-
-def fetch_checkpoint(storage: Storage, prefix: str, dest: Path) -> Path:
-    """Copy ``<prefix>/model.{json,safetensors}`` from storage into ``dest`` (once)."""
-    if all((dest / f).is_file() for f in CHECKPOINT_FILES):
-        return dest
-    tmp = dest.with_name(dest.name + f".tmp-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir(parents=True, exist_ok=True)
-    try:
-        for name in CHECKPOINT_FILES:
-            (tmp / name).write_bytes(storage.get(f"{prefix.rstrip('/')}/{name}"))
-        if dest.exists():
-            shutil.rmtree(dest)
-        tmp.rename(dest)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return dest
 
 
 def model_bytes(model: Any) -> int:

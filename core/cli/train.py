@@ -8,7 +8,13 @@ from typing import Any
 
 import click
 
-from core.cli._common import DEFAULT_CHECKPOINT, fail, torch_device
+from core.cli._common import (
+    DEFAULT_CHECKPOINT,
+    database_error,
+    fail,
+    load_settings,
+    torch_device,
+)
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 
@@ -93,7 +99,9 @@ def train_autoencoder_cmd(**kw: Any) -> None:
     "--base",
     default=None,
     help="Fine-tune this model instead of training from scratch: shipped (or default: the "
-    "shipped model) or a model checkpoint directory. Its config defaults to configs/finetune.toml.",
+    "shipped model), a model checkpoint directory, or a denoiser version's name (read from "
+    "DQ_DATABASE_URL, its files from DQ_STORAGE_URL). Its config defaults to "
+    "configs/finetune.toml.",
 )
 @click.option("--freeze-text-encoder", is_flag=True, help="With --base: train the UNet alone.")
 @click.option(
@@ -119,9 +127,7 @@ def train_denoiser_cmd(**kw: Any) -> None:
     else:
         if kw["autoencoder"] is not None:
             raise fail("a fine-tune uses its base's autoencoder; drop --autoencoder")
-        base_dir = DEFAULT_CHECKPOINT if kw["base"] in ("default", "shipped") else Path(kw["base"])
-        if not (base_dir / "model.json").is_file():
-            raise fail(f"--base {kw['base']} is neither default nor a model checkpoint directory")
+        base_dir = _base_checkpoint(kw["base"])
         init_words = {}
         for item in kw["init_words"]:
             word, sep, words = item.partition("=")
@@ -162,6 +168,56 @@ def train_denoiser_cmd(**kw: Any) -> None:
     click.echo(
         f"model saved to {kw['out']}: {summary['steps']} steps; samples in {kw['out']}/samples.png"
     )
+
+
+def _base_checkpoint(base: str) -> Path:
+    """The directory a fine-tune starts from: the shipped model, a checkpoint directory, or a
+    denoiser version by name, fetched from object storage into DQ_MODEL_CACHE_DIR (once)."""
+    if base in ("default", "shipped"):
+        return DEFAULT_CHECKPOINT
+    if (Path(base) / "model.json").is_file():
+        return Path(base)
+    if Path(base).exists() or "/" in base:
+        raise fail(f"--base {base} is neither default nor a model checkpoint directory")
+    from sqlalchemy.exc import SQLAlchemyError
+    from sqlalchemy.orm import Session
+
+    from core.db import get_engine
+    from core.runtime.settings import sqlite_path
+    from core.services.training_runs import TrainingRequestError, resolve_base
+    from core.storage import StorageError, make_storage
+    from core.storage.checkpoints import fetch_checkpoint
+
+    settings = load_settings()
+    path = sqlite_path(settings.database_url)
+    if path is not None and not path.is_file():  # no database here: do not make one
+        raise fail(
+            f"--base {base} is neither default nor a model checkpoint directory, and there is "
+            f"no database at {path} (DQ_DATABASE_URL) to find a version of that name in"
+        )
+    try:
+        with Session(get_engine(settings)) as session:
+            version, _ = resolve_base(session, base)
+    except TrainingRequestError as e:
+        raise fail(
+            f"--base {base} is neither default nor a model checkpoint directory, and as a "
+            f"version: {e.message}"
+        ) from None
+    except SQLAlchemyError as e:
+        reason = database_error(settings.database_url, e).message
+        raise fail(
+            f"--base {base} is neither default nor a model checkpoint directory, and no "
+            f"version of that name could be read: {reason}"
+        ) from None
+    assert version is not None  # only "default" and "shipped" resolve to none
+    try:
+        return fetch_checkpoint(
+            make_storage(settings),
+            version.checkpoint_key,
+            Path(settings.model_cache_dir) / str(version.id),
+        )
+    except StorageError as e:
+        raise fail(f"--base {base}: its checkpoint cannot be read from storage: {e}") from None
 
 
 @train.command("classifier")

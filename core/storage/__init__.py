@@ -7,6 +7,8 @@ that ``DQ_STORAGE_URL`` names.
   refuses any key that could escape the store before either backend sees it);
 - ``local``: :class:`LocalStorage`, files under a directory, with signed URLs;
 - ``s3``: :class:`S3Storage`, a bucket prefix through boto3, with botocore's retries.
+- ``checkpoints``: a model version's files copied from a store to a local directory, once
+  (a worker loading a version, `dq train --base NAME` starting a fine-tune from one).
 
 ``local`` and ``s3`` import ``base`` and not each other; none of them imports from this
 ``__init__``, which re-exports their public names so that ``from core.storage import X`` works.

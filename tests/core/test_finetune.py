@@ -109,13 +109,84 @@ def test_an_unfrozen_fine_tune_trains_the_text_encoder(
     ],
 )
 def test_bad_fine_tune_options_are_one_line(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], message: str
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    argv: list[str],
+    message: str,
 ) -> None:
+    # A name that is no directory is looked up as a version; there is no database here.
+    monkeypatch.setenv("DQ_DATABASE_URL", f"sqlite:///{tmp_path}/none.sqlite3")
     with pytest.raises(SystemExit):
         main(["train", "denoiser", "--out", str(tmp_path / "o"), "--quiet", *argv])
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1, err
-    assert not (tmp_path / "o").exists()
+    assert not (tmp_path / "o").exists() and not (tmp_path / "none.sqlite3").exists()
+
+
+def test_a_fine_tune_starts_from_a_version_named_in_the_database(
+    base: Path,
+    folder: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`--base NAME`: the version's checkpoint is fetched from object storage, as a worker's
+    fine-tune fetches it; a name that is no version, or an autoencoder, is one line."""
+    import uuid
+
+    from core.db import (
+        ModelKind,
+        ModelVersion,
+        dispose_engines,
+        get_engine,
+        migrate,
+        session_scope,
+        utcnow,
+    )
+    from core.storage import LocalStorage
+
+    url = f"sqlite:///{tmp_path}/dq.sqlite3"
+    migrate.upgrade(url)
+    store = LocalStorage(tmp_path / "objects", secret="s" * 32)
+    for name in ("model.json", "model.safetensors"):
+        store.put(f"models/tiny-v1/{name}", (base / name).read_bytes())
+    with session_scope(get_engine(url=url)) as session:
+        for name, kind in (("tiny-v1", ModelKind.DENOISER), ("an-ae", ModelKind.AUTOENCODER)):
+            session.add(
+                ModelVersion(
+                    id=uuid.uuid4(), name=name, kind=kind, checkpoint_key=f"models/{name}",
+                    config={}, metrics={}, created_at=utcnow(),
+                )
+            )  # fmt: skip
+    dispose_engines()
+    monkeypatch.setenv("DQ_DATABASE_URL", url)
+    monkeypatch.setenv("DQ_STORAGE_URL", f"file://{tmp_path / 'objects'}")
+    monkeypatch.setenv("DQ_MODEL_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("DQ_SECRET_KEY", "k" * 64)  # not var/secret_key in the checkout
+    try:
+        main(
+            ["train", "denoiser", "--base", "tiny-v1", "--data", str(folder), "--steps", "1",
+             "--batch-size", "4", "--out", str(tmp_path / "tuned"), "--quiet", "--device", "cpu"]
+        )  # fmt: skip
+        saved = json.loads((tmp_path / "tuned" / "model.json").read_text())
+        assert saved["training"]["finetune"]["base_version"] == "tiny-v1"
+        fetched = list((tmp_path / "cache").iterdir())
+        assert (
+            len(fetched) == 1
+            and (fetched[0] / "model.safetensors").read_bytes()
+            == (base / "model.safetensors").read_bytes()
+        )
+        for name, said in (
+            ("no-such", "as a version: there is no model version 'no-such'"),
+            ("an-ae", "as a version: 'an-ae' is an autoencoder"),
+        ):
+            with pytest.raises(SystemExit):
+                main(["train", "denoiser", "--base", name, "--out", str(tmp_path / name)])
+            err = capsys.readouterr().err
+            assert said in err and len(err.strip().splitlines()) == 1, err
+    finally:
+        dispose_engines()
 
 
 def test_an_init_word_that_the_base_lacks_is_refused(
