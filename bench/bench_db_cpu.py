@@ -31,27 +31,14 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 from bench_scale import database, fill, first_and_last  # noqa: E402
+from bench_web import cpu_seconds  # noqa: E402
 
 from core.runtime.machine import cpu_name  # noqa: E402
-
-TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def postgres_cpu_seconds() -> float:
     """User + system CPU of every ``postgres`` process on this machine, in seconds."""
-    total = 0
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        name = stat[stat.index("(") + 1 : stat.rindex(")")]
-        if name.startswith("postgres"):
-            fields = stat[stat.rindex(")") + 2 :].split()
-            total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
-    return total / TICKS
+    return cpu_seconds()["PostgreSQL"]
 
 
 def per_request_ms(call: Callable[[], object], n: int) -> float:

@@ -98,7 +98,7 @@ CPU_GROUPS = ("web", "PostgreSQL", "client")
 
 def cpu_seconds() -> dict[str, float]:
     """CPU time (user + system) so far of the web server's processes (gunicorn's master and its
-    workers), of every process whose command line starts with ``postgres`` (PostgreSQL must run
+    workers), of every process named ``postgres*`` (PostgreSQL must run
     on this machine), and of this process (the client threads). A process that ends takes its
     time with it: a PostgreSQL backend that disconnects between two readings is not counted."""
     out = dict.fromkeys(CPU_GROUPS, 0.0)
@@ -108,15 +108,16 @@ def cpu_seconds() -> dict[str, float]:
         pid = int(entry)
         try:
             with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                command = f.read()
+                stat = f.read()
         except OSError:
             continue
+        name = stat[stat.index("(") + 1 : stat.rindex(")")]
+        fields = stat[stat.rindex(")") + 2 :].split()
+        # ppid, then utime and stime (fields 4, 14 and 15 of proc(5)).
         ppid, seconds = int(fields[1]), (int(fields[11]) + int(fields[12])) / TICKS
         if pid in SERVER_PIDS or ppid in SERVER_PIDS:
             out["web"] += seconds
-        elif command.startswith(b"postgres"):
+        elif name.startswith("postgres"):
             out["PostgreSQL"] += seconds
         elif pid == os.getpid():
             out["client"] += seconds

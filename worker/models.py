@@ -27,14 +27,12 @@ from sqlalchemy.orm import Session
 from core.db.models import ModelVersion
 from core.services.model_versions import DEFAULT_MODEL_DIR
 from core.storage import Storage
-from core.storage.checkpoints import CHECKPOINT_FILES, fetch_checkpoint
+from core.storage.checkpoints import fetch_checkpoint
 
 if TYPE_CHECKING:
     from core.diffusion.pipeline import LatentDiffusion
 
 log = logging.getLogger(__name__)
-
-__all__ = ["CHECKPOINT_FILES", "ModelCache", "ModelUnavailable", "fetch_checkpoint", "model_bytes"]
 
 
 class ModelUnavailable(Exception):

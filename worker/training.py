@@ -44,9 +44,9 @@ from core.services.model_rollout import GateBounds, GateRefused, activate_checke
 from core.services.model_versions import DEFAULT_MODEL_DIR
 from core.services.training_runs import CONFIG_DIR
 from core.storage import S3Storage, Storage
+from core.storage.checkpoints import CHECKPOINT_FILES, fetch_checkpoint
 from worker.context import WorkerContext
 from worker.generation import TRANSIENT
-from worker.models import CHECKPOINT_FILES, fetch_checkpoint
 
 log = logging.getLogger(__name__)
 

@@ -177,8 +177,9 @@ def _base_checkpoint(base: str) -> Path:
         return DEFAULT_CHECKPOINT
     if (Path(base) / "model.json").is_file():
         return Path(base)
+    not_a_directory = f"--base {base} is neither default nor a model checkpoint directory"
     if Path(base).exists() or "/" in base:
-        raise fail(f"--base {base} is neither default nor a model checkpoint directory")
+        raise fail(not_a_directory)
     from sqlalchemy.exc import SQLAlchemyError
     from sqlalchemy.orm import Session
 
@@ -192,22 +193,18 @@ def _base_checkpoint(base: str) -> Path:
     path = sqlite_path(settings.database_url)
     if path is not None and not path.is_file():  # no database here: do not make one
         raise fail(
-            f"--base {base} is neither default nor a model checkpoint directory, and there is "
-            f"no database at {path} (DQ_DATABASE_URL) to find a version of that name in"
+            f"{not_a_directory}, and there is no database at {path} (DQ_DATABASE_URL) to find "
+            "a version of that name in"
         )
     try:
         with Session(get_engine(settings)) as session:
             version, _ = resolve_base(session, base)
     except TrainingRequestError as e:
-        raise fail(
-            f"--base {base} is neither default nor a model checkpoint directory, and as a "
-            f"version: {e.message}"
-        ) from None
+        raise fail(f"{not_a_directory}, and as a version: {e.message}") from None
     except SQLAlchemyError as e:
         reason = database_error(settings.database_url, e).message
         raise fail(
-            f"--base {base} is neither default nor a model checkpoint directory, and no "
-            f"version of that name could be read: {reason}"
+            f"{not_a_directory}, and no version of that name could be read: {reason}"
         ) from None
     assert version is not None  # only "default" and "shipped" resolve to none
     try:

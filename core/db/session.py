@@ -167,16 +167,7 @@ def get_engine(settings: Settings | None = None, url: str | None = None) -> Engi
     if url is None:
         settings = settings or Settings.from_env()
         url = settings.database_url
-    options = (
-        (
-            settings.db_connect_timeout_seconds,
-            settings.db_statement_timeout_seconds,
-            settings.db_pool_size,
-        )
-        if settings is not None
-        else ()
-    )
-    return _shared_engine(url, *options)
+    return _shared_engine(url, *(_engine_options(settings) if settings is not None else ()))
 
 
 def get_read_engine(settings: Settings) -> Engine:
@@ -188,13 +179,7 @@ def get_read_engine(settings: Settings) -> Engine:
     engine = get_engine(settings)
     if engine.dialect.name != "postgresql":
         return read_only_engine(engine)
-    return _shared_engine(
-        settings.database_url,
-        settings.db_connect_timeout_seconds,
-        settings.db_statement_timeout_seconds,
-        settings.db_pool_size,
-        autocommit=True,
-    )
+    return _shared_engine(settings.database_url, *_engine_options(settings), autocommit=True)
 
 
 # A reader that has the primary to fall back to gains nothing by waiting long for a replica.
@@ -209,13 +194,15 @@ def get_replica_engine(settings: Settings) -> Engine | None:
     if url is None:
         return None
     connect_timeout = min(settings.db_connect_timeout_seconds, REPLICA_CONNECT_TIMEOUT_SECONDS)
-    return _shared_engine(
-        url,
-        connect_timeout,
-        settings.db_statement_timeout_seconds,
-        settings.db_pool_size,
-        autocommit=True,
-    )
+    return _shared_engine(url, *_engine_options(settings, connect_timeout), autocommit=True)
+
+
+def _engine_options(settings: Settings, connect_timeout: int | None = None) -> tuple[int, ...]:
+    """:func:`make_engine`'s connect timeout (the settings' unless given), statement timeout
+    and pool size, from the settings."""
+    if connect_timeout is None:
+        connect_timeout = settings.db_connect_timeout_seconds
+    return connect_timeout, settings.db_statement_timeout_seconds, settings.db_pool_size
 
 
 def _shared_engine(url: str, *options: int, autocommit: bool = False) -> Engine:
