@@ -59,7 +59,12 @@ def before_generate(prompts: list[str]) -> None:
 
 def at_step(step: int) -> None:
     """``hang_at_step=K``: at step K the main thread blocks every signal and sleeps for good,
-    like a wedged GPU kernel or a hung storage call in C code."""
+    like a wedged GPU kernel or a hung storage call in C code.
+    ``step_seconds=S``: every step takes at least S seconds longer, like a slower GPU, so that a
+    test can act while a job runs however fast this machine's CPU is."""
+    slow = value("step_seconds")
+    if slow is not None:
+        time.sleep(float(slow))
     hang = value("hang_at_step")
     if hang is not None and step == int(hang):
         signal.pthread_sigmask(signal.SIG_BLOCK, set(signal.Signals))

@@ -159,18 +159,20 @@ def test_a_worker_frozen_past_its_lease_loses_the_job_and_writes_nothing_after_w
 ) -> None:
     # Frozen inside a transaction, it would hold row locks until PostgreSQL ends its session
     # (twice the statement timeout); keep that short here.
-    stack.start_reaper(wait=False)  # it starts while the worker does
-    first = stack.start_worker(
-        extra_env={"DQ_MAX_BATCH_SIZE": "1", "DQ_DB_STATEMENT_TIMEOUT_SECONDS": "2"}
-    )
+    reaper = stack.start_reaper(wait=False)  # it starts while the worker does
+    # Each step takes 50 ms more, as on a slower GPU: the second attempt must still be running
+    # when the first worker wakes, however fast this CPU runs 200 steps (1.4 s on AMX).
+    slow = {"DQ_MAX_BATCH_SIZE": "1", "DQ_TEST_FAULTS": "step_seconds=0.05"}
+    first = stack.start_worker(extra_env={**slow, "DQ_DB_STATEMENT_TIMEOUT_SECONDS": "2"})
     job_id = api.submit(steps=200, sampler="ddpm", num_images=3, seed=5)
     with Poller(api, job_id) as poller:
         stack.wait_until(lambda: api.job(job_id)["progress"]["step"] > 20, 60, "progress")
         stack.kill_group(first, signal.SIGSTOP)  # a VM freeze, a GC pause
         # The lease (2 s) runs out; the reaper re-queues; a second worker claims it. It starts
         # while the lease runs out: it can take the job only once the reaper has re-queued it.
-        second = stack.start_worker(extra_env={"DQ_MAX_BATCH_SIZE": "1"}, wait=False)
-        stack.wait_until(lambda: stack.job(job_id).status is JobStatus.QUEUED, 30, "re-queue")
+        # The row is queued only until that worker claims it, too briefly to poll for.
+        second = stack.start_worker(extra_env=slow, wait=False)
+        stack.wait_for_log(reaper, f"re-queued jobs {job_id}", timeout=30)
         stack.wait_for_log(second, "ready.", timeout=90)
         stack.wait_until(lambda: stack.job(job_id).attempts == 2, 30, "the second claim")
         stack.wait_until(lambda: api.job(job_id)["progress"]["step"] > 5, 60, "progress again")
@@ -250,12 +252,13 @@ def test_a_trainer_frozen_past_its_lease_registers_nothing_after_waking(stack: S
     first = stack.start_worker(queues="train", extra_env={"DQ_DB_STATEMENT_TIMEOUT_SECONDS": "2"})
     # Frozen past step 40 of 120, it wakes while the second worker trains the rest.
     run_id = submit_run(stack, "autoencoder", {"steps": 120, "checkpoint_every": 20})
-    stack.start_reaper(wait=False)  # after the submit: its relay would publish the run first
+    reaper = stack.start_reaper(wait=False)  # after the submit: its relay would publish it first
     stack.wait_until(lambda: stack.run(run_id).step >= 40, 120, "two checkpoints")
     stack.kill_group(first, signal.SIGSTOP)
-    # It starts while the lease runs out: it can take the run only once it is re-queued.
+    # It starts while the lease runs out: it can take the run only once it is re-queued. The
+    # row is queued only until that worker claims it, too briefly to poll for.
     second = stack.start_worker(queues="train", wait=False)
-    stack.wait_until(lambda: stack.run(run_id).status is JobStatus.QUEUED, 30, "re-queue")
+    stack.wait_for_log(reaper, f"re-queued training_runs {run_id}", timeout=30)
     stack.wait_for_log(second, "ready.", timeout=90)
     stack.wait_until(lambda: stack.run(run_id).attempts == 2, 30, "the second claim")
     stack.wait_for_log(second, "resumes from step", timeout=60)
