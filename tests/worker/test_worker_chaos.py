@@ -160,9 +160,9 @@ def test_a_worker_frozen_past_its_lease_loses_the_job_and_writes_nothing_after_w
     # Frozen inside a transaction, it would hold row locks until PostgreSQL ends its session
     # (twice the statement timeout); keep that short here.
     reaper = stack.start_reaper(wait=False)  # it starts while the worker does
-    # Each step takes 50 ms more, as on a slower GPU: the second attempt must still be running
+    # Each step takes 30 ms more, as on a slower GPU: the second attempt must still be running
     # when the first worker wakes, however fast this CPU runs 200 steps (1.4 s on AMX).
-    slow = {"DQ_MAX_BATCH_SIZE": "1", "DQ_TEST_FAULTS": "step_seconds=0.05"}
+    slow = {"DQ_MAX_BATCH_SIZE": "1", "DQ_TEST_FAULTS": "step_seconds=0.03"}
     first = stack.start_worker(extra_env={**slow, "DQ_DB_STATEMENT_TIMEOUT_SECONDS": "2"})
     job_id = api.submit(steps=200, sampler="ddpm", num_images=3, seed=5)
     with Poller(api, job_id) as poller:
