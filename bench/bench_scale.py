@@ -615,6 +615,8 @@ def load_run(code: Code, backend: str, args: argparse.Namespace) -> Load:
         workdir = Path(tmp)
         tokens = code.setup(url, args.clients)
         env = service_env(url, LOAD_REDIS_URL, workdir)
+        if args.precision:  # code from before issue 28 ignores it and runs fp32
+            env["DQ_PRECISION"] = args.precision
         with web(code, env, workdir, workers=2) as port, worker(code, env, workdir):
             body = json.dumps({"prompt": PROMPT, "steps": args.steps}).encode()
 
@@ -704,7 +706,9 @@ def load_mode(codes: list[Code], args: argparse.Namespace) -> None:
         f"{args.clients} REST clients (threads, a token each) each submit "
         f"{args.jobs_per_client} {args.steps}-step jobs at once and poll each every "
         f"{args.poll_every:g} s until it ends; dq web (gunicorn, 2 processes) and one dq worker "
-        "(shipped default model, after a warm-up job) on this machine.\n"
+        "(shipped default model, after a warm-up job) on this machine. The worker's "
+        f"precision: {args.precision or 'its default (auto)'}; code from before issue 28 "
+        "always runs fp32.\n"
     )
     print(
         "| code | clients | jobs | time to finish, s | jobs/s | polls | poll p50 ms | poll p99 ms "
@@ -737,6 +741,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--poll-every", type=float, default=0.2)
     parser.add_argument("--load-timeout", type=float, default=1800)
+    parser.add_argument(
+        "--precision",
+        choices=("auto", "fp32", "bf16"),
+        help="DQ_PRECISION for the load run's worker (default: the worker's own, auto).",
+    )
     args = parser.parse_args()
     default_depths = "1000,10000" if args.quick else "1000,10000,100000,1000000"
     args.depths = [int(d) for d in (args.depths or default_depths).split(",")]
