@@ -12,7 +12,7 @@ from flask import flash, redirect, render_template, request, url_for
 from sqlalchemy.exc import IntegrityError
 from werkzeug.wrappers import Response as BaseResponse
 
-from core.db.models import JobStatus, ModelKind
+from core.db.models import JobStatus, ModelKind, ModelVersion
 from core.services.audit import ACTIONS, recent, record
 from core.services.model_rollout import GateBounds, activate_checked
 from core.services.model_versions import (
@@ -80,8 +80,19 @@ def _status(run: Any) -> dict[str, Any]:
 
 
 def _autoencoder_choices() -> dict[str, str]:
+    """The autoencoders a denoiser run may train on, each with its reconstruction eval."""
     versions = list_versions(get_session(), ModelKind.AUTOENCODER)
-    return {"": "the shipped one", **{str(v.id): v.name for v in versions}}
+    return {"": "the shipped one", **{str(v.id): _with_eval(v) for v in versions}}
+
+
+def _with_eval(version: ModelVersion) -> str:
+    found = (version.metrics or {}).get("eval")
+    if not isinstance(found, dict) or found.get("kind") != "reconstruction":
+        return version.name
+    try:
+        return f"{version.name} (rFID {float(found['fid']):.2f}, {float(found['psnr_db']):.1f} dB)"
+    except (KeyError, TypeError, ValueError):
+        return version.name
 
 
 def _base_choices() -> dict[str, str]:

@@ -544,8 +544,10 @@ class ModelVersionOut(Schema):
         metadata={
             "description": "The quick eval its training run ended with: fid and n (256), "
             "adherence (shapes data; else null), reference (what it was measured against), "
-            "floor (real against real, shapes data). null: none (an imported version, an "
-            "autoencoder).",
+            "floor (real against real, shapes data). An autoencoder's has kind "
+            "'reconstruction': fid is its reconstruction FID and psnr_db its PSNR, both of "
+            "images against their reconstructions. null: none (an imported version, a version "
+            "trained before its kind had a quick eval).",
         },
     )
     base_version = String(

@@ -277,6 +277,7 @@ def train(ctx: WorkerContext, spec: RunSpec) -> None:
 
         cfg = load_config(AutoencoderTrainConfig, CONFIG_DIR / "autoencoder.toml", overrides)
         result, summary = train_autoencoder(cfg, out, **hooks)
+        summary = {**summary, **end_of_run_eval(ctx, spec, out, cfg.data)}
     else:
         from core.diffusion.training.denoiser import train_denoiser
 
@@ -325,19 +326,22 @@ def fetch_base(ctx: WorkerContext, version_id: str | None) -> Path:
     return fetch_checkpoint(ctx.storage, prefix, Path(ctx.settings.model_cache_dir) / str(base.id))
 
 
-def end_of_run_eval(
-    ctx: WorkerContext, spec: RunSpec, out: Path, data: dict[str, Any]
-) -> dict[str, Any]:
-    """The quick eval of the new model (``core.diffusion.eval.quick``) as ``{"eval": ...}``
-    for the version's metrics, or ``{"eval_error": ...}`` when its data cannot give one (an
-    image folder of one image): the run still succeeds, and activation sees no eval."""
+def end_of_run_eval(ctx: WorkerContext, spec: RunSpec, out: Path, data: Any) -> dict[str, Any]:
+    """The quick eval of the new model (``core.diffusion.eval.quick``: a denoiser's FID and
+    adherence, an autoencoder's reconstruction FID and PSNR) as ``{"eval": ...}`` for the
+    version's metrics, or ``{"eval_error": ...}`` when its data cannot give one (an image
+    folder of one image): the run still succeeds, and activation sees no eval. ``data`` is the
+    run's ``[data]`` table for a denoiser, its ``DataConfig`` for an autoencoder."""
     from core.diffusion.eval import quick
 
     reference = spec.dataset.get("uri") or spec.dataset.get("path")
     device = ctx.settings.device or None
     try:
         n = ctx.settings.train_eval_images
-        figures = quick.quick_eval(out, data, reference, n=n, device=device)
+        if spec.kind is ModelKind.AUTOENCODER:
+            figures = quick.autoencoder_quick_eval(out, data, reference, n=n, device=device)
+        else:
+            figures = quick.quick_eval(out, data, reference, n=n, device=device)
     except ValueError as e:
         log.warning("run %s: no quick eval: %s", spec.id, e)
         return {"eval_error": str(e)}

@@ -198,8 +198,9 @@ class Settings:
     )
     train_eval_images: int = _setting(
         256,
-        "Images of the quick eval that ends every finished denoiser training run (FID at this "
-        "N, stored on the new version); evals compare only at equal N.",
+        "Images of the quick eval that ends every finished training run (a denoiser's FID, "
+        "an autoencoder's reconstruction FID and PSNR, at this N, stored on the new version); "
+        "evals compare only at equal N.",
     )
     worker_hang_grace_seconds: float = _setting(
         30.0,

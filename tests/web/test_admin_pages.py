@@ -266,3 +266,20 @@ def test_models_page_lists_metrics_and_activates_a_version(
     html = client.get("/admin/models").get_data(as_text=True)
     assert "New jobs use <strong>default</strong>" in html
     assert post(client, f"/admin/models/{uuid.uuid4()}/activate").status_code == 404
+
+
+def test_the_run_form_shows_each_autoencoders_reconstruction_eval(
+    client: FlaskClient, admin_token: str, engine: Engine
+) -> None:
+    log_in(client, admin_token)
+    recon = {"kind": "reconstruction", "fid": 0.149, "psnr_db": 36.31, "n": 256}
+    measured = add_version(engine, "ae-new", kind=ModelKind.AUTOENCODER, metrics={"eval": recon})
+    older = add_version(engine, "ae-old", kind=ModelKind.AUTOENCODER)  # trained before the eval
+    page = client.get("/admin/runs").get_data(as_text=True)
+    select_ = page.split('name="autoencoder_version_id"')[1].split("</select>")[0]
+    labels = dict(re.findall(r'<option[^>]*value="([^"]*)"[^>]*>([^<]*)</option>', select_))
+    assert labels == {
+        "": "the shipped one",
+        str(measured): "ae-new (rFID 0.15, 36.3 dB)",
+        str(older): "ae-old",
+    }

@@ -129,3 +129,21 @@ def test_the_models_page_shows_the_quick_eval_and_the_base(
     page = client.get("/admin/models").get_data(as_text=True)
     assert "FID 83.14 (floor 81.70) at N = 256, adherence 98.4%" in page
     assert "against shapes eval stream, seed 0" in page and "fine-tuned from default" in page
+
+
+def test_the_models_page_shows_an_autoencoders_reconstruction_eval(
+    client: FlaskClient, admin_token: str, engine: Engine
+) -> None:
+    from tests.web.test_admin_pages import log_in
+
+    figures = {
+        "kind": "reconstruction", "fid": 1.234, "psnr_db": 31.456, "n": 256, "real_n": 256,
+        "reference": "shapes held-out split, seed 0", "adherence": None, "floor": None,
+    }  # fmt: skip
+    add_version(engine, "an-ae", kind=ModelKind.AUTOENCODER, metrics={"eval": figures})
+    log_in(client, admin_token)
+    page = client.get("/admin/models").get_data(as_text=True)
+    assert "reconstruction FID 1.23, PSNR 31.46 dB at N = 256" in page
+    assert "on shapes held-out split, seed 0" in page
+    listing = client.get("/api/v1/models", headers=bearer(admin_token)).get_json()
+    assert {v["name"]: v["eval"] for v in listing["versions"]}["an-ae"] == figures

@@ -75,6 +75,9 @@ def test_trained_versions_register_and_the_activated_one_serves_jobs(stack: Stac
         ae = s.get(ModelVersion, run.model_version_id)
         assert ae is not None and ae.kind is ModelKind.AUTOENCODER and not ae.is_active
         assert 0 < ae.metrics["heldout_psnr_db"] < 60 and ae.metrics["latent_scale_factor"] > 0
+        recon = ae.metrics["eval"]  # its quick eval: reconstruction FID and PSNR
+        assert recon["kind"] == "reconstruction" and recon["n"] == 8 and recon["fid"] >= 0
+        assert recon["reference"] == "shapes held-out split, seed 3" and recon["psnr_db"] > 0
         assert stack.storage.exists(f"{ae.checkpoint_key}/model.safetensors")
 
     # A denoiser on that autoencoder, activated at the end: new jobs run on it. It trains with

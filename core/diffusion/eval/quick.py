@@ -1,5 +1,6 @@
-"""The quick eval that ends every finished denoiser training run, stored on the new version as
-``ModelVersion.metrics["eval"]``; activation compares it with the active version's.
+"""The quick eval that ends every finished training run, stored on the new version as
+``ModelVersion.metrics["eval"]``; activation compares a denoiser's with the active version's.
+A denoiser's:
 
     {"fid": float, "n": 256, "adherence": float | None, "reference": str,
      "floor": float | None, "real_n": int, "seconds": float}
@@ -23,6 +24,21 @@
   ``n`` are equal.
 
 256 images at the default 10 steps took 141 s on two shared CPU cores (docs/MODEL.md).
+
+A finished **autoencoder** run ends with :func:`autoencoder_quick_eval` instead, stored the same
+way; an autoencoder serves no prompts, so it is measured on what it is for, turning images into
+latents and back:
+
+    {"kind": "reconstruction", "fid": float, "psnr_db": float, "n": int, "real_n": int,
+     "reference": str, "adherence": None, "floor": None, "seconds": float}
+
+- **Reconstruction FID** (rFID, as the Latent Diffusion paper reports its autoencoders): the
+  same classifier features, of N images against their reconstructions decode(mean of
+  encode(x)), each rounded to 8 bits as a served image is. 0 is a perfect copy.
+- **PSNR** of the reconstructions against the images, in dB, over all N together.
+- The images: the shapes data's held-out split (pairs of color and shape the run never saw), or
+  an image folder's last N images, which the run trained on (an image folder has nothing held
+  out), as ``reference`` says.
 """
 
 from __future__ import annotations
@@ -33,6 +49,7 @@ from typing import Any
 
 import torch
 
+from core.diffusion.autoencoder import psnr
 from core.diffusion.checkpoint import read_config
 from core.diffusion.data.captioned import images_to_tensor
 from core.diffusion.data.imagefolder import ImageFolderDataset
@@ -42,7 +59,9 @@ from core.diffusion.eval.classifier import AttributeClassifier
 from core.diffusion.eval.common import pil_to_tensor
 from core.diffusion.eval.fid import fid
 from core.diffusion.eval.scenes import held_out_pairs, scene_stream
-from core.diffusion.pipeline import LatentDiffusion
+from core.diffusion.pipeline import LatentDiffusion, load_autoencoder
+from core.diffusion.training.config import DataConfig
+from core.diffusion.training.datasets import build_dataset
 
 QUICK_N = 256
 SHAPES_REFERENCE = "shapes eval stream, seed 0"
@@ -119,5 +138,64 @@ def quick_eval(
         "reference": label,
         "floor": floor,
         "real_n": real_n,
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+
+
+def autoencoder_eval_images(
+    data: DataConfig, n: int = QUICK_N, reference: str | None = None
+) -> tuple[torch.Tensor, str]:
+    """The images an autoencoder run is measured on, (N, 3, H, W) in [−1, 1], and what they
+    are: the shapes data's held-out split, else an image folder's last N images."""
+    if data.kind == "shapes":
+        held_out = build_dataset(data, split="held_out")
+        images = [held_out[i].image for i in range(n)]
+        return images_to_tensor(images), f"shapes held-out split, seed {data.seed}"
+    folder = build_dataset(data)
+    real_n = min(n, len(folder))
+    if real_n < 2:
+        raise ValueError("the quick eval needs an image folder of at least 2 images")
+    images = [folder[i].image for i in range(len(folder) - real_n, len(folder))]
+    label = (
+        f"image folder {reference or data.path} (its last {real_n} of {len(folder)} images, "
+        "seen in training)"
+    )
+    return images_to_tensor(images), label
+
+
+@torch.no_grad()
+def autoencoder_quick_eval(
+    checkpoint: str | Path,
+    data: DataConfig,
+    reference: str | None = None,
+    n: int = QUICK_N,
+    classifier_dir: str | Path = DEFAULT_CLASSIFIER,
+    device: str | torch.device | None = None,
+) -> dict[str, Any]:
+    """The reconstruction eval of the autoencoder in ``checkpoint`` (an autoencoder's or a whole
+    model's) on the images of ``data`` that :func:`autoencoder_eval_images` picks."""
+    if n < 2:
+        raise ValueError("the quick eval needs n ≥ 2 (FID fits a covariance)")
+    t0 = time.perf_counter()
+    images, label = autoencoder_eval_images(data, n, reference)
+    ae = load_autoencoder(checkpoint, device or "cpu")
+    device = next(ae.parameters()).device
+    recon = torch.cat(
+        [
+            ae.decode(ae.encode(images[i : i + BATCH].to(device)).mean).float().cpu()
+            for i in range(0, len(images), BATCH)
+        ]
+    )
+    served = ((recon.clamp(-1, 1) + 1) * 127.5).round() / 127.5 - 1  # as an 8-bit PNG holds it
+    classifier = AttributeClassifier.load(classifier_dir, device)
+    return {
+        "kind": "reconstruction",
+        "fid": fid(_np(classifier.features(images)), _np(classifier.features(served))),
+        "psnr_db": psnr(served, images),
+        "n": len(images),
+        "real_n": len(images),
+        "reference": label,
+        "adherence": None,
+        "floor": None,
         "seconds": round(time.perf_counter() - t0, 1),
     }
