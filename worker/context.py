@@ -52,17 +52,19 @@ def build_context(settings: Settings, publisher: Publisher, **overrides: Any) ->
         memory_bytes=settings.worker_model_memory_mb * 2**20,
         precision=settings.precision,
     )
+    heartbeat = Heartbeat(
+        engine,
+        settings.job_lease_seconds,
+        models=models.held,
+        precision=lambda: models.running_precision,
+    )
+    models.on_load = heartbeat.announce
     return WorkerContext(
         settings=settings,
         engine=engine,
         storage=storage,
         models=models,
-        heartbeat=Heartbeat(
-            engine,
-            settings.job_lease_seconds,
-            models=models.held,
-            precision=lambda: models.running_precision,
-        ),
+        heartbeat=heartbeat,
         watchdog=overrides.get("watchdog")
         or Watchdog(settings.worker_hang_grace_seconds, settings.worker_liveness_file),
         publisher=publisher,

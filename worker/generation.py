@@ -156,9 +156,11 @@ def claim_batch(ctx: WorkerContext, job_id: uuid.UUID) -> Batch | None:
 
     When the head needs a model version this worker does not hold, model affinity
     (``core.queue.fairness.Affinity``) may take a job for one it holds from a little further
-    down the order instead, within a bounded wait for the head.
+    down the order instead, or, when another live worker holds the head's version, a job for a
+    version that no other worker holds; always within a bounded wait for the head.
     """
     warm = ctx.models.held()
+    elsewhere: frozenset[uuid.UUID | None] = frozenset()  # held by other live workers
     with session_scope(ctx.engine) as s:
         first_lease, first = None, None
         # Another worker may claim the same head at the same moment (PostgreSQL); the loser
@@ -168,8 +170,15 @@ def claim_batch(ctx: WorkerContext, job_id: uuid.UUID) -> Batch | None:
             if not heads:
                 return None
             in_line = heads[0]
-            if warm and in_line.model_version_id not in warm and ctx.affinity.wait_seconds > 0:
-                heads = ctx.affinity.order(next_in_line(s, AFFINITY_LOOKAHEAD), warm)
+            if in_line.model_version_id not in warm and ctx.affinity.wait_seconds > 0:
+                elsewhere = (
+                    eta.models_held_elsewhere(s, ctx.host)
+                    if ctx.settings.model_affinity_presence
+                    else frozenset()
+                )
+                if warm or in_line.model_version_id in elsewhere:
+                    lookahead = next_in_line(s, AFFINITY_LOOKAHEAD)
+                    heads = ctx.affinity.order(lookahead, warm, elsewhere)
             for head in heads:
                 first_lease = _claim(ctx, s, head.id)
                 if first_lease is not None:
@@ -186,6 +195,15 @@ def claim_batch(ctx: WorkerContext, job_id: uuid.UUID) -> Batch | None:
                 first.id,
                 first.model_version_id or "default",
                 in_line.id,
+            )
+        elif first.id != in_line.id and in_line.model_version_id in elsewhere:
+            log.info(
+                "model affinity: took job %s for model %s, which no other worker holds, "
+                "before %s, whose model %s another worker holds",
+                first.id,
+                first.model_version_id or "default",
+                in_line.id,
+                in_line.model_version_id or "default",
             )
         budget = ctx.settings.max_batch_size - first.num_images
         claimed = [first_lease]

@@ -18,6 +18,7 @@ import logging
 import threading
 import uuid
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -70,6 +71,9 @@ class ModelCache:
         self._models: OrderedDict[uuid.UUID | None, tuple[LatentDiffusion, int]] = OrderedDict()
         self._lock = threading.Lock()
         self.loads = 0  # models loaded by this process (the benchmark counts them)
+        # Called after each load, outside the lock: the heartbeat tells the other workers at
+        # once what this one holds now (model affinity reads it), not at its next beat.
+        self.on_load: Callable[[], None] | None = None
 
     def get(self, version_id: uuid.UUID | None) -> LatentDiffusion:
         with self._lock:
@@ -94,6 +98,11 @@ class ModelCache:
                     total / 2**20,
                     self.memory_bytes / 2**20,
                 )
+        if self.on_load is not None:
+            try:
+                self.on_load()
+            except Exception:  # a nicety for other workers' claims; never fails a job
+                log.debug("could not say which models this worker holds", exc_info=True)
         return model
 
     def held(self) -> list[uuid.UUID | None]:

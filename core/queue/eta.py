@@ -165,6 +165,28 @@ def live_workers(session: Reader) -> int:
     return int(found or 0)
 
 
+def models_held_elsewhere(session: Reader, host: str) -> frozenset[uuid.UUID | None]:
+    """The model versions held by the generation workers other than ``host`` seen within
+    :data:`LIVE_SECONDS` (None: the shipped default), from their presence rows: one row per
+    worker process, never the queue."""
+    t = WorkerPresence.__table__
+    rows = session.scalars(
+        select(t.c.models).where(
+            t.c.last_seen >= db_now(-LIVE_SECONDS),
+            t.c.host != host,
+            t.c.queues.contains(QUEUE_GENERATE, autoescape=True),
+        )
+    )
+    held: set[uuid.UUID | None] = set()
+    for models in rows:
+        for model in models if isinstance(models, list) else ():
+            try:
+                held.add(None if model is None else uuid.UUID(str(model)))
+            except ValueError:  # written by a newer or older worker; not a version id
+                continue
+    return frozenset(held)
+
+
 def live_workers_by_precision(session: Session) -> dict[str, int]:
     """Generation workers seen within :data:`LIVE_SECONDS`, counted by the precision their
     models run in (fp32, bf16, fp16; "unknown" before a worker has loaded a model)."""

@@ -53,13 +53,21 @@ worker does not hold (it is *cold* for that worker), the claim reads the next
 - a cold job that this worker has already passed over for at least
   DQ_MODEL_AFFINITY_WAIT_SECONDS (W).
 
-With neither it takes the head, as without affinity: an idle worker does not wait for another
-to take a job. The cold jobs ahead of what it took are *passed over*; the worker remembers when
-it first passed each. A worker that holds nothing yet, and W = 0, keep the plain fair order.
+When the head's version is held by another live worker and not by this one, it next takes, in
+fair order and within the same rounds, a job whose version no other live worker holds: some
+worker has to load that one, while the head has a worker that holds its version already, and
+loading it here too would hold it twice. Who holds what is ``worker_presence.models``, which a
+worker's heartbeat writes every 10 s and right after each load (:func:`~core.queue.eta.
+models_held_elsewhere`); DQ_MODEL_AFFINITY_PRESENCE=false leaves this step out.
+
+With none of these it takes the head, as without affinity: an idle worker does not wait for
+another to take a job. The cold jobs ahead of what it took are *passed over*; the worker
+remembers when it first passed each. A worker that holds nothing yet keeps the plain fair order
+unless the head's version is held elsewhere; W = 0 keeps it always.
 What bounds it:
 
 - **Fair share, in rounds**: while a cold job waits at the head, V (the head's tag) stands still,
-  so the warm jobs taken ahead of it all have tags below V + 4: each owner gets at most its next
+  so the jobs taken ahead of it all have tags below V + 4: each owner gets at most its next
   4 turns (4w for weight w) ahead of it, never more, and the owner of the cold job keeps its
   place in every round after. Affinity reorders the next 4 rounds of the fair order; it moves
   no owner's long-run share, and it adds at most 4 rounds to SFQ's bound on how far one owner's
@@ -161,30 +169,56 @@ class Affinity:
         self.clock = clock
         self._passed: dict[uuid.UUID, tuple[float, float]] = {}  # first passed over, last seen
 
-    def order(self, rows: Sequence[Any], warm: Collection[uuid.UUID | None]) -> list[Any]:
+    def order(
+        self,
+        rows: Sequence[Any],
+        warm: Collection[uuid.UUID | None],
+        elsewhere: Collection[uuid.UUID | None] = (),
+    ) -> list[Any]:
         """``rows`` (the jobs next in line, in fair order, with ``id``, ``model_version_id`` and
         ``fair_key``) in the order a worker holding the versions ``warm`` tries to claim them:
-        first, in fair order, those it may run now (warm and within the head's next
-        :data:`AFFINITY_ROUNDS` rounds, or cold and passed over for ``wait_seconds``), then the
-        others in fair order. The cold jobs ahead of the first it may run are marked passed
-        over."""
-        if not warm or self.wait_seconds <= 0 or not rows or rows[0].fair_key is None:
+
+        1. in fair order, those it may run now: warm and within the head's next
+           :data:`AFFINITY_ROUNDS` rounds, or cold and passed over for ``wait_seconds``;
+        2. when the head's version is held by another live worker (``elsewhere``) and not by
+           this one: in fair order, the jobs within those rounds whose version no other live
+           worker holds. Some worker has to load those; the head has a worker that holds its
+           version, and loading that version here too would only hold it twice;
+        3. the others in fair order.
+
+        The cold jobs ahead of the first of 1 and 2 are marked passed over."""
+        if self.wait_seconds <= 0 or not rows or rows[0].fair_key is None:
+            return list(rows)
+        head_model = rows[0].model_version_id
+        head_elsewhere = head_model in elsewhere and head_model not in warm
+        if not warm and not head_elsewhere:
             return list(rows)
         now = self.clock()
         self._forget(now)
         round_ends = rows[0].fair_key + AFFINITY_ROUNDS
         ready: list[Any] = []
+        unheld: list[Any] = []
         rest: list[Any] = []
         for row in rows:
-            (ready if self._may_run(row, warm, round_ends, now) else rest).append(row)
-        # The cold jobs ahead of the first it may run are passed over now; every clock of a job
+            if self._may_run(row, warm, round_ends, now):
+                ready.append(row)
+            elif (
+                head_elsewhere
+                and row.fair_key < round_ends
+                and row.model_version_id not in elsewhere
+            ):
+                unheld.append(row)
+            else:
+                rest.append(row)
+        # The cold jobs ahead of the first it may take are passed over now; every clock of a job
         # still in line is kept.
-        ahead = next((i for i, row in enumerate(rows) if ready and row is ready[0]), 0)
+        first = (ready or unheld or [None])[0]
+        ahead = next((i for i, row in enumerate(rows) if row is first), 0)
         for i, row in enumerate(rows):
             known = self._passed.get(row.id)
             if i < ahead or known is not None:
                 self._passed[row.id] = (now if known is None else known[0], now)
-        return ready + rest
+        return ready + unheld + rest
 
     def passed_over_for(self, job_id: uuid.UUID) -> float | None:
         """Seconds since this worker first passed over the job; None if it has not."""

@@ -251,6 +251,12 @@ class Settings:
         "order).",
         _non_negative_float,
     )
+    model_affinity_presence: bool = _setting(
+        True,
+        "When the next job's model version is held by another live worker, a worker that does "
+        "not hold it first claims a job, within the same rounds, for a version no other worker "
+        "holds (read from the workers' presence rows), rather than load a second copy.",
+    )
     device: str | None = _setting(
         None, "cpu or cuda for the workers; empty picks CUDA when present.", _optional
     )

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import tempfile
+import time
 import uuid
 from datetime import timedelta
 from pathlib import Path
@@ -66,7 +67,13 @@ def add_versions(engine: Engine, storage: Storage, n: int) -> list[uuid.UUID]:
 
 
 def worker(
-    engine: Engine, tmp_path: Path, *, wait: float, max_batch_size: int = 16, memory_mb: int = 64
+    engine: Engine,
+    tmp_path: Path,
+    *,
+    wait: float,
+    max_batch_size: int = 16,
+    memory_mb: int = 64,
+    presence: bool = True,
 ) -> WorkerContext:
     settings = Settings.from_env(
         {"DQ_MODEL_CACHE_DIR": str(tmp_path / "models"), "DQ_DEVICE": "cpu"},
@@ -74,6 +81,7 @@ def worker(
         max_batch_size=max_batch_size,
         model_affinity_wait_seconds=wait,
         worker_model_memory_mb=memory_mb,
+        model_affinity_presence=presence,
     )
     storage = LocalStorage(tmp_path / "objects", secret="s")
     return build_context(settings, RecordingPublisher(), engine=engine, storage=storage)
@@ -324,3 +332,146 @@ def job_owner(engine: Engine, job_id: uuid.UUID) -> str:
         job = s.get(Job, job_id)
         assert job is not None
         return job.owner
+
+
+# --- what the other workers hold --------------------------------------------------------------
+
+
+def another_worker_holds(
+    engine: Engine,
+    models: list[uuid.UUID | None],
+    *,
+    host: str = "other:1",
+    queues: str = "generate",
+) -> None:
+    from core.queue.eta import mark_present
+
+    with session_scope(engine) as s:
+        mark_present(s, host, queues, models=[None if m is None else str(m) for m in models])
+
+
+def test_models_held_elsewhere_reads_other_live_generation_workers(
+    engine: Engine, tmp_path: Path
+) -> None:
+    from sqlalchemy import update
+
+    from core.queue.eta import models_held_elsewhere
+
+    ctx = worker(engine, tmp_path, wait=10)
+    v0, v1, v2, v3 = add_versions(engine, ctx.storage, 4)
+    another_worker_holds(engine, [None, v0], host="other:1")
+    another_worker_holds(engine, [v1], host="gone:2")
+    another_worker_holds(engine, [v2], host="trainer:3", queues="train")
+    another_worker_holds(engine, [v3], host=ctx.host)  # this worker itself
+    with session_scope(engine) as s:  # gone:2 was last seen two minutes ago
+        s.execute(
+            update(WorkerPresence)
+            .where(WorkerPresence.host == "gone:2")
+            .values(last_seen=utcnow() - timedelta(minutes=2))
+        )
+        s.execute(
+            update(WorkerPresence)
+            .where(WorkerPresence.host == "other:1")
+            .values(models=[None, str(v0), "not-a-version-id"])
+        )
+    with session_scope(engine) as s:
+        assert models_held_elsewhere(s, ctx.host) == {None, v0}
+
+
+def test_a_load_tells_the_other_workers_at_once(engine: Engine, tmp_path: Path) -> None:
+    from core.queue.eta import models_held_elsewhere
+
+    ctx = worker(engine, tmp_path, wait=10)
+    (v0,) = add_versions(engine, ctx.storage, 1)
+    add_jobs(engine, "session:a", [v0])
+    batch = claim_batch(ctx, uuid.uuid4())
+    assert batch is not None
+    ctx.heartbeat.hold(*(j.lease for j in batch.jobs))  # as run_generation does, before loading
+    try:
+        # The heartbeat's thread says at once that it holds nothing, then not for 10 s.
+        deadline = time.monotonic() + 10
+        while presence(engine, ctx.host) is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert presence(engine, ctx.host) == []
+        ctx.models.get(v0)  # the load itself writes the presence row
+        with session_scope(engine) as s:
+            assert models_held_elsewhere(s, "someone else") == {v0}
+    finally:
+        ctx.heartbeat.release(*batch.ids)
+        ctx.heartbeat.stop()
+
+
+def presence(engine: Engine, host: str) -> list[str | None] | None:
+    with session_scope(engine) as s:
+        row = s.get(WorkerPresence, host)
+        return None if row is None else row.models
+
+
+def test_a_claim_leaves_the_head_to_the_worker_that_holds_its_model(
+    engine: Engine, tmp_path: Path
+) -> None:
+    """The head's version is held by another live worker, and this one holds another: rather
+    than load a second copy of the head's version, it takes the next job whose version no
+    other worker holds; the head waits at most the affinity wait, as any passed-over job."""
+    ctx = worker(engine, tmp_path, wait=30, max_batch_size=1)
+    clock = FakeClock()
+    ctx.affinity = Affinity(30, clock=clock)
+    mine, theirs, nobodys = add_versions(engine, ctx.storage, 3)
+    ctx.models.get(mine)
+    another_worker_holds(engine, [theirs])
+    (head,) = add_jobs(engine, "session:a", [theirs], seconds_ago=3)
+    unheld = [
+        add_jobs(engine, f"session:u{i}", [nobodys], seconds_ago=2 - i / 2)[0] for i in range(2)
+    ]
+    assert fair_order(engine) == [head, *unheld]
+
+    assert claim_one(ctx).ids == [unheld[0]]  # some worker has to load this one
+    assert ctx.affinity.passed_over_for(head) == pytest.approx(0, abs=1)
+    clock.now += 30.0
+    assert claim_one(ctx).ids == [head]  # passed over for the wait: its turn now
+    assert claim_one(ctx).ids == [unheld[1]]
+
+
+def test_a_worker_that_holds_nothing_also_leaves_the_head_to_its_holder(
+    engine: Engine, tmp_path: Path
+) -> None:
+    ctx = worker(engine, tmp_path, wait=30, max_batch_size=1)
+    theirs, nobodys = add_versions(engine, ctx.storage, 2)
+    another_worker_holds(engine, [theirs])
+    add_jobs(engine, "session:a", [theirs], seconds_ago=2)  # the head
+    (unheld,) = add_jobs(engine, "session:b", [nobodys], seconds_ago=1)
+    assert claim_one(ctx).ids == [unheld]
+
+
+def test_the_head_is_taken_when_nothing_else_is_unheld_or_presence_is_off(
+    engine: Engine, tmp_path: Path
+) -> None:
+    ctx = worker(engine, tmp_path, wait=30, max_batch_size=1)
+    mine, theirs, also_theirs = add_versions(engine, ctx.storage, 3)
+    ctx.models.get(mine)
+    another_worker_holds(engine, [theirs, also_theirs])
+    (head,) = add_jobs(engine, "session:a", [theirs], seconds_ago=3)
+    (second,) = add_jobs(engine, "session:b", [also_theirs], seconds_ago=2)
+    # Every job is held elsewhere: an idle worker does not wait, it takes the head.
+    assert claim_one(ctx).ids == [head]
+
+    off = worker(engine, tmp_path, wait=30, max_batch_size=1, presence=False)
+    off.models.get(mine)
+    (unheld_version,) = add_versions(engine, off.storage, 1)
+    add_jobs(engine, "session:c", [unheld_version], seconds_ago=1)
+    assert fair_order(engine)[0] == second
+    assert claim_one(off).ids == [second]  # DQ_MODEL_AFFINITY_PRESENCE=false: the fair order
+
+
+def test_a_job_far_behind_the_head_is_not_taken_for_being_unheld(
+    engine: Engine, tmp_path: Path
+) -> None:
+    """The rounds bound holds for unheld jobs as for warm ones: an owner with the head's
+    version held elsewhere keeps its place against jobs past the head's next rounds."""
+    ctx = worker(engine, tmp_path, wait=3600, max_batch_size=1)
+    theirs, nobodys = add_versions(engine, ctx.storage, 2)
+    another_worker_holds(engine, [theirs])
+    # One owner: its 10 jobs have start tags 0..9; the unheld one is its 6th (tag 5 ≥ 0 + 4).
+    jobs = add_jobs(engine, "session:a", [theirs] * 5 + [nobodys] + [theirs] * 4, seconds_ago=1)
+    assert fair_order(engine) == jobs
+    assert claim_one(ctx).ids == [jobs[0]]
