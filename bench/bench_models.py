@@ -1,6 +1,6 @@
 """Warm models: what model affinity buys with three versions and two workers, in one run.
 
-    .venv/bin/python bench/bench_models.py                  # 96 jobs a mode, ~4 min on 2 cores
+    .venv/bin/python bench/bench_models.py                  # 96 jobs a mode, ~6 min on 2 cores
     .venv/bin/python bench/bench_models.py --jobs 48 --rounds 1     # quicker
 
 Three model versions (the shipped checkpoint uploaded three times: the same weights, three
@@ -9,12 +9,15 @@ DQ_WORKER_MODEL_MEMORY_MB sized to hold two of the three (``--models-per-worker`
 queue one-image jobs on a version drawn at random (seeded), all committed at once and published
 together, and the two workers run them:
 
-- **with affinity**: DQ_MODEL_AFFINITY_WAIT_SECONDS at its default (10 s);
+- **affinity, reading presence**: DQ_MODEL_AFFINITY_WAIT_SECONDS at its default (10 s), and a
+  worker leaves a head whose version another worker holds to that worker when a job for a
+  version nobody holds is within the same rounds (the default);
+- **affinity, presence not read**: the same with DQ_MODEL_AFFINITY_PRESENCE=false;
 - **without**: DQ_MODEL_AFFINITY_WAIT_SECONDS=0, the strict fair order.
 
 It prints images/s (jobs / (last finish − first submit)) and model loads per 100 jobs (the
 workers' "loaded model version" log lines, the first loads of each worker included), the modes
-alternated ``--rounds`` times on the same job mix. Uses PostgreSQL and Redis when they answer,
+rotated ``--rounds`` times on the same job mix. Uses PostgreSQL and Redis when they answer,
 else SQLite and the server-less broker. DQ_PRECISION is pinned to fp32, so a model's bytes and
 the budget do not depend on the CPU.
 
@@ -58,6 +61,9 @@ from core.services.jobs import JobRequest, submit_job  # noqa: E402
 from core.services.model_versions import DEFAULT_MODEL_DIR  # noqa: E402
 
 VERSIONS = ("bench-a", "bench-b", "bench-c")
+WITH = "affinity, reading presence"
+NO_PRESENCE = "affinity, presence not read"
+WITHOUT = "without affinity"
 OWNERS = 8
 REDIS_DB = "redis://127.0.0.1:6379/13"
 
@@ -149,7 +155,7 @@ def wait_ready(procs: list[subprocess.Popen[bytes]], logs: list[Path]) -> None:
 
 
 def run_mode(
-    tmp: Path, base_env: dict[str, str], wait: float, mix: list[tuple[str, str]], args: Any
+    tmp: Path, base_env: dict[str, str], mode: dict[str, str], mix: list[tuple[str, str]], args: Any
 ) -> dict[str, float]:
     from sqlalchemy import func, select
     from sqlalchemy.orm import Session
@@ -157,9 +163,9 @@ def run_mode(
     from core.queue.broker import CeleryPublisher
     from core.storage import make_storage
 
-    tag = f"w{wait:g}-{uuid.uuid4().hex[:4]}"
+    tag = f"m{uuid.uuid4().hex[:6]}"
     name, env = topology(tmp, tag)
-    env |= base_env | {"DQ_MODEL_AFFINITY_WAIT_SECONDS": str(wait)}
+    env |= base_env | mode
     settings = Settings.from_env(env)
     engine = make_engine(settings.database_url)
     Base.metadata.create_all(engine)
@@ -346,7 +352,7 @@ def main() -> None:
         "--models-per-worker", type=float, default=2, help="Versions each worker's budget holds."
     )
     ap.add_argument("--wait", type=float, default=10.0, help="The affinity mode's wait.")
-    ap.add_argument("--rounds", type=int, default=2, help="Each mode this many times, alternated.")
+    ap.add_argument("--rounds", type=int, default=2, help="Each mode this many times, in turn.")
     ap.add_argument("--seed", type=int, default=27)
     ap.add_argument("--timeout", type=float, default=900)
     ap.add_argument("--depths", help="Comma-separated queue depths for the claim's reads.")
@@ -361,7 +367,16 @@ def main() -> None:
     size = shipped_model_bytes()
     budget_mb = math.ceil((args.models_per_worker + 0.5) * size / 2**20)
     mix = job_mix(args.jobs, args.seed)
-    results: dict[str, list[dict[str, float]]] = {"with affinity": [], "without affinity": []}
+    wait = str(args.wait)
+    modes = {
+        WITH: {"DQ_MODEL_AFFINITY_WAIT_SECONDS": wait, "DQ_MODEL_AFFINITY_PRESENCE": "true"},
+        NO_PRESENCE: {
+            "DQ_MODEL_AFFINITY_WAIT_SECONDS": wait,
+            "DQ_MODEL_AFFINITY_PRESENCE": "false",
+        },
+        WITHOUT: {"DQ_MODEL_AFFINITY_WAIT_SECONDS": "0"},
+    }
+    results: dict[str, list[dict[str, float]]] = {mode: [] for mode in modes}
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         base_env = {
@@ -374,16 +389,16 @@ def main() -> None:
             "DQ_MAX_ACTIVE_JOBS_PER_OWNER": str(args.jobs),
             "DQ_WORKER_MODEL_MEMORY_MB": str(budget_mb),
         }
-        modes = [("with affinity", args.wait), ("without affinity", 0.0)]
+        order = list(modes)
         for r in range(args.rounds):
-            for mode, wait in modes if r % 2 == 0 else list(reversed(modes)):
-                result = run_mode(tmp, base_env, wait, mix, args)
+            for mode in order[r % len(order) :] + order[: r % len(order)]:  # rotated each round
+                result = run_mode(tmp, base_env, modes[mode], mix, args)
                 results[mode].append(result)
                 print(f"  {mode}: {result}", file=sys.stderr)
 
     from core.queue.fairness import AFFINITY_ROUNDS
 
-    topo = results["with affinity"][0]["topology"]
+    topo = results[WITH][0]["topology"]
     print(
         f"\n**Warm models** — {cpu_name()}, torch {torch.__version__}; {topo}; 2 workers × 1 "
         f"thread, 3 versions of the shipped model ({size / 2**20:.1f} MB each at fp32), "
@@ -399,16 +414,18 @@ def main() -> None:
         for mode, rs in results.items()
     }
     for mode, m in med.items():
-        wait = f"W = {args.wait:g} s" if mode == "with affinity" else "W = 0"
+        wait = "W = 0" if mode == WITHOUT else f"W = {args.wait:g} s"
         print(
             f"| {mode} ({wait}) | {m['img_s']:.3f} | {m['loads_per_100']:.1f} | "
             f"{m['batches']:.0f} | {m['picks']:.0f} | {m['p50']:.1f} | {m['p95']:.1f} |"
         )
-    w, wo = med["with affinity"], med["without affinity"]
-    print(
-        f"\nwith / without affinity: images/s {w['img_s'] / wo['img_s']:.2f}×, model loads "
-        f"{w['loads_per_100'] / max(wo['loads_per_100'], 1e-9):.2f}×"
-    )
+    print()
+    for a, b in ((WITH, WITHOUT), (NO_PRESENCE, WITHOUT), (WITH, NO_PRESENCE)):
+        x, y = med[a], med[b]
+        print(
+            f"{a} / {b}: images/s {x['img_s'] / y['img_s']:.2f}×, model loads "
+            f"{x['loads_per_100'] / max(y['loads_per_100'], 1e-9):.2f}×"
+        )
     for mode, rs in results.items():
         runs = ", ".join(f"{r['img_s']:.3f} img/s, {r['loads']:.0f} loads" for r in rs)
         print(f"- {mode}, each run: {runs}")
