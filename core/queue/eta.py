@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import case, func, select
+from sqlalchemy import case, delete, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
@@ -163,6 +163,17 @@ def live_workers(session: Reader) -> int:
         )
     )
     return int(found or 0)
+
+
+# Presence rows of workers not seen for this long are deleted by the reaper: each worker process
+# writes its own row (host:pid), so without this the table would keep every process that ever ran.
+GONE_AFTER_SECONDS = 24 * 3600.0
+
+
+def forget_gone_workers(session: Session, after: float = GONE_AFTER_SECONDS) -> int:
+    """Delete the presence rows of workers not seen for ``after`` seconds; how many went."""
+    gone = session.execute(delete(WorkerPresence).where(WorkerPresence.last_seen < db_now(-after)))
+    return int(gone.rowcount or 0)  # type: ignore[attr-defined]
 
 
 def models_held_elsewhere(session: Reader, host: str) -> frozenset[uuid.UUID | None]:

@@ -23,6 +23,7 @@ from sqlalchemy.engine import Engine
 from core.db import counts
 from core.db.session import get_engine, session_scope
 from core.queue.dispatch import relay_once
+from core.queue.eta import forget_gone_workers
 from core.queue.fairness import forget_idle_owners
 from core.runtime.liveness import touch
 from core.runtime.settings import Settings
@@ -80,12 +81,13 @@ class RetentionSchedule:
 
 
 def fold_status_counts(engine: Engine) -> int:
-    """Fold the status-count deltas into the counters /metrics reads, and forget a batch of
-    owners whose place in the fair order has passed."""
+    """Fold the status-count deltas into the counters /metrics reads, forget a batch of owners
+    whose place in the fair order has passed, and the presence rows of workers gone a day."""
     with session_scope(engine) as session:
         folded = counts.fold(session)
     with session_scope(engine) as session:
         forget_idle_owners(session)
+        forget_gone_workers(session)
     return folded
 
 

@@ -226,6 +226,25 @@ def test_a_worker_is_live_for_a_minute_after_it_last_said_so(engine: Engine) -> 
         assert live_workers(s) == 2
 
 
+def test_the_reaper_forgets_workers_gone_for_a_day(engine: Engine) -> None:
+    from core.upkeep.reaper import fold_status_counts
+
+    with session_scope(engine) as s:
+        for host in ("new", "quiet", "gone"):
+            mark_present(s, host, "generate")
+    ago = {"quiet": timedelta(hours=23), "gone": timedelta(hours=25)}
+    with session_scope(engine) as s:
+        for host, age in ago.items():
+            s.execute(
+                update(WorkerPresence)
+                .where(WorkerPresence.host == host)
+                .values(last_seen=utcnow() - age)
+            )
+    fold_status_counts(engine)  # a reaper pass's housekeeping
+    with Session(engine) as s:
+        assert sorted(s.scalars(select(WorkerPresence.host))) == ["new", "quiet"]
+
+
 def test_the_heartbeat_says_which_queues_a_worker_serves(engine: Engine) -> None:
     from worker.heartbeat import Heartbeat
 
