@@ -19,6 +19,24 @@ from core.diffusion.unet import UNet, UNetConfig
 from tests.fake_redis import FakeRedis, serve_fake_redis
 from tests.services import postgres_schema
 
+CHECKOUT_VAR = Path(__file__).resolve().parents[1] / "var"
+
+
+@pytest.fixture(autouse=True)
+def _the_checkout_gets_no_var() -> Iterator[None]:
+    """Fails the test that makes var/ (the embedded defaults' files) in the checkout: a test
+    that builds Settings or runs dq must point DQ_DATABASE_URL, DQ_BROKER_URL, DQ_SECRET_KEY
+    and the like into its tmp_path. Inert where var/ is there already (a developer's dq serve)."""
+    existed = CHECKOUT_VAR.exists()
+    yield
+    if not existed and CHECKOUT_VAR.exists():
+        made = sorted(p.name for p in CHECKOUT_VAR.iterdir())
+        import shutil
+
+        shutil.rmtree(CHECKOUT_VAR)  # so that the next test is checked too
+        pytest.fail(f"this test made var/ in the checkout ({', '.join(made) or 'empty'})")
+
+
 TINY_AE = AutoencoderConfig(channels=(8, 16), groups=4, latent_scale_factor=1.0)
 TINY_TEXT = TextEncoderConfig(width=32, layers=1, heads=2, max_length=16)
 TINY_UNET = UNetConfig(

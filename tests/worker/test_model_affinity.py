@@ -76,7 +76,13 @@ def worker(
     presence: bool = True,
 ) -> WorkerContext:
     settings = Settings.from_env(
-        {"DQ_MODEL_CACHE_DIR": str(tmp_path / "models"), "DQ_DEVICE": "cpu"},
+        {
+            "DQ_MODEL_CACHE_DIR": str(tmp_path / "models"),
+            "DQ_DEVICE": "cpu",
+            # The engine is passed in; these keep build_context from making var/ in the checkout.
+            "DQ_DATABASE_URL": f"sqlite:///{tmp_path / 'unused.sqlite3'}",
+            "DQ_BROKER_URL": f"sqla+sqlite:///{tmp_path / 'broker.sqlite3'}",
+        },
         storage_url=f"file://{tmp_path / 'objects'}",
         max_batch_size=max_batch_size,
         model_affinity_wait_seconds=wait,
