@@ -22,6 +22,16 @@ from tests.services import postgres_schema
 CHECKOUT_VAR = Path(__file__).resolve().parents[1] / "var"
 
 
+def tmp_env(tmp_path: Path) -> dict[str, str]:
+    """What keeps Settings built in a test from the embedded defaults' files in var/: the
+    database and broker in ``tmp_path``, and a secret key (else var/secret_key is made)."""
+    return {
+        "DQ_DATABASE_URL": f"sqlite:///{tmp_path / 'unused.sqlite3'}",
+        "DQ_BROKER_URL": f"sqla+sqlite:///{tmp_path / 'broker.sqlite3'}",
+        "DQ_SECRET_KEY": "6f1d2c3b4a5e6f708192a3b4c5d6e7f8",
+    }
+
+
 @pytest.fixture(autouse=True)
 def _the_checkout_gets_no_var() -> Iterator[None]:
     """Fails the test that makes var/ (the embedded defaults' files) in the checkout: a test

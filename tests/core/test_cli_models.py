@@ -19,6 +19,7 @@ from core.cli import main
 from core.db import ModelVersion, dispose_engines, session_scope
 from core.db.models import AuditEvent
 from core.services.model_versions import activate_version
+from tests.conftest import tmp_env
 
 
 @pytest.fixture
@@ -31,6 +32,7 @@ def dq(
 ) -> Iterator[Any]:
     """Run ``dq`` in this process: (exit status, stdout, stderr)."""
     monkeypatch.setenv("DQ_DATABASE_URL", db_url)
+    monkeypatch.setenv("DQ_SECRET_KEY", tmp_env(tmp_path)["DQ_SECRET_KEY"])
     monkeypatch.setenv("DQ_STORAGE_URL", f"file://{tmp_path / 'objects'}")
 
     def run(*args: str) -> tuple[int, str, str]:

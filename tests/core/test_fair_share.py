@@ -22,6 +22,7 @@ from core.runtime.settings import Settings
 from core.services.jobs import get_job, queue_position
 from core.services.tokens import set_weight
 from core.storage import LocalStorage
+from tests.conftest import tmp_env
 from tests.web.conftest import RecordingPublisher, bearer, make_settings
 from worker.context import WorkerContext, build_context
 from worker.generation import Batch, claim_batch
@@ -29,7 +30,7 @@ from worker.generation import Batch, claim_batch
 
 def worker(engine: Engine, tmp_path: Path, max_batch_size: int = 16) -> WorkerContext:
     settings = Settings.from_env(
-        {"DQ_MODEL_CACHE_DIR": str(tmp_path / "models"), "DQ_DEVICE": "cpu"},
+        {"DQ_MODEL_CACHE_DIR": str(tmp_path / "models"), "DQ_DEVICE": "cpu", **tmp_env(tmp_path)},
         storage_url=f"file://{tmp_path / 'objects'}",
         max_batch_size=max_batch_size,
     )

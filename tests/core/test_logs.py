@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from core.runtime.logs import ContextFilter, JsonFormatter, make_formatter
+from tests.conftest import tmp_env
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -64,6 +65,7 @@ def test_the_web_app_logs_in_the_chosen_format_with_the_request_id(
         "DQ_BROKER_URL": f"sqla+sqlite:///{tmp_path / 'broker.sqlite3'}",
         "DQ_STORAGE_URL": f"file://{tmp_path / 'objects'}",
         "DQ_LOG_FORMAT": fmt,
+        "DQ_SECRET_KEY": tmp_env(tmp_path)["DQ_SECRET_KEY"],
     }
     r = subprocess.run(
         [sys.executable, "-c", SERVE_AND_LOG],

@@ -26,6 +26,7 @@ from core.storage import (
     make_storage,
     validate_key,
 )
+from tests.conftest import tmp_env
 
 BAD_KEYS = [
     "",
@@ -181,12 +182,17 @@ def test_presigned_urls_name_the_public_endpoint_that_browsers_reach(moto_endpoi
 
 
 def test_make_storage_follows_the_storage_url(tmp_path: Path, moto_endpoint: str) -> None:
-    local = make_storage(Settings.from_env({"DQ_STORAGE_URL": f"file://{tmp_path}/o"}))
+    secret = {"DQ_SECRET_KEY": tmp_env(tmp_path)["DQ_SECRET_KEY"]}
+    local = make_storage(Settings.from_env({"DQ_STORAGE_URL": f"file://{tmp_path}/o", **secret}))
     assert isinstance(local, LocalStorage) and local.root == (tmp_path / "o").resolve()
     bucket = s3_bucket(moto_endpoint)
     s3 = make_storage(
         Settings.from_env(
-            {"DQ_STORAGE_URL": f"s3://{bucket}/prefix", "DQ_S3_ENDPOINT_URL": moto_endpoint}
+            {
+                "DQ_STORAGE_URL": f"s3://{bucket}/prefix",
+                "DQ_S3_ENDPOINT_URL": moto_endpoint,
+                **secret,
+            }
         )
     )
     assert isinstance(s3, S3Storage) and (s3.bucket, s3.prefix) == (bucket, "prefix")

@@ -50,6 +50,7 @@ def make_settings(db_url: str, tmp_path: Path, **overrides: Any) -> Settings:
     values: dict[str, Any] = {
         "database_url": db_url,
         "storage_url": f"file://{tmp_path / 'objects'}",
+        "broker_url": f"sqla+sqlite:///{tmp_path / 'broker.sqlite3'}",  # not var/ in the checkout
         "secret_key": "9c1e5a7f3b2d8e4a6c0f1b9d7e3a5c2f",
         "rate_limit": "1000/minute",
         "data_root": str(tmp_path / "datasets"),

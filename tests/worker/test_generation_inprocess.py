@@ -16,6 +16,7 @@ from core.db.session import session_scope
 from core.runtime.settings import Settings
 from core.services.jobs import JobRequest, submit_job
 from core.storage import LocalStorage, StorageError
+from tests.conftest import tmp_env
 from tests.worker.conftest import Stack, register_tiny_model
 from worker.context import WorkerContext, build_context
 from worker.generation import run_generation
@@ -54,6 +55,7 @@ def context(engine: Engine, tmp_path: Path, failures: int = 0, **settings: Any) 
             "DQ_MODEL_CACHE_DIR": str(tmp_path / "models"),
             "DQ_DEVICE": "cpu",
             "DQ_PRECISION": "fp32",
+            **tmp_env(tmp_path),
         },
         storage_url=f"file://{tmp_path / 'objects'}",
         **settings,

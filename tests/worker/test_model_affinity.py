@@ -23,7 +23,7 @@ from core.db.transitions import finish
 from core.queue.fairness import AFFINITY_ROUNDS, Affinity
 from core.runtime.settings import Settings
 from core.storage import LocalStorage, Storage
-from tests.conftest import make_tiny_pipeline
+from tests.conftest import make_tiny_pipeline, tmp_env
 from tests.web.conftest import RecordingPublisher
 from worker.context import WorkerContext, build_context
 from worker.generation import Batch, claim_batch
@@ -79,9 +79,7 @@ def worker(
         {
             "DQ_MODEL_CACHE_DIR": str(tmp_path / "models"),
             "DQ_DEVICE": "cpu",
-            # The engine is passed in; these keep build_context from making var/ in the checkout.
-            "DQ_DATABASE_URL": f"sqlite:///{tmp_path / 'unused.sqlite3'}",
-            "DQ_BROKER_URL": f"sqla+sqlite:///{tmp_path / 'broker.sqlite3'}",
+            **tmp_env(tmp_path),  # the engine is passed in
         },
         storage_url=f"file://{tmp_path / 'objects'}",
         max_batch_size=max_batch_size,

@@ -14,6 +14,7 @@ from core.db.models import Job, WorkerPresence
 from core.db.transitions import Lease
 from core.runtime.settings import Settings
 from core.storage.local import LocalStorage
+from tests.conftest import tmp_env
 from worker.context import build_context
 
 
@@ -21,7 +22,12 @@ def test_the_heartbeat_writes_the_precision_of_the_loaded_models(
     engine: Engine, tmp_path: Path
 ) -> None:
     settings = Settings.from_env(
-        {"DQ_DEVICE": "cpu", "DQ_PRECISION": "bf16", "DQ_MODEL_CACHE_DIR": str(tmp_path / "m")},
+        {
+            "DQ_DEVICE": "cpu",
+            "DQ_PRECISION": "bf16",
+            "DQ_MODEL_CACHE_DIR": str(tmp_path / "m"),
+            **tmp_env(tmp_path),
+        },
         storage_url=f"file://{tmp_path / 'objects'}",
     )
     storage = LocalStorage(tmp_path / "objects", "s")
