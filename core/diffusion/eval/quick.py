@@ -60,8 +60,8 @@ from core.diffusion.eval.common import pil_to_tensor
 from core.diffusion.eval.fid import fid
 from core.diffusion.eval.scenes import held_out_pairs, scene_stream
 from core.diffusion.pipeline import LatentDiffusion, load_autoencoder
+from core.diffusion.training.autoencoder import held_out_set, reconstruct
 from core.diffusion.training.config import DataConfig
-from core.diffusion.training.datasets import build_dataset
 
 QUICK_N = 256
 SHAPES_REFERENCE = "shapes eval stream, seed 0"
@@ -146,21 +146,18 @@ def autoencoder_eval_images(
     data: DataConfig, n: int = QUICK_N, reference: str | None = None
 ) -> tuple[torch.Tensor, str]:
     """The images an autoencoder run is measured on, (N, 3, H, W) in [−1, 1], and what they
-    are: the shapes data's held-out split, else an image folder's last N images."""
+    are: those its training measures its held-out PSNR on (``held_out_set``), the shapes data's
+    held-out split, else an image folder's last N images."""
+    images, size = held_out_set(data, n)
     if data.kind == "shapes":
-        held_out = build_dataset(data, split="held_out")
-        images = [held_out[i].image for i in range(n)]
-        return images_to_tensor(images), f"shapes held-out split, seed {data.seed}"
-    folder = build_dataset(data)
-    real_n = min(n, len(folder))
-    if real_n < 2:
+        return images, f"shapes held-out split, seed {data.seed}"
+    if len(images) < 2:
         raise ValueError("the quick eval needs an image folder of at least 2 images")
-    images = [folder[i].image for i in range(len(folder) - real_n, len(folder))]
     label = (
-        f"image folder {reference or data.path} (its last {real_n} of {len(folder)} images, "
+        f"image folder {reference or data.path} (its last {len(images)} of {size} images, "
         "seen in training)"
     )
-    return images_to_tensor(images), label
+    return images, label
 
 
 @torch.no_grad()
@@ -179,15 +176,9 @@ def autoencoder_quick_eval(
     t0 = time.perf_counter()
     images, label = autoencoder_eval_images(data, n, reference)
     ae = load_autoencoder(checkpoint, device or "cpu")
-    device = next(ae.parameters()).device
-    recon = torch.cat(
-        [
-            ae.decode(ae.encode(images[i : i + BATCH].to(device)).mean).float().cpu()
-            for i in range(0, len(images), BATCH)
-        ]
-    )
+    recon = reconstruct(ae, images)
     served = ((recon.clamp(-1, 1) + 1) * 127.5).round() / 127.5 - 1  # as an 8-bit PNG holds it
-    classifier = AttributeClassifier.load(classifier_dir, device)
+    classifier = AttributeClassifier.load(classifier_dir, next(ae.parameters()).device)
     return {
         "kind": "reconstruction",
         "fid": fid(_np(classifier.features(images)), _np(classifier.features(served))),

@@ -13,7 +13,7 @@ from torch import nn
 from core.diffusion.autoencoder import Autoencoder, compute_latent_scale, psnr
 from core.diffusion.data.captioned import images_to_tensor
 from core.diffusion.pipeline import pick_device, save_autoencoder
-from core.diffusion.training.config import AutoencoderTrainConfig, config_to_dict
+from core.diffusion.training.config import AutoencoderTrainConfig, DataConfig, config_to_dict
 from core.diffusion.training.datasets import build_dataset, load_batch
 from core.diffusion.training.loop import LoopResult, MetricsCallback, TrainLoop
 
@@ -21,27 +21,37 @@ SCALE_SAMPLES = 256  # images used to measure the latent scale factor
 EVAL_SAMPLES = 256  # held-out images for the reconstruction PSNR
 
 
-def held_out_images(cfg: AutoencoderTrainConfig, n: int) -> torch.Tensor:
+def held_out_set(data: DataConfig, n: int) -> tuple[torch.Tensor, int]:
     """Images the autoencoder never trained on: the held-out split of shapes (another seed for
-    an image folder is not possible, so there it is the folder's last images)."""
-    if cfg.data.kind == "shapes":
-        ds = build_dataset(cfg.data, split="held_out")
-        return images_to_tensor([ds[i].image for i in range(n)])
-    ds = build_dataset(cfg.data)
-    return images_to_tensor([ds[i].image for i in range(max(len(ds) - n, 0), len(ds))])
+    an image folder is not possible, so there it is the folder's last images, at most ``n``);
+    and how many images the dataset they come from holds."""
+    if data.kind == "shapes":
+        ds = build_dataset(data, split="held_out")
+        return images_to_tensor([ds[i].image for i in range(n)]), len(ds)
+    ds = build_dataset(data)
+    return images_to_tensor([ds[i].image for i in range(max(len(ds) - n, 0), len(ds))]), len(ds)
+
+
+def held_out_images(cfg: AutoencoderTrainConfig, n: int) -> torch.Tensor:
+    """:func:`held_out_set`'s images for a run's data."""
+    return held_out_set(cfg.data, n)[0]
 
 
 @torch.no_grad()
-def reconstruction_psnr(ae: Autoencoder, images: torch.Tensor, batch: int = 64) -> float:
-    """PSNR of decode(mean of encode(x)) against x, over all images together."""
+def reconstruct(ae: Autoencoder, images: torch.Tensor, batch: int = 64) -> torch.Tensor:
+    """decode(mean of encode(x)) of each image, on the CPU."""
     device = next(ae.parameters()).device
-    recon = torch.cat(
+    return torch.cat(
         [
             ae.decode(ae.encode(images[i : i + batch].to(device)).mean).cpu()
             for i in range(0, len(images), batch)
         ]
     )
-    return psnr(recon, images)
+
+
+def reconstruction_psnr(ae: Autoencoder, images: torch.Tensor, batch: int = 64) -> float:
+    """PSNR of decode(mean of encode(x)) against x, over all images together."""
+    return psnr(reconstruct(ae, images, batch), images)
 
 
 def train_autoencoder(
