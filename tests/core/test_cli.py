@@ -39,6 +39,19 @@ def dq_here(
     return (code if isinstance(code, int) else 1), capsys.readouterr().err
 
 
+def generate_here(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    cwd: Path,
+    checkpoint: Path,
+    *extra: str,
+) -> tuple[int, str]:
+    """``dq generate "a red circle"`` on ``checkpoint`` at 2 steps, plus ``extra``, in this
+    process (:func:`dq_here`)."""
+    args = ("generate", "a red circle", "--checkpoint", str(checkpoint), "--steps", "2", *extra)
+    return dq_here(monkeypatch, capsys, cwd, *args)
+
+
 def test_generate_writes_a_png_that_the_seed_reproduces(
     tiny_checkpoint: Path, tmp_path: Path
 ) -> None:
@@ -108,8 +121,7 @@ def test_bad_generate_input_is_one_line_without_traceback(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    code, err = dq_here(monkeypatch, capsys, tmp_path, "generate", "a red circle",
-                        "--checkpoint", str(tiny_checkpoint), "--steps", "2", *extra)  # fmt: skip
+    code, err = generate_here(monkeypatch, capsys, tmp_path, tiny_checkpoint, *extra)
     assert code == 2
     assert err.startswith("dq: error: ")
     assert message in err
@@ -252,8 +264,7 @@ def test_bad_edit_input_is_one_line_without_traceback(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     _edit_files(tmp_path)
-    code, err = dq_here(monkeypatch, capsys, tmp_path, "generate", "a red circle",
-                        "--checkpoint", str(tiny_checkpoint), "--steps", "2", *extra)  # fmt: skip
+    code, err = generate_here(monkeypatch, capsys, tmp_path, tiny_checkpoint, *extra)
     assert code == 2, err
     assert err.startswith("dq: error: ") and message in err, err
     assert len(err.strip().splitlines()) == 1, err
